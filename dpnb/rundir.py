@@ -1,0 +1,284 @@
+"""The run directory: where every stage reads its inputs and writes its outputs.
+
+One experiment is one directory, `runs/<name>/` by default:
+
+    config.yaml               the resolved configuration of the run (written by `dpnb run`)
+    notebooks/NN_stage.ipynb  each stage's executed notebook (kept on failure too)
+    stages/<stage>.json       completion marker: the stage's config, library versions, wall time
+    data/                     01 prepare:  train/ and test/ (datasets `save_to_disk`), manifest.json
+    data_stats.json           01 prepare
+    model/                    02 finetune: the trained model or adapter, with its tokenizer
+    train_log.jsonl           02 finetune: one line per logical (noise-adding) step
+    privacy.json              02 finetune: the privacy guarantee of the run
+    checkpoints/              02 finetune: the latest resumable state
+    synthetic/, zero_shot/    03 generate: labelled synthetic data sets with a dataset card
+    metrics.json              04 evaluate
+    audit.json                06 audit
+    figures/                  every stage's figures
+
+A stage is complete when its marker exists; the marker is written last, atomically, so a crash
+never leaves a stage that looks complete. A completed stage is skipped when rerun with the same
+config, refused with a clear error when rerun with a different one, and redone only when forced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dpnb.errors import DpnbError
+
+STAGES = ("prepare", "finetune", "generate", "evaluate", "audit")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _reject_non_finite(value: Any) -> Any:
+    """JSON has no infinity or NaN; write them as null so every JSON reader accepts the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _reject_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_reject_non_finite(v) for v in value]
+    return value
+
+
+def to_json(obj: Any) -> str:
+    """Strict JSON (no NaN/Infinity tokens) with dataclasses, paths and numpy scalars converted."""
+    plain = json.loads(json.dumps(obj, default=_json_default))
+    return json.dumps(_reject_non_finite(plain), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary file and a rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write `obj` as strict JSON (non-finite floats become null)."""
+    return write_text_atomic(path, to_json(obj))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise DpnbError(f"{path} does not exist: run the stage that writes it first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON line and flush it to disk, so a crash keeps every line written so far."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(_reject_non_finite(json.loads(json.dumps(record, default=_json_default))))
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSON-lines file, ignoring a torn last line left by a crash mid-write."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name and move it into place only when the block succeeds.
+
+    An existing `final` is replaced only after the new one is complete, so an interrupted write
+    leaves the previous version intact.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield staging
+        if final.exists():
+            trash = final.with_name(f".{final.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            os.replace(staging, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------- stage completion
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short, stable hash of a stage config, to tell whether saved outputs match a request."""
+    payload = to_json(config if not dataclasses.is_dataclass(config) else dataclasses.asdict(config))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour the results depend on."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("dpnb", "torch", "transformers", "opacus", "peft", "datasets", "bitsandbytes"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class RunDir:
+    """Paths of one run and the completion state of its stages."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # paths, one per file contract (see the module docstring)
+    data = property(lambda self: self.path / "data")
+    data_stats = property(lambda self: self.path / "data_stats.json")
+    model = property(lambda self: self.path / "model")
+    train_log = property(lambda self: self.path / "train_log.jsonl")
+    privacy = property(lambda self: self.path / "privacy.json")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    synthetic = property(lambda self: self.path / "synthetic")
+    zero_shot = property(lambda self: self.path / "zero_shot")
+    metrics = property(lambda self: self.path / "metrics.json")
+    audit = property(lambda self: self.path / "audit.json")
+    figures = property(lambda self: self.path / "figures")
+    notebooks = property(lambda self: self.path / "notebooks")
+    stages = property(lambda self: self.path / "stages")
+
+    def figure(self, name: str) -> Path:
+        self.figures.mkdir(parents=True, exist_ok=True)
+        return self.figures / name
+
+    def marker(self, stage: str) -> Path:
+        return self.stages / f"{stage}.json"
+
+    def is_complete(self, stage: str) -> bool:
+        return self.marker(stage).exists()
+
+    def completed_config(self, stage: str) -> dict[str, Any] | None:
+        return read_json(self.marker(stage))["config"] if self.is_complete(stage) else None
+
+    def should_run(self, stage: str, config: Any, force: bool = False) -> bool:
+        """Decide whether `stage` must run, refusing to overwrite different results silently.
+
+        True when the stage has not completed, or when `force` is set (its marker is then removed
+        first, so a forced run that fails does not leave the old marker over new partial outputs).
+        False when it completed with the same config. A completed stage with a different config is
+        an error: its outputs would be replaced without anyone asking.
+        """
+        if force:
+            self.marker(stage).unlink(missing_ok=True)
+            return True
+        if not self.is_complete(stage):
+            return True
+        saved = read_json(self.marker(stage))
+        if saved.get("fingerprint") == config_fingerprint(config):
+            return False
+        raise DpnbError(
+            f"stage '{stage}' in {self.path} already finished with a different config; "
+            f"rerun with force=True (dpnb run --force) to replace its results, or use a new run name"
+        )
+
+    def mark_complete(self, stage: str, config: Any, started_at: float, **extra: Any) -> Path:
+        """Write the stage's completion marker: the last thing a stage does."""
+        plain = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+        return write_json_atomic(
+            self.marker(stage),
+            {
+                "stage": stage,
+                "fingerprint": config_fingerprint(config),
+                "config": plain,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "wall_time_s": round(time.time() - started_at, 2),
+                "versions": library_versions(),
+                **extra,
+            },
+        )
+
+    def require_stage(self, stage: str) -> None:
+        """Fail clearly when a stage this one depends on has not completed."""
+        if not self.is_complete(stage):
+            raise DpnbError(
+                f"stage '{stage}' has not completed in {self.path}: run it first "
+                f"(dpnb run CONFIG, or its notebook with run_dir={str(self.path)!r})"
+            )
+
+
+# --------------------------------------------------------------------------- notebooks
+
+
+def setup_notebook() -> None:
+    """Make a notebook show `DpnbError`s as one line, like the command line does.
+
+    Papermill still sees the cell fail (the error is re-raised for it), so a headless run stops
+    at the failing stage with its executed notebook kept for reading.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def show_briefly(shell, etype, evalue, tb, tb_offset=None):  # noqa: ANN001 - IPython's signature
+        print(f"{etype.__name__}: {evalue}")
+        return ["DpnbError", str(evalue)]
+
+    shell.set_custom_exc((DpnbError,), show_briefly)
