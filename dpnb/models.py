@@ -119,7 +119,40 @@ def package_dir(package: str) -> Path:
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """True when the Hub is switched off (HF_HUB_OFFLINE) or cannot be reached within a few seconds.
+
+    Checked once per process, so an offline machine fails in seconds instead of after the Hub
+    client's retries (about a minute), and a model already in the Hugging Face cache still loads.
+    """
+    global _HUB_OFFLINE
+    if _HUB_OFFLINE is None:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            _HUB_OFFLINE = True
+        else:
+            import socket
+            from urllib.parse import urlparse
+
+            host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+            try:
+                socket.create_connection((host, 443), timeout=3).close()
+                _HUB_OFFLINE = False
+            except OSError:
+                _HUB_OFFLINE = True
+    return _HUB_OFFLINE
+
+
+_HUB_OFFLINE: bool | None = None
+
+
+def _switch_hub_offline() -> None:
+    """Tell the Hub client it is offline, so it looks only in its cache and does not retry."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
 
 
 def _hub_error(preset: ModelPreset, exc: BaseException) -> DpnbError:
@@ -140,6 +173,9 @@ def _from_pretrained(loader: Any, preset: ModelPreset, location: str | Path, **k
     """Call a transformers `from_pretrained`, turning Hub failures into one clear error."""
     if preset.source != "hub":
         return loader.from_pretrained(location, **kwargs)
+    if hub_offline():
+        _switch_hub_offline()
+        kwargs["local_files_only"] = True  # the local Hugging Face cache may still hold it
     try:
         return loader.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:  # transformers wraps every Hub/network failure in OSError

@@ -1,0 +1,57 @@
+"""Shared fixtures: small labelled data, offline models, the IMDb mirror when present."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["a wonderful film", "great acting and a moving story", "I loved every minute", "brilliant and funny",
+            "a beautiful, touching movie", "superb direction, excellent cast"]
+NEGATIVE = ["a terrible film", "awful acting and a boring story", "I hated every minute", "dull and stupid",
+            "a ugly, pointless movie", "poor direction, dreadful cast"]
+
+
+def toy_reviews(n: int, seed: int = 0) -> list[dict]:
+    """`n` short labelled reviews whose label is plain from their words (an easy, learnable task)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = POSITIVE if label else NEGATIVE
+        text = f"{rng.choice(words)}. {rng.choice(words).capitalize()}<br /><br />{rng.choice(words)}."
+        rows.append({"id": i, "label": label, "text": text})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_data_dir(tmp_path_factory) -> Path:
+    """A directory in the IMDb mirror's layout (train.csv, test.csv) with 200 + 100 toy reviews."""
+    root = tmp_path_factory.mktemp("toy_data")
+    write_csv(root / "train.csv", toy_reviews(200, seed=1))
+    write_csv(root / "test.csv", toy_reviews(100, seed=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def imdb_dir() -> Path:
+    """The local IMDb mirror named by DPNB_DATA_DIR (CI sets it); tests that need it skip without it."""
+    path = os.environ.get("DPNB_DATA_DIR")
+    if not path or not (Path(path) / "train.csv.gz").exists():
+        pytest.skip("DPNB_DATA_DIR does not point at the IMDb mirror (train.csv.gz, test.csv.gz)")
+    return Path(path)
