@@ -214,19 +214,24 @@ class FinetuneConfig:
 
 @dataclass
 class GenerateConfig:
-    """03 generate: label-prompted sampling from the fine-tuned model (and the base model)."""
+    """03 generate: label-prompted sampling from the fine-tuned model (and the base model).
+
+    The number of samples per label is a setting, never read from the private data: matching the
+    private label counts would release them without any noise, outside the DP guarantee.
+    """
 
     n_per_label: int = 12500  # paper: 25,000 in all, balanced
     temperature: float = 1.0
-    top_p: float = 0.95
+    top_p: float = 0.95  # 1 disables nucleus sampling
     top_k: int = 0  # 0 disables top-k
     max_new_tokens: int = 300
-    batch_size: int = 32
+    min_new_tokens: int = 0  # EOS is masked out before this many new tokens
+    batch_size: int = 32  # sequences sampled together; the samples depend on it (random stream per batch)
     shard_size: int = 256  # samples per shard file; a rerun resumes after the last complete shard
     zero_shot: bool = True  # also sample the base model with the same prompts (no fine-tuning)
-    min_new_tokens: int = 0
     min_words: int = 3  # post-processing: shorter samples are dropped as degenerate
     max_repeat_fraction: float = 0.5  # drop samples whose most frequent token is more than this share
+    dtype: str = "float32"  # "float32" or "bfloat16" for sampling
     device: str = "auto"
     seed: int = 0
 
@@ -234,8 +239,15 @@ class GenerateConfig:
         for name in ("n_per_label", "temperature", "max_new_tokens", "batch_size", "shard_size"):
             _positive(getattr(self, name), f"generate.{name}")
         require(0 < self.top_p <= 1, f"generate.top_p must be in (0, 1], got {self.top_p!r}")
-        require(self.top_k >= 0, "generate.top_k must be >= 0")
+        require(self.top_k >= 0, "generate.top_k must be >= 0 (0 disables top-k)")
+        require(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            f"generate.min_new_tokens = {self.min_new_tokens} must be between 0 and max_new_tokens "
+            f"({self.max_new_tokens})",
+        )
+        require(self.min_words >= 0, "generate.min_words must be >= 0 (0 keeps every non-empty sample)")
         require(0 < self.max_repeat_fraction <= 1, "generate.max_repeat_fraction must be in (0, 1]")
+        _one_of(self.dtype, ("float32", "bfloat16"), "generate.dtype")
         _one_of(self.device, ("auto", "cpu", "cuda"), "generate.device")
 
 
@@ -264,22 +276,52 @@ class EvaluateConfig:
 
 @dataclass
 class AuditConfig:
-    """06 audit: canaries, a one-run epsilon lower bound, membership inference."""
+    """06 audit: canaries, a one-run epsilon lower bound, membership inference.
 
-    n_canaries: int = 1000  # half are inserted into the training set, chosen at random
-    canary_repeats: int = 1  # times each inserted canary appears in the training set
-    canary_suffix_tokens: int = 12  # random high-perplexity suffix length
-    n_reference: int = 1000  # never-inserted random suffixes, for exposure
-    n_guesses: int | None = None  # one-run audit: guesses made on the most confident canaries
-    confidence: float = 0.95
-    n_mia: int = 500  # members and as many held-out non-members for the loss attack
+    The stage trains two twins with the run's fine-tuning config (DP as configured, and the same
+    without DP) on the training set plus the inserted canaries, then attacks both.
+    """
+
+    n_canaries: int = 1000  # each is inserted with probability 1/2 (an independent fair coin)
+    canary_repeats: int = 1  # times each inserted canary appears in the training set (>1: group privacy)
+    canary_prefix_tokens: int = 24  # in-distribution start: this many tokens of a held-out review
+    canary_suffix_tokens: int = 12  # random high-perplexity suffix: this many random whole-word tokens
+    n_reference: int = 1000  # never-inserted canaries drawn the same way, for exposure ranks
+    score: str = "calibrated"  # "calibrated": base loss - fine-tuned loss on the suffix; "loss": -loss
+    n_guesses: int | None = None  # one-run audit guesses; None tries 10/20/50/100% (Bonferroni-corrected)
+    confidence: float = 0.95  # of the one-run epsilon lower bound
+    n_mia: int = 500  # training members and as many held-out non-members for the loss attack
+    synthetic_per_label: int = 100  # samples per label from each twin for the synthetic-data attack; 0 skips
+    synthetic_max_new_tokens: int = 64
     ngram_order: int = 3  # synthetic-data-only attack: n-gram model over the released text
+    ngram_smoothing: float = 0.01  # add-k smoothing of the n-gram model
+    finetune_overrides: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields for both twins
+    batch_size: int = 16  # sequences per forward pass when scoring
+    device: str = "auto"  # scoring and sampling device ("auto", "cpu", "cuda")
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_canaries", "canary_repeats", "canary_suffix_tokens", "n_reference", "n_mia"):
+        for name in ("n_canaries", "canary_repeats", "canary_prefix_tokens", "canary_suffix_tokens",
+                     "n_reference", "n_mia", "synthetic_max_new_tokens", "ngram_order", "ngram_smoothing",
+                     "batch_size"):
             _positive(getattr(self, name), f"audit.{name}")
+        require(self.n_canaries >= 2, "audit.n_canaries must be at least 2 (some in, some out)")
+        if self.n_guesses is not None:
+            require(
+                2 <= self.n_guesses <= self.n_canaries,
+                f"audit.n_guesses = {self.n_guesses} must be between 2 and n_canaries ({self.n_canaries}), "
+                f"or null to try several",
+            )
         require(0.5 < self.confidence < 1, "audit.confidence must be in (0.5, 1)")
+        require(self.synthetic_per_label >= 0, "audit.synthetic_per_label must be >= 0 (0 skips that attack)")
+        _one_of(self.score, ("calibrated", "loss"), "audit.score")
+        _one_of(self.device, ("auto", "cpu", "cuda"), "audit.device")
+        known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        unknown = sorted(set(self.finetune_overrides) - known)
+        require(not unknown, f"audit.finetune_overrides has unknown key(s) {', '.join(unknown)}; "
+                             f"valid keys are FinetuneConfig fields: {', '.join(sorted(known))}")
+        require("dp" not in self.finetune_overrides,
+                "audit.finetune_overrides must not set dp: the audit trains one twin with DP and one without")
 
 
 STAGE_CONFIGS: dict[str, type] = {

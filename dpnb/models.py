@@ -312,6 +312,7 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, n_positions: int = 512) -
     elif arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=n_positions,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # deterministic, like the tiny Llama
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )

@@ -40,6 +40,16 @@ from dpnb.errors import DpnbError
 
 STAGES = ("prepare", "finetune", "generate", "evaluate", "audit")
 
+# What each stage reads. A stage's fingerprint covers its own config and the fingerprints of the
+# completed stages it reads, so rerunning an upstream stage makes downstream results stale.
+DEPENDS_ON: dict[str, tuple[str, ...]] = {
+    "prepare": (),
+    "finetune": ("prepare",),
+    "generate": ("prepare", "finetune"),
+    "evaluate": ("prepare", "generate"),
+    "audit": ("prepare", "finetune"),
+}
+
 
 # --------------------------------------------------------------------------- atomic writes
 
@@ -158,10 +168,14 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
 # --------------------------------------------------------------------------- stage completion
 
 
+def _plain(config: Any) -> Any:
+    """A config (dataclass or mapping) as the plain JSON values a marker stores."""
+    return json.loads(to_json(config))
+
+
 def config_fingerprint(config: Any) -> str:
     """A short, stable hash of a stage config, to tell whether saved outputs match a request."""
-    payload = to_json(config if not dataclasses.is_dataclass(config) else dataclasses.asdict(config))
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return hashlib.sha256(to_json(config).encode()).hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:
@@ -214,6 +228,15 @@ class RunDir:
     def completed_config(self, stage: str) -> dict[str, Any] | None:
         return read_json(self.marker(stage))["config"] if self.is_complete(stage) else None
 
+    def fingerprint(self, stage: str, config: Any) -> str:
+        """Hash of the stage's config and of the completed stages it reads (their fingerprints)."""
+        upstream = {
+            dep: read_json(self.marker(dep)).get("fingerprint")
+            for dep in DEPENDS_ON.get(stage, ())
+            if self.is_complete(dep)
+        }
+        return config_fingerprint({"config": config, "inputs": upstream})
+
     def should_run(self, stage: str, config: Any, force: bool = False) -> bool:
         """Decide whether `stage` must run, refusing to overwrite different results silently.
 
@@ -228,22 +251,22 @@ class RunDir:
         if not self.is_complete(stage):
             return True
         saved = read_json(self.marker(stage))
-        if saved.get("fingerprint") == config_fingerprint(config):
+        if saved.get("fingerprint") == self.fingerprint(stage, config):
             return False
+        what = "a different config" if saved.get("config") != _plain(config) else "inputs that have since changed"
         raise DpnbError(
-            f"stage '{stage}' in {self.path} already finished with a different config; "
+            f"stage '{stage}' in {self.path} already finished with {what}; "
             f"rerun with force=True (dpnb run --force) to replace its results, or use a new run name"
         )
 
     def mark_complete(self, stage: str, config: Any, started_at: float, **extra: Any) -> Path:
         """Write the stage's completion marker: the last thing a stage does."""
-        plain = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
         return write_json_atomic(
             self.marker(stage),
             {
                 "stage": stage,
-                "fingerprint": config_fingerprint(config),
-                "config": plain,
+                "fingerprint": self.fingerprint(stage, config),
+                "config": _plain(config),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "wall_time_s": round(time.time() - started_at, 2),
                 "versions": library_versions(),
@@ -278,7 +301,10 @@ def setup_notebook() -> None:
         return
 
     def show_briefly(shell, etype, evalue, tb, tb_offset=None):  # noqa: ANN001 - IPython's signature
-        print(f"{etype.__name__}: {evalue}")
-        return ["DpnbError", str(evalue)]
+        # An error output with a one-line "traceback": readers see the message, and papermill
+        # still reads the error's name and message to stop a headless run.
+        short = [f"{etype.__name__}: {evalue}"]
+        shell._showtraceback(etype, evalue, short)
+        return short
 
     shell.set_custom_exc((DpnbError,), show_briefly)

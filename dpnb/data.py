@@ -1,0 +1,734 @@
+"""01 prepare: labelled text in, training-ready token records out.
+
+The stage reads top to bottom, one section per step:
+
+1. **load** the train and test splits named by `prepare.source`, which is one of
+   - a Hugging Face Hub data set id (default `stanfordnlp/imdb`), read with `datasets.load_dataset`.
+     For the default id, when the environment variable `DPNB_DATA_DIR` is set, its local mirror is
+     read instead: a directory holding `train.csv.gz` and `test.csv.gz`;
+   - a local directory with one file per split, named after the split (`prepare.train_split`,
+     `prepare.test_split`): `train.csv`, `test.jsonl.gz`, ... Formats: csv, tsv, jsonl, parquet,
+     each optionally gzipped (`.gz`);
+   - a local directory in the `aclImdb` layout: `train/pos/*.txt`, `train/neg/*.txt`, `test/...`,
+     one review per file. `neg` is label 0 and `pos` label 1 (the Hub's convention); aclImdb's
+     unlabelled `unsup/` folder is skipped; any other folder is named after its label;
+   - two files, train first: `"path/train.csv,path/test.csv"`.
+2. **validate**: the text and label columns exist; null or empty texts are dropped and counted (more
+   than `max_dropped_fraction` of a split is an error); every label is an index into `label_names`
+   (a whole number, written as a number or as text) or equal to one of the names; each split has
+   at least two classes; files are UTF-8. Every problem is one `DpnbError` line with its fix.
+3. **subsample** each split to `n_train` / `n_test` records, stratified by label and seeded.
+4. **format and tokenise** each record as prompt + review + EOS with `PromptFormat`, cut to
+   `max_length` tokens.
+5. **stats**: counts, dropped rows, token-length percentiles, truncation, duplicates; a figure.
+6. **write** `data/train`, `data/test`, `data/manifest.json`, `data_stats.json` and
+   `figures/token_lengths.png` into the run directory, atomically, then the completion marker.
+
+In DP fine-tuning the unit of privacy is one record: one review here. That is why duplicates are
+counted (a review present twice has twice the influence) and why every record is cut to the same
+token budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from dpnb.config import PrepareConfig, build
+from dpnb.errors import DpnbError, require
+from dpnb.rundir import RunDir, atomic_directory, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from matplotlib.figure import Figure
+    from transformers import PreTrainedTokenizerBase
+
+STAGE = "prepare"
+DEFAULT_SOURCE = "stanfordnlp/imdb"
+MIRROR_ENV = "DPNB_DATA_DIR"  # directory holding a local copy of DEFAULT_SOURCE as train.csv.gz, test.csv.gz
+TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
+ACLIMDB_LABELS = {"neg": 0, "pos": 1}
+ACLIMDB_UNLABELLED = "unsup"
+PERCENTILES = (5, 25, 50, 75, 95)
+# One or more HTML line breaks (IMDb writes paragraphs as "<br /><br />"), with the spaces around them.
+LINE_BREAKS = r"(?:\s*<br\s*/?\s*>\s*)+"
+
+
+# --------------------------------------------------------------------------- 1. load
+
+
+class RawSplit(NamedTuple):
+    """One split as read, before any check, and where it came from (for error messages)."""
+
+    frame: pd.DataFrame
+    origin: str
+
+
+def load_splits(cfg: PrepareConfig) -> tuple[dict[str, RawSplit], str]:
+    """The raw `train` and `test` tables named by `cfg.source`, and a line saying what was read."""
+    source = cfg.source.strip()
+    split_names = {"train": cfg.train_split, "test": cfg.test_split}
+    mirror = os.environ.get(MIRROR_ENV)
+    if source == DEFAULT_SOURCE and mirror:
+        return read_mirror(Path(mirror).expanduser(), split_names)
+    if "," in source:
+        return read_file_pair(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return read_directory(path, split_names, cfg.text_column, cfg.label_column)
+    if path.is_file():
+        raise DpnbError(
+            f"prepare.source {source} is a single file, but prepare needs a train and a test split: give "
+            f"both files as 'TRAIN_FILE,TEST_FILE', or a directory holding {cfg.train_split}.csv and "
+            f"{cfg.test_split}.csv (or .tsv, .jsonl, .parquet, each optionally .gz)"
+        )
+    if _looks_like_path(source):
+        raise DpnbError(f"prepare.source {source} does not exist; check the path (relative to {Path.cwd()})")
+    return read_hub(source, split_names)
+
+
+def read_mirror(root: Path, split_names: dict[str, str]) -> tuple[dict[str, RawSplit], str]:
+    """The local mirror of the default data set that DPNB_DATA_DIR names, used instead of the Hub."""
+    files = {role: root / f"{name}.csv.gz" for role, name in split_names.items()}
+    missing = [path.name for path in files.values() if not path.is_file()]
+    require(
+        not missing,
+        f"{MIRROR_ENV}={root} does not hold {', '.join(missing)}; point it at the local mirror of "
+        f"{DEFAULT_SOURCE} (a directory with train.csv.gz and test.csv.gz) or unset it to use the Hub",
+    )
+    description = f"{DEFAULT_SOURCE} from its local mirror {root} ({MIRROR_ENV})"
+    print(f"Reading {description}, not the Hub.")
+    return {role: RawSplit(read_table(path), str(path)) for role, path in files.items()}, description
+
+
+def read_file_pair(source: str) -> tuple[dict[str, RawSplit], str]:
+    """`"TRAIN_FILE,TEST_FILE"`: two table files, train first."""
+    parts = [part.strip() for part in source.split(",")]
+    require(
+        len(parts) == 2 and all(parts),
+        f"prepare.source {source!r} names {len(parts)} comma-separated parts; give exactly two files, "
+        f"'TRAIN_FILE,TEST_FILE'",
+    )
+    paths = [Path(part).expanduser() for part in parts]
+    for path in paths:
+        require(path.is_file(), f"prepare.source file {path} does not exist; check the path")
+    train, test = (RawSplit(read_table(path), str(path)) for path in paths)
+    splits = {"train": train, "test": test}
+    return splits, f"local files {paths[0]} (train) and {paths[1]} (test)"
+
+
+def read_directory(
+    root: Path, split_names: dict[str, str], text_column: str, label_column: str
+) -> tuple[dict[str, RawSplit], str]:
+    """A directory with one table file per split (`train.csv`, ...) or aclImdb-style label folders."""
+    splits = {}
+    for role, name in split_names.items():
+        files = [root / f"{name}.{fmt}{gz}" for fmt in TABLE_FORMATS for gz in ("", ".gz")]
+        files = [path for path in files if path.is_file()]
+        require(
+            len(files) <= 1,
+            f"{root} holds several {name} files ({', '.join(p.name for p in files)}); keep only one",
+        )
+        if files:
+            splits[role] = RawSplit(read_table(files[0]), str(files[0]))
+        elif (root / name).is_dir():
+            frame = read_label_folders(root / name, text_column, label_column)
+            splits[role] = RawSplit(frame, f"{root / name}/")
+        else:
+            raise DpnbError(
+                f"{root} holds no '{name}' split: expected {name}.csv, .tsv, .jsonl or .parquet (optionally "
+                f".gz), or an aclImdb-style {name}/ folder with one subfolder of .txt reviews per label"
+            )
+    return splits, f"local directory {root}"
+
+
+def read_label_folders(split_dir: Path, text_column: str, label_column: str) -> pd.DataFrame:
+    """The aclImdb layout: one folder per label, one UTF-8 review per `.txt` file."""
+    folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and p.name != ACLIMDB_UNLABELLED)
+    require(bool(folders), f"{split_dir} has no label folders (such as pos/ and neg/) holding .txt reviews")
+    texts: list[str] = []
+    labels: list[int | str] = []
+    for folder in folders:
+        label = ACLIMDB_LABELS.get(folder.name, folder.name)
+        for path in sorted(folder.glob("*.txt")):
+            try:
+                texts.append(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise _encoding_error(path, exc) from None
+            labels.append(label)
+    return pd.DataFrame({text_column: texts, label_column: pd.Series(labels, dtype=object)})
+
+
+def table_format(path: Path) -> tuple[str, str | None]:
+    """(format, compression) from a file name: `train.csv.gz` is ("csv", "gzip")."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    compression = "gzip" if suffixes[-1:] == [".gz"] else None
+    if compression:
+        suffixes = suffixes[:-1]
+    fmt = suffixes[-1].lstrip(".") if suffixes else ""
+    require(
+        fmt in TABLE_FORMATS,
+        f"{path} is not a file type prepare reads; use .csv, .tsv, .jsonl or .parquet (optionally .gz)",
+    )
+    return fmt, compression
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read one split file with pandas. CSV/TSV cells are all read as text, so nothing is guessed:
+    an empty cell is "" (an empty text, counted), and a review that reads "NA" stays "NA"."""
+    fmt, compression = table_format(path)
+    try:
+        if fmt in ("csv", "tsv"):
+            return pd.read_csv(
+                path, sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False,
+                encoding="utf-8", compression=compression,
+            )
+        if fmt == "jsonl":
+            return pd.read_json(path, lines=True, dtype=False, encoding="utf-8", compression=compression)
+        with gzip.open(path) if compression else open(path, "rb") as handle:
+            return pd.read_parquet(handle)
+    except UnicodeDecodeError as exc:
+        raise _encoding_error(path, exc) from None
+    except (ValueError, OSError) as exc:  # pandas' ParserError and pyarrow's errors derive from these
+        kind = fmt + (" (gzip)" if compression else "")
+        raise DpnbError(
+            f"{path} could not be read as {kind} ({_first_line(exc)}); check that its content matches its "
+            f"extension"
+        ) from None
+
+
+def read_hub(source: str, split_names: dict[str, str]) -> tuple[dict[str, RawSplit], str]:
+    """A data set on the Hugging Face Hub (or in the local Hugging Face cache), via `datasets`."""
+    import datasets
+
+    from dpnb.models import hub_offline
+
+    if hub_offline():
+        _datasets_offline()  # look only in the local cache, with no network retries
+    try:
+        loaded = datasets.load_dataset(source)
+    except Exception as exc:
+        if not _is_hub_failure(exc):
+            raise
+        fix = (
+            f"set {MIRROR_ENV} to a local mirror (a directory with train.csv.gz and test.csv.gz)"
+            if source == DEFAULT_SOURCE
+            else f"there is no local file or directory named {source} either"
+        )
+        raise DpnbError(
+            f"data set '{source}' could not be loaded from the Hugging Face Hub ({_first_line(exc)}); "
+            f"offline, {fix}, or give a local file or directory as prepare.source"
+        ) from None
+    splits = {}
+    for role, name in split_names.items():
+        require(
+            name in loaded,
+            f"{source} has no split '{name}' (its splits: {', '.join(loaded)}); set prepare.{role}_split",
+        )
+        splits[role] = RawSplit(loaded[name].to_pandas(), f"{source} [{name}]")
+    return splits, f"Hugging Face Hub data set {source}"
+
+
+def _looks_like_path(source: str) -> bool:
+    """A Hub id is `name` or `owner/name`; anything with a file suffix or a path prefix is a path."""
+    suffixes = {f".{fmt}" for fmt in TABLE_FORMATS} | {".gz", ".txt"}
+    has_path_prefix = source.startswith((".", "/", "~")) or source.count("/") > 1
+    return has_path_prefix or Path(source).suffix.lower() in suffixes
+
+
+def _datasets_offline() -> None:
+    import datasets.config
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    datasets.config.HF_HUB_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _is_hub_failure(exc: BaseException) -> bool:
+    module = type(exc).__module__
+    return isinstance(exc, (OSError, ConnectionError)) or module.startswith(
+        ("datasets", "huggingface_hub", "requests", "httpx", "fsspec", "urllib3")
+    )
+
+
+def _encoding_error(path: Path, exc: UnicodeDecodeError) -> DpnbError:
+    byte = exc.object[exc.start : exc.start + 1].hex()
+    return DpnbError(
+        f"{path} is not UTF-8 text (byte 0x{byte} cannot be decoded; latin-1 files look like this); "
+        f"re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OUT`"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- 2. validate
+
+
+def clean_texts(texts: pd.Series, strip_html: bool) -> pd.Series:
+    """Replace runs of `<br />` line breaks with one space (optional) and trim surrounding whitespace."""
+    texts = texts.astype(str)
+    if strip_html:
+        texts = texts.str.replace(LINE_BREAKS, " ", regex=True, flags=re.IGNORECASE)
+    return texts.str.strip()
+
+
+def validate_split(raw: RawSplit, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Checked records (`text` cleaned, `label` an index into label_names) and the rows dropped, by reason.
+
+    Only null and empty texts are dropped (and counted); any other problem is an error.
+    """
+    frame, origin = raw
+    for column, key in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
+        require(
+            column in frame.columns,
+            f"{origin} has no column '{column}' (its columns: {', '.join(map(str, frame.columns))}); "
+            f"set prepare.{key} to the right one",
+        )
+    require(len(frame) > 0, f"{origin} holds no rows; give a split with labelled texts")
+    texts = frame[cfg.text_column]
+    null = texts.isna().to_numpy()
+    not_text = ~null & ~texts.map(lambda value: isinstance(value, str)).to_numpy(dtype=bool)
+    if not_text.any():
+        row = int(np.flatnonzero(not_text)[0])
+        raise DpnbError(
+            f"{origin}: column '{cfg.text_column}' holds non-text values (row {row}: {texts.iloc[row]!r}); "
+            f"texts must be strings: check prepare.text_column"
+        )
+    cleaned = clean_texts(texts[~null], cfg.strip_html)
+    empty = (cleaned == "").to_numpy()
+    dropped = {"null_text": int(null.sum()), "empty_text": int(empty.sum())}
+    n_dropped = sum(dropped.values())
+    require(
+        n_dropped <= cfg.max_dropped_fraction * len(frame),
+        f"{origin}: {n_dropped} of {len(frame)} texts ({n_dropped / len(frame):.1%}) are null or empty "
+        f"({dropped['null_text']} null, {dropped['empty_text']} empty), more than "
+        f"prepare.max_dropped_fraction = {cfg.max_dropped_fraction}; clean the data or raise it",
+    )
+    keep = np.flatnonzero(~null)[~empty]
+    labels = label_indices(frame[cfg.label_column].iloc[keep], cfg.label_names, origin, cfg.label_column)
+    checked = pd.DataFrame({"text": cleaned[~empty].to_numpy(dtype=object), "label": labels})
+    require_two_classes(checked["label"].to_numpy(), cfg.label_names, origin,
+                        f"check prepare.label_column ('{cfg.label_column}') and the data")
+    return checked, dropped
+
+
+def label_indices(values: pd.Series, label_names: Sequence[str], origin: str, column: str) -> np.ndarray:
+    """Each label as its index into `label_names`; a label outside the declared set is an error."""
+    missing = int(values.isna().sum())
+    require(
+        missing == 0,
+        f"{origin}: {missing} rows have no label in column '{column}'; fill them in or drop those rows",
+    )
+    try:
+        mapping = {value: _label_index(value, label_names) for value in values.unique()}
+    except TypeError:  # unhashable values: lists or mappings
+        raise DpnbError(
+            f"{origin}: column '{column}' holds lists or mappings, not labels; check prepare.label_column"
+        ) from None
+    unknown = [value for value, index in mapping.items() if index is None]
+    if unknown:
+        shown = ", ".join(repr(value) for value in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise DpnbError(
+            f"{origin}: label(s) {shown} in column '{column}' are outside the declared set; labels must be "
+            f"0..{len(label_names) - 1} or one of {', '.join(label_names)}: set prepare.label_names to match"
+        )
+    return values.map(mapping).to_numpy(dtype=np.int64)
+
+
+def _label_index(value: Any, label_names: Sequence[str]) -> int | None:
+    """A label name, or a whole number (as a number, or as text the way CSV writes it), as an index."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, str):
+        if value in label_names:
+            return list(label_names).index(value)
+        if not re.fullmatch(r"[0-9]+", value):
+            return None
+        value = int(value)
+    if not isinstance(value, (int, np.integer)):
+        return None  # floats and the rest: a label is never rounded into the set
+    return int(value) if 0 <= value < len(label_names) else None
+
+
+def require_two_classes(labels: np.ndarray, label_names: Sequence[str], where: str, fix: str) -> None:
+    """A label-conditioned generator and a classifier both need at least two classes in every split."""
+    present = np.unique(labels)
+    require(
+        len(present) >= 2,
+        f"{where} has a single class ('{label_names[present[0]]}', {len(labels)} rows) and needs at least "
+        f"two; {fix}",
+    )
+
+
+# --------------------------------------------------------------------------- 3. subsample
+
+
+def stratified_indices(labels: np.ndarray, n: int | None, seed: int, where: str) -> np.ndarray:
+    """Row indices of a seeded, stratified sample of `n` rows (all rows when `n` is None), shuffled.
+
+    Each class c with N_c of the N rows gets a quota q_c = n N_c / N, rounded by largest remainder
+    (floor every q_c, then give the n - sum(floor) leftover rows to the classes with the largest
+    fractional parts), so the quotas sum to n exactly and each class is within one row of its
+    proportion. Within a class the rows are a uniform draw without replacement. The same labels,
+    n and seed always give the same rows; the result is shuffled so that classes are interleaved.
+    """
+    total = len(labels)
+    n = total if n is None else n
+    require(
+        n <= total,
+        f"{where} = {n} is larger than the split ({total} usable rows); lower it, or set it to null to "
+        f"keep the whole split",
+    )
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n * counts / total
+    quotas = np.floor(exact).astype(int)
+    leftover = n - int(quotas.sum())
+    quotas[np.argsort(-(exact - quotas), kind="stable")[:leftover]] += 1
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quotas, strict=True)]
+    return rng.permutation(np.concatenate(chosen))
+
+
+def subsample(
+    checked: pd.DataFrame, n: int | None, seed: int, role: str, label_names: Sequence[str]
+) -> pd.DataFrame:
+    """The stratified sample of one split; one that leaves a single class is an error."""
+    rows = stratified_indices(checked["label"].to_numpy(), n, seed, f"prepare.n_{role}")
+    sample = checked.iloc[rows].reset_index(drop=True)
+    require_two_classes(sample["label"].to_numpy(), label_names, f"the {role} sample (n_{role} = {n})",
+                        f"raise prepare.n_{role}")
+    return sample
+
+
+# --------------------------------------------------------------------------- 4. format and tokenise
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a label becomes the prompt that starts a record, and how the review follows it.
+
+    style "plain": the paper's `label + delimiter + review`, e.g. "positive | A great film...".
+    style "chat": the tokenizer's chat template with one user message, `chat_instruction` with
+    {label} filled in, followed by the review as the assistant's answer. Instruct models need it:
+    SmolLM2 continues a raw "positive | " with maths or code.
+
+    Prompt and review are tokenised separately and concatenated, so every record of a label starts
+    with exactly `prompt_ids(label)`, the ids the generate stage feeds the model. (For the plain
+    style the delimiter's trailing space becomes its own token; training and generation agree.)
+    """
+
+    style: str = "plain"
+    delimiter: str = " | "
+    chat_instruction: str = "Write a {label} movie review."
+
+    def __post_init__(self) -> None:
+        require(self.style in ("plain", "chat"), f"prompt style {self.style!r} is not 'plain' or 'chat'")
+
+    @classmethod
+    def from_config(cls, cfg: PrepareConfig) -> PromptFormat:
+        return cls(style=cfg.prompt_format, delimiter=cfg.delimiter, chat_instruction=cfg.chat_instruction)
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PromptFormat:
+        return build(cls, values, "PromptFormat")
+
+    def prompt_text(self, label_name: str, tokenizer: PreTrainedTokenizerBase) -> str:
+        """The text that starts every record of `label_name` (for the chat style, with its special tokens)."""
+        if self.style == "plain":
+            return label_name + self.delimiter
+        require(
+            getattr(tokenizer, "chat_template", None) is not None,
+            f"the tokenizer of {tokenizer.name_or_path} has no chat template; use prompt_format: plain",
+        )
+        message = {"role": "user", "content": self.chat_instruction.replace("{label}", label_name)}
+        return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+
+    def prompt_ids(self, label_name: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """The token ids that start every record of `label_name`, and that generation is prompted with.
+
+        The chat template's text already holds its special tokens; the plain prompt keeps the BOS
+        the tokenizer adds in front of a text, if it adds one (Llama-2 does, GPT-2 and SmolLM2 do not).
+        """
+        text = self.prompt_text(label_name, tokenizer)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids if self.style == "chat" else _leading_special_ids(tokenizer) + ids
+
+    def encode(
+        self, label_name: str, text: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+    ) -> tuple[list[int], bool]:
+        """One record's ids (prompt + review + EOS, at most `max_length`) and whether the review was cut."""
+        ids, truncated = self.encode_batch([label_name], [text], tokenizer, max_length)
+        return ids[0], truncated[0]
+
+    def encode_batch(
+        self,
+        label_names: Sequence[str],
+        texts: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+    ) -> tuple[list[list[int]], list[bool]]:
+        """`encode` for many records with one batched tokenizer call.
+
+        A record is prompt_ids + review[:room] + [EOS] with room = max_length - len(prompt_ids) - 1,
+        so it never exceeds max_length and always ends with EOS, which teaches the model to stop.
+        Review text is data: a literal "<|im_end|>" in a review is split into ordinary tokens.
+        """
+        eos = tokenizer.eos_token_id
+        require(
+            eos is not None, f"the tokenizer of {tokenizer.name_or_path} has no EOS token; use another model"
+        )
+        prompts = {name: self.prompt_ids(name, tokenizer) for name in dict.fromkeys(label_names)}
+        for name, prompt in prompts.items():
+            require(
+                max_length - len(prompt) - 1 >= 1,
+                f"max_length = {max_length} leaves no room for the review after the {len(prompt)}-token "
+                f"prompt of '{name}'; raise prepare.max_length",
+            )
+        if not texts:
+            return [], []
+        reviews = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids, truncated = [], []
+        for name, review in zip(label_names, reviews, strict=True):
+            prompt = prompts[name]
+            room = max_length - len(prompt) - 1
+            ids.append(prompt + review[:room] + [eos])
+            truncated.append(len(review) > room)
+        return ids, truncated
+
+
+def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special ids a tokenizer puts before a text when asked to add special tokens (e.g. [BOS])."""
+    with_special = tokenizer("a")["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(bare) + 1):
+        if with_special[start : start + len(bare)] == bare:
+            return with_special[:start]
+    return []
+
+
+def encode_records(
+    sample: pd.DataFrame, fmt: PromptFormat, tokenizer: PreTrainedTokenizerBase, cfg: PrepareConfig
+) -> dict[str, list]:
+    """The columns of one split's records (the data/train and data/test contract)."""
+    label_names = [cfg.label_names[i] for i in sample["label"]]
+    texts = sample["text"].tolist()
+    ids, truncated = fmt.encode_batch(label_names, texts, tokenizer, cfg.max_length)
+    prompt_length = {name: len(fmt.prompt_ids(name, tokenizer)) for name in cfg.label_names}
+    return {
+        "text": texts,
+        "label": [int(label) for label in sample["label"]],
+        "label_name": label_names,
+        "input_ids": ids,
+        "prompt_length": [prompt_length[name] for name in label_names],
+        "n_tokens": [len(record) for record in ids],
+        "truncated": truncated,
+    }
+
+
+def to_dataset(columns: dict[str, list]) -> Dataset:
+    from datasets import Dataset, Features, List, Value
+
+    features = Features({
+        "text": Value("string"), "label": Value("int64"), "label_name": Value("string"),
+        "input_ids": List(Value("int32")), "prompt_length": Value("int32"), "n_tokens": Value("int32"),
+        "truncated": Value("bool"),
+    })
+    return Dataset.from_dict(columns, features=features)
+
+
+# --------------------------------------------------------------------------- 5. stats
+
+
+def split_stats(columns: dict[str, list], label_names: Sequence[str], rows_read: int,
+                dropped: dict[str, int]) -> dict[str, Any]:
+    """Counts, dropped rows, token-length percentiles, truncation and duplicates of one split."""
+    lengths = np.asarray(columns["n_tokens"])
+    labels = np.asarray(columns["label"])
+    return {
+        "rows_read": rows_read,
+        "dropped": dropped,
+        "records": len(lengths),
+        "per_label": {name: int((labels == i).sum()) for i, name in enumerate(label_names)},
+        "token_length": {
+            **{f"p{q}": round(float(np.percentile(lengths, q)), 1) for q in PERCENTILES},
+            "max": int(lengths.max()),
+        },
+        "fraction_truncated": round(float(np.mean(columns["truncated"])), 4),
+        "duplicate_texts": len(columns["text"]) - len(set(columns["text"])),  # repeats beyond the first copy
+    }
+
+
+def train_sha256(columns: dict[str, list]) -> str:
+    """sha256 over the training records in order: for each, its label and its number of ids as
+    little-endian int64, then its ids as little-endian int32. Equal hashes mean equal training data."""
+    digest = hashlib.sha256()
+    for label, ids in zip(columns["label"], columns["input_ids"], strict=True):
+        digest.update(np.asarray([label, len(ids)], dtype="<i8").tobytes())
+        digest.update(np.asarray(ids, dtype="<i4").tobytes())
+    return digest.hexdigest()
+
+
+def plot_token_lengths(
+    splits: dict[str, dict[str, list]], label_names: Sequence[str], max_length: int
+) -> Figure:
+    """Histograms of tokens per record, one panel per split, one colour per label."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    axes = figure.subplots(1, len(splits), sharex=True)
+    bins = np.linspace(0, max_length, min(max_length, 60) + 1)
+    for ax, (role, columns) in zip(np.atleast_1d(axes), splits.items(), strict=True):
+        lengths = np.asarray(columns["n_tokens"])
+        labels = np.asarray(columns["label"])
+        for i, name in enumerate(label_names):
+            ax.hist(lengths[labels == i], bins=bins, alpha=0.55, label=name)
+        ax.axvline(max_length, color="black", linestyle="--", linewidth=1, label="max_length")
+        ax.set_title(f"{role}: {len(lengths)} records")
+        ax.set_xlabel("tokens per record (prompt + review + EOS)")
+        ax.set_ylabel("records")
+    np.atleast_1d(axes)[0].legend()
+    return figure
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Save a figure through a temporary file and a rename, like every other output."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
+    os.replace(tmp, path)
+    return path
+
+
+def stats_table(stats: dict[str, Any]) -> pd.DataFrame:
+    """data_stats.json as one table: a row per figure, a column per split (for the notebook)."""
+    table = {}
+    for role, split in stats["splits"].items():
+        column = {"rows read": split["rows_read"]}
+        column.update({f"dropped: {reason.replace('_', ' ')}": n for reason, n in split["dropped"].items()})
+        column["records"] = split["records"]
+        column.update({f"label {name}": n for name, n in split["per_label"].items()})
+        column.update({f"tokens {q}": value for q, value in split["token_length"].items()})
+        column["truncated (%)"] = round(100 * split["fraction_truncated"], 1)
+        column["duplicate texts"] = split["duplicate_texts"]
+        table[role] = column
+    return pd.DataFrame(table)
+
+
+def format_example(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> str:
+    """One record decoded in two parts, so it is visible where the prompt ends and the review starts."""
+    ids, cut = record["input_ids"], record["prompt_length"]
+    review = tokenizer.decode(ids[cut:])
+    return (
+        f"label {record['label']} ({record['label_name']}), {len(ids)} tokens, "
+        f"truncated: {record['truncated']}\n"
+        f"--- prompt: {cut} tokens, shown as a Python string so spaces and newlines are visible ---\n"
+        f"{tokenizer.decode(ids[:cut])!r}\n"
+        f"--- review: {len(ids) - cut} tokens, EOS last ---\n"
+        f"{review}"
+    )
+
+
+# --------------------------------------------------------------------------- 6. write
+
+
+class Prepared(NamedTuple):
+    train: dict[str, list]
+    test: dict[str, list]
+    manifest: dict[str, Any]
+    stats: dict[str, Any]
+
+
+def prepare_data(cfg: PrepareConfig) -> Prepared:
+    """Steps 1-5 in memory: load, validate, subsample, format and tokenise, and count."""
+    from dpnb.models import load_tokenizer
+
+    raw, description = load_splits(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    fmt = PromptFormat.from_config(cfg)
+    columns, stats = {}, {}
+    for role, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+        checked, dropped = validate_split(raw[role], cfg)
+        sample = subsample(checked, n, cfg.seed, role, cfg.label_names)
+        columns[role] = encode_records(sample, fmt, tokenizer, cfg)
+        stats[role] = split_stats(columns[role], cfg.label_names, len(raw[role].frame), dropped)
+    train, test = columns["train"], columns["test"]
+    manifest = {
+        "model": cfg.model,
+        "prompt": fmt.to_dict(),
+        "label_names": list(cfg.label_names),
+        "max_length": cfg.max_length,
+        "n_train": len(train["label"]),
+        "n_test": len(test["label"]),
+        "source": cfg.source,
+        "source_read": description,
+        "seed": cfg.seed,
+        "train_sha256": train_sha256(train),
+    }
+    data_stats = {
+        "label_names": list(cfg.label_names),
+        "max_length": cfg.max_length,
+        "prompt_tokens": {name: len(fmt.prompt_ids(name, tokenizer)) for name in cfg.label_names},
+        "splits": stats,
+        "texts_in_both_splits": len(set(train["text"]) & set(test["text"])),
+    }
+    return Prepared(train, test, manifest, data_stats)
+
+
+def run_stage(run: RunDir, cfg: PrepareConfig, force: bool = False) -> dict[str, Any]:
+    """Prepare the data into `run` and return data_stats (read back from disk when already done)."""
+    if not run.should_run(STAGE, cfg, force):
+        return read_json(run.data_stats)
+    started = time.time()
+    prepared = prepare_data(cfg)
+    with _quiet_datasets(), atomic_directory(run.data) as staging:
+        to_dataset(prepared.train).save_to_disk(staging / "train")
+        to_dataset(prepared.test).save_to_disk(staging / "test")
+        write_json_atomic(staging / "manifest.json", prepared.manifest)
+    write_json_atomic(run.data_stats, prepared.stats)
+    splits = {"train": prepared.train, "test": prepared.test}
+    save_figure(plot_token_lengths(splits, cfg.label_names, cfg.max_length), run.figure("token_lengths.png"))
+    run.mark_complete(STAGE, cfg, started)
+    return read_json(run.data_stats)  # the same values a skipped run returns
+
+
+def load_prepared(run: RunDir) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """The prepared train and test records and the manifest, for the stages after prepare."""
+    from datasets import load_from_disk
+
+    run.require_stage(STAGE)
+    parts = (run.data / "train", run.data / "test", run.data / "manifest.json")
+    for path in parts:
+        require(path.exists(), f"{path} is missing although prepare completed; rerun prepare with force=True")
+    return load_from_disk(str(parts[0])), load_from_disk(str(parts[1])), read_json(parts[2])
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Hide the `datasets` progress bars while saving (they would clutter the notebook)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()

@@ -1,0 +1,793 @@
+"""03 generate: label-prompted synthetic text from the fine-tuned model, and a zero-shot baseline.
+
+For every label the model is fed the same prompt tokens that start that label's training records
+(`PromptFormat.prompt_ids`) and samples a continuation: a synthetic record of that label. Samples are
+written in shards as they complete, so an interrupted run resumes where it stopped; each shard is
+seeded from (seed, label, shard index) alone, so a resumed run gives exactly the samples of an
+uninterrupted one.
+
+Why the samples keep the model's guarantee: differential privacy is closed under post-processing.
+If the fine-tuned model M(D) is (epsilon, delta)-DP with respect to the training set D, then so is
+f(M(D)) for any function f that reads D only through M(D). Sampling from the model, cutting at EOS,
+stripping whitespace and dropping degenerate samples read nothing but the model and public settings
+(label names, prompt, sampling parameters, requested counts), so the released data set carries the
+same (epsilon, delta) however many samples are drawn. The counts per label are settings for this
+reason: copying the private label counts would release them outside the guarantee.
+
+The zero-shot set samples the base model, never fine-tuned, with the same prompts. It does not
+depend on the private data at all (epsilon = 0 with respect to it) and shows what DP fine-tuning
+adds over prompting alone.
+
+Outputs, in `run.synthetic` and `run.zero_shot` (each built aside and moved into place whole):
+
+    shards/shard-00000.jsonl  raw samples (new token ids after the prompt, cut at the first stop token)
+    shards/plan.json          what the shards were sampled with (model weights hash, prompts, settings)
+    shards/log.jsonl          one line per shard: samples, new tokens, sampling seconds
+    data-*.arrow, state.json  the `datasets` data set: text, label, label_name (`load_synthetic`)
+    samples.jsonl, samples.csv  the same rows for readers without `datasets`
+    README.md                 dataset card: the privacy guarantee (or its absence) and how the set was made
+    generation.json           counts requested / generated / kept, dropped by reason, tokens per second
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dpnb.config import GenerateConfig
+from dpnb.errors import DpnbError, require
+from dpnb.rundir import (
+    RunDir,
+    append_jsonl,
+    atomic_directory,
+    read_json,
+    read_jsonl,
+    to_json,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+STAGE = "generate"
+DROP_REASONS = ("empty", "too_short", "repetitive")
+PLAN_VERSION = 1
+
+
+class LabelPrompt(Protocol):
+    """What sampling needs from `dpnb.data.PromptFormat`: the prompt tokens of a label."""
+
+    def prompt_ids(self, label_name: str, tokenizer: PreTrainedTokenizerBase) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a sampled set's model came from, for its dataset card.
+
+    kind: "dp" (fine-tuned with DP-SGD; `privacy` holds privacy.json), "non_dp" (fine-tuned without
+    DP: no guarantee), "zero_shot" (the base model, no private data used) or "unspecified".
+    """
+
+    kind: str
+    model: str
+    data: str | None = None
+    privacy: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        kinds = ("dp", "non_dp", "zero_shot", "unspecified")
+        require(self.kind in kinds, f"provenance kind {self.kind!r} is not one of {', '.join(kinds)}")
+        if self.kind == "dp":
+            check_privacy_record(self.privacy or {})
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard: `n` samples of label `label`, the `shard_in_label`-th of that label's shards."""
+
+    index: int
+    label: int
+    shard_in_label: int
+    n: int
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}.jsonl"
+
+
+# --------------------------------------------------------------------------- planning and seeding
+
+
+def plan_shards(counts: Sequence[int], shard_size: int) -> list[ShardSpec]:
+    """Split each label's requested count into shards of `shard_size` (the last one may be smaller).
+
+    Shards hold one label each and are numbered label by label, so a shard's contents depend only on
+    its label, its position in that label and the settings: never on how many shards ran before.
+    """
+    specs: list[ShardSpec] = []
+    for label, count in enumerate(counts):
+        for shard_in_label, start in enumerate(range(0, count, shard_size)):
+            specs.append(ShardSpec(len(specs), label, shard_in_label, min(shard_size, count - start)))
+    return specs
+
+
+def shard_seed(seed: int, label: int, shard_in_label: int) -> int:
+    """A 63-bit seed derived from (seed, label, shard) alone, so resuming reproduces every shard.
+
+    Hashing (rather than e.g. seed + shard) keeps neighbouring seeds' random streams unrelated.
+    """
+    digest = hashlib.sha256(f"dpnb-generate:{seed}:{label}:{shard_in_label}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """A cheap identity of a model's weights: a hash of every tensor's name, shape, dtype and first values.
+
+    Shards sampled from one model must never be mixed with shards of another (say, a model fine-tuned
+    again). Hashing all weights of a 7B model would take a minute; the first 256 values of every
+    tensor change whenever training changes that tensor, and cost milliseconds.
+    """
+    digest = hashlib.sha256()
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        head = tensor.detach().reshape(-1)[:256].cpu()
+        head = head.float() if head.is_floating_point() else head
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- stop tokens
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token the chat template puts after an assistant turn (e.g. `<|im_end|>`), if any.
+
+    Found by rendering a conversation whose assistant turn is a known marker and reading the first
+    special token after it, so it works for any chat template without a list of token names.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    from jinja2 import TemplateError
+
+    marker = "dpnb-end-of-turn-probe"
+    conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": marker}]
+    try:
+        rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except (TemplateError, ValueError):  # templates may refuse this shape of conversation
+        return None
+    if not isinstance(rendered, str) or marker not in rendered:
+        return None
+    tail_ids = tokenizer(rendered.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    return next((token for token in tail_ids if token in special), None)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None,
+                   chat: bool = False) -> list[int]:
+    """Tokens that end a sample: EOS (the tokenizer's and the model's), and the end of turn for chat."""
+    stops: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if model_eos is not None:
+        stops.update(int(t) for t in (model_eos if isinstance(model_eos, (list, tuple)) else [model_eos]))
+    if chat and (eot := end_of_turn_id(tokenizer)) is not None:
+        stops.add(eot)
+    require(bool(stops), "the tokenizer has no EOS token, so samples could not end; use a model with one")
+    return sorted(stops)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sampling_settings(cfg: GenerateConfig) -> dict[str, Any]:
+    """The settings a sample depends on, as recorded in generation.json and the dataset card."""
+    return {
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "max_new_tokens": cfg.max_new_tokens,
+        "min_new_tokens": cfg.min_new_tokens,
+        "batch_size": cfg.batch_size,
+        "shard_size": cfg.shard_size,
+        "n_per_label": cfg.n_per_label,
+        "seed": cfg.seed,
+    }
+
+
+def generation_config(cfg: GenerateConfig, stop_ids: Sequence[int], pad_id: int) -> GenerationConfig:
+    """Plain ancestral sampling with temperature, top-k and top-p, and nothing else.
+
+    Penalties and other processors a model's own generation_config.json may carry are switched off
+    explicitly, so the settings recorded in the dataset card are the whole story.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True, num_beams=1, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+        eos_token_id=list(stop_ids), pad_token_id=pad_id,
+    )
+
+
+def strip_prompt_and_cut(sequence: Sequence[int], prompt_length: int,
+                         stop_ids: Collection[int]) -> tuple[list[int], bool]:
+    """The new tokens of one generated sequence, up to (not including) the first stop token.
+
+    Returns the tokens and whether a stop token ended the sample (False: it ran to max_new_tokens).
+    Everything after the stop token is padding that `generate` adds to rows that finished early.
+    """
+    new_tokens = [int(t) for t in sequence[prompt_length:]]
+    for position, token in enumerate(new_tokens):
+        if token in stop_ids:
+            return new_tokens[:position], True
+    return new_tokens, False
+
+
+def sample_batch(model: PreTrainedModel, prompt_ids: Sequence[int], n: int, gen_config: GenerationConfig,
+                 stop_ids: Collection[int]) -> list[tuple[list[int], bool]]:
+    """Sample `n` continuations of one prompt in one batched `generate` call (with the KV cache).
+
+    Every row of a batch holds the same label's prompt, so the rows have equal length and need no
+    padding at all (hence no left padding and no attention-mask subtleties).
+    """
+    import torch
+
+    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device).repeat(n, 1)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_config
+        )
+    return [strip_prompt_and_cut(row, len(prompt_ids), stop_ids) for row in output.tolist()]
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+def clean_text(token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> str:
+    """Decode a sample's new tokens, dropping special tokens and surrounding whitespace."""
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+
+def most_frequent_share(token_ids: Sequence[int]) -> float:
+    """max_t count(t) / n: the share of the sample taken by its most frequent token (0 when empty)."""
+    if not token_ids:
+        return 0.0
+    return Counter(token_ids).most_common(1)[0][1] / len(token_ids)
+
+
+def degeneracy_reason(text: str, token_ids: Sequence[int], min_words: int,
+                      max_repeat_fraction: float) -> str | None:
+    """Why a sample is unusable ("empty", "too_short", "repetitive"), or None to keep it.
+
+    Too short: fewer than `min_words` whitespace-separated words. Repetitive: one token makes up more
+    than `max_repeat_fraction` of the sample's tokens (a model stuck repeating itself).
+    """
+    if not text:
+        return "empty"
+    if len(text.split()) < min_words:
+        return "too_short"
+    if most_frequent_share(token_ids) > max_repeat_fraction:
+        return "repetitive"
+    return None
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _read_shard(path: Path, spec: ShardSpec) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(records) != spec.n or any(r["label"] != spec.label for r in records):
+        raise DpnbError(
+            f"{path} does not hold the {spec.n} samples of label {spec.label} it should; "
+            f"delete {path.parent} to sample again"
+        )
+    return records
+
+
+def _prepare_shard_dir(shards: Path, plan: dict[str, Any], finished: bool, overwrite: bool) -> None:
+    """Keep shards sampled with exactly this plan; discard (or refuse to replace) any others."""
+    plan_path = shards / "plan.json"
+    if plan_path.exists():
+        if read_json(plan_path) == json.loads(to_json(plan)):
+            return
+        if finished and not overwrite:
+            raise DpnbError(
+                f"{shards.parent} already holds a set sampled with other settings or another model; "
+                f"choose another output directory or pass overwrite=True to replace it"
+            )
+        n_old = len(list(shards.glob("shard-*.jsonl")))
+        print(f"discarding {n_old} shard(s) in {shards} sampled with other settings or another model")
+        shutil.rmtree(shards)
+    elif shards.exists():
+        shutil.rmtree(shards)  # no plan: never got past its first write
+    shards.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_path, plan)
+
+
+def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list[ShardSpec], shards: Path,
+                   cfg: GenerateConfig, stop_ids: list[int], pad_id: int, label_names: Sequence[str],
+                   progress: bool, on_shard: Callable[[int], None] | None) -> None:
+    """Sample every shard not on disk yet, writing each atomically as soon as it is complete."""
+    import torch
+    from tqdm.auto import tqdm
+
+    gen_config = generation_config(cfg, stop_ids, pad_id)
+    missing = [spec for spec in specs if not (shards / spec.name).exists()]
+    total = sum(spec.n for spec in specs)
+    done = total - sum(spec.n for spec in missing)
+    cuda_devices = [model.device] if model.device.type == "cuda" else []
+    was_training = model.training
+    model.eval()
+    new_tokens_now, seconds_now = 0, 0.0
+    bar = tqdm(total=total, initial=done, unit="sample", desc=f"sampling {shards.parent.name}",
+               disable=not progress)
+    try:
+        for spec in missing:
+            bar.set_description(f"sampling {shards.parent.name} [{label_names[spec.label]}]")
+            records: list[dict[str, Any]] = []
+            started = time.perf_counter()
+            # fork_rng: seeding the shard must not disturb the caller's random state
+            with torch.random.fork_rng(devices=cuda_devices):
+                torch.manual_seed(shard_seed(cfg.seed, spec.label, spec.shard_in_label))
+                for start in range(0, spec.n, cfg.batch_size):
+                    rows = sample_batch(model, prompts[spec.label], min(cfg.batch_size, spec.n - start),
+                                        gen_config, stop_ids)
+                    for token_ids, stopped in rows:
+                        records.append({"label": spec.label, "label_name": label_names[spec.label],
+                                        "index": spec.shard_in_label * cfg.shard_size + len(records),
+                                        "ids": token_ids, "stopped": stopped})
+                    bar.update(len(rows))
+            seconds = time.perf_counter() - started
+            # a sample's tokens: what it kept, plus the stop token the model also had to produce
+            new_tokens = sum(len(r["ids"]) + r["stopped"] for r in records)
+            write_text_atomic(shards / spec.name, "".join(json.dumps(r) + "\n" for r in records))
+            append_jsonl(shards / "log.jsonl",
+                         {"shard": spec.index, "n": spec.n, "new_tokens": new_tokens, "wall_s": seconds})
+            new_tokens_now, seconds_now = new_tokens_now + new_tokens, seconds_now + seconds
+            bar.set_postfix(tokens_per_s=f"{new_tokens_now / max(seconds_now, 1e-9):.0f}")
+            if on_shard is not None:
+                on_shard(spec.index)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def round_up(value: float, significant: int = 3) -> float:
+    """`value` rounded UP to `significant` digits: a privacy parameter is never shown smaller than it is."""
+    if value <= 0 or not math.isfinite(value):
+        return value
+    scale = 10 ** (significant - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale - 1e-9) / scale  # the tolerance keeps 3.21 from becoming 3.22
+
+
+def _fmt(value: float, significant: int = 3) -> str:
+    return f"{round_up(value, significant):.{significant}g}"
+
+
+def check_privacy_record(privacy: dict[str, Any]) -> None:
+    """A DP run's privacy.json must state a finite epsilon and a delta: never describe a missing guarantee."""
+    epsilon, delta = privacy.get("epsilon"), privacy.get("delta")
+    require(
+        isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0
+        and isinstance(delta, (int, float)) and 0 <= delta < 1,
+        f"privacy.json says dp is true but has no finite epsilon and delta (epsilon={epsilon!r}, "
+        f"delta={delta!r}); rerun the finetune stage",
+    )
+
+
+def guarantee_summary(provenance: Provenance) -> dict[str, Any]:
+    """The privacy facts of a set, for generation.json (copied from privacy.json, never recomputed)."""
+    if provenance.kind == "dp":
+        keys = ("epsilon", "delta", "accountant", "epsilons", "noise_multiplier", "sample_rate", "steps",
+                "max_grad_norm", "dataset_size", "mode")
+        return {"kind": "dp", **{k: (provenance.privacy or {}).get(k) for k in keys}}
+    if provenance.kind == "zero_shot":
+        return {"kind": "zero_shot", "epsilon": 0.0, "note": "no private data used: base model and prompts"}
+    if provenance.kind == "non_dp":
+        return {"kind": "non_dp", "epsilon": None, "note": "fine-tuned without DP: no privacy guarantee"}
+    return {"kind": "unspecified", "epsilon": None, "note": "no privacy statement"}
+
+
+def _privacy_section(provenance: Provenance) -> list[str]:
+    data = provenance.data or "the private training data"
+    if provenance.kind == "dp":
+        p = provenance.privacy or {}
+        others = ", ".join(f"{name}: {value}" for name, value in (p.get("epsilons") or {}).items()
+                           if value is not None)
+        rows = [
+            ("epsilon", f"{p['epsilon']} ({p.get('accountant', '?')} accountant)"),
+            ("epsilon by each accountant", others or "-"),
+            ("delta", p["delta"]),
+            ("noise multiplier", p.get("noise_multiplier")),
+            ("sampling rate (expected batch / records)", p.get("sample_rate")),
+            ("noise-adding steps", p.get("steps")),
+            ("clipping norm", p.get("max_grad_norm")),
+            ("training records", p.get("dataset_size")),
+            ("fine-tuning", p.get("mode")),
+        ]
+        return [
+            f"**(ε = {_fmt(p['epsilon'])}, δ = {_fmt(p['delta'])})-differential privacy** for every record "
+            f"of {data}.",
+            "",
+            f"The model `{provenance.model}` was fine-tuned on the private data with DP-SGD (Opacus): each "
+            "example's gradient clipped, Gaussian noise added to every step, the privacy spent counted by "
+            "the accountant below over every noise-adding step. Sampling from the model and post-processing "
+            "the samples read only the model and public settings, so by the post-processing property of "
+            "differential privacy this data set carries the same guarantee, however many samples it holds. "
+            "(ε and δ above are rounded up; the table gives the accountant's values.)",
+            "",
+            "The guarantee is per training record (one text). Someone who contributed k records is "
+            "protected by the weaker group guarantee for k records.",
+            "",
+            "| privacy parameter | value |",
+            "|---|---|",
+            *[f"| {name} | {value} |" for name, value in rows],
+        ]
+    if provenance.kind == "non_dp":
+        return [
+            "**No DP guarantee.** The model that wrote these samples was fine-tuned on the private data "
+            "WITHOUT differential privacy (privacy.json: `dp: false`). Nothing bounds what the samples "
+            f"reveal about {data}: they may reproduce training records verbatim. Treat this set as being "
+            "as sensitive as the private data itself; it exists as the non-private reference (ε = ∞).",
+        ]
+    if provenance.kind == "zero_shot":
+        return [
+            "**No private data was used.** These samples come from the base model "
+            f"`{provenance.model}`, prompted with the label prompts alone and never fine-tuned. With respect "
+            f"to {data} the set is (ε = 0)-differentially private: it does not depend on that data at all. "
+            "(What the base model learnt in pre-training, from public data, is outside this statement.)",
+            "",
+            "It is the baseline that shows what DP fine-tuning adds over prompting alone.",
+        ]
+    return [
+        "**No privacy statement.** This set was sampled with `dpnb.generate.sample_labelled` from a model "
+        "whose training this card does not describe; make no privacy claim for it.",
+    ]
+
+
+def dataset_card(summary: dict[str, Any], provenance: Provenance) -> str:
+    """The README.md of a sampled set: its privacy guarantee (or its absence) and how it was made."""
+    titles = {"dp": "DP synthetic data", "non_dp": "Synthetic data (no DP)",
+              "zero_shot": "Zero-shot synthetic data (base model, no private data)",
+              "unspecified": "Synthetic data"}
+    labels = summary["labels"]
+    sampling = summary["sampling"]
+    lines = [
+        "---",
+        "task_categories: [text-classification]",
+        f"tags: [synthetic, dpnb{', differential-privacy' if provenance.kind == 'dp' else ''}]",
+        "---",
+        "",
+        f"# {titles[provenance.kind]}",
+        "",
+        f"{summary['kept_total']} labelled texts sampled from `{provenance.model}` with dpnb "
+        f"(labels: {', '.join(labels)}).",
+        "",
+        "## Privacy",
+        "",
+        *_privacy_section(provenance),
+        "",
+        "## How it was made",
+        "",
+        f"- model: `{provenance.model}` on {summary['device']} ({summary['dtype']}), "
+        f"weights hash {summary['model_fingerprint']}",
+        f"- private data: {provenance.data or 'not stated'}",
+        "- prompts, one per label (the tokens that start that label's training records):",
+        *[f"  - {name}: `{json.dumps(summary['prompts'][name])[1:-1]}`" for name in labels],
+        "- sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items()),
+        "  (top_k 0 and top_p 1 mean off; the model's own generation defaults are not applied)",
+        "- post-processing: prompt removed, cut at the first stop token (EOS or end of turn), special tokens "
+        "and surrounding whitespace removed; samples dropped when empty, shorter than "
+        f"{summary['postprocessing']['min_words']} words, or when one token makes up more than "
+        f"{summary['postprocessing']['max_repeat_fraction']:.0%} of them.",
+        "",
+        "| label | requested | generated | kept |",
+        "|---|---|---|---|",
+        *[f"| {name} | {summary['requested'][name]} | {summary['generated'][name]} "
+          f"| {summary['kept'][name]} |" for name in labels],
+        "",
+        "Dropped: " + ", ".join(f"{reason} {n}" for reason, n in summary["dropped"].items())
+        + f"; {summary['hit_max_new_tokens']} kept samples ran to max_new_tokens without a stop token.",
+        "",
+        "## Files",
+        "",
+        "Columns `text`, `label` (int), `label_name`; rows grouped by label. "
+        "`datasets.load_from_disk(this_directory)` or `dpnb.generate.load_synthetic` loads it; "
+        "`samples.jsonl` and `samples.csv` hold the same rows; `generation.json` the counts and speed; "
+        "`shards/` the raw samples (token ids).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """Hard-link a finished shard into the new directory (instant, no extra space), else copy it."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _write_set(out_dir: Path, rows: dict[str, list[Any]], summary: dict[str, Any],
+               provenance: Provenance) -> None:
+    """Write the data set, its exports, card and generation.json, and move them into place at once."""
+    import datasets
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    string, integer = datasets.Value("string"), datasets.Value("int64")
+    features = datasets.Features({"text": string, "label": integer, "label_name": string})
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    with atomic_directory(out_dir) as staging:
+        shutil.copytree(out_dir / "shards", staging / "shards", copy_function=_link_or_copy)
+        bars_were_off = are_progress_bars_disabled()
+        disable_progress_bars()
+        try:
+            dataset.save_to_disk(str(staging))
+        finally:
+            if not bars_were_off:
+                enable_progress_bars()
+        records = [dict(zip(rows, values, strict=True)) for values in zip(*rows.values(), strict=True)]
+        (staging / "samples.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+        )
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows))
+        writer.writeheader()
+        writer.writerows(records)
+        (staging / "samples.csv").write_text(buffer.getvalue(), encoding="utf-8")
+        (staging / "README.md").write_text(dataset_card(summary, provenance), encoding="utf-8")
+        (staging / "generation.json").write_text(to_json(summary), encoding="utf-8")
+
+
+def _postprocess(
+    specs: list[ShardSpec], shards: Path, tokenizer: PreTrainedTokenizerBase, label_names: Sequence[str],
+    cfg: GenerateConfig,
+) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """Read every shard in order, clean and filter its samples; return the kept rows and the counts."""
+    rows: dict[str, list[Any]] = {"text": [], "label": [], "label_name": []}
+    generated = dict.fromkeys(label_names, 0)
+    kept = dict.fromkeys(label_names, 0)
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    dropped_by_label = {name: dict.fromkeys(DROP_REASONS, 0) for name in label_names}
+    hit_max = 0
+    for spec in specs:
+        records = _read_shard(shards / spec.name, spec)
+        texts = tokenizer.batch_decode([r["ids"] for r in records], skip_special_tokens=True)
+        name = label_names[spec.label]
+        for record, raw_text in zip(records, texts, strict=True):
+            generated[name] += 1
+            text = raw_text.strip()
+            reason = degeneracy_reason(text, record["ids"], cfg.min_words, cfg.max_repeat_fraction)
+            if reason is not None:
+                dropped[reason] += 1
+                dropped_by_label[name][reason] += 1
+                continue
+            kept[name] += 1
+            hit_max += not record["stopped"]
+            rows["text"].append(text)
+            rows["label"].append(spec.label)
+            rows["label_name"].append(name)
+    counts = {"generated": generated, "kept": kept, "dropped": dropped, "dropped_by_label": dropped_by_label,
+              "hit_max_new_tokens": hit_max}
+    return rows, counts
+
+
+def _speed(shards: Path, specs: list[ShardSpec]) -> dict[str, Any]:
+    """Tokens per second over every shard's sampling time (earlier, interrupted sessions included)."""
+    log = {entry["shard"]: entry for entry in read_jsonl(shards / "log.jsonl")}
+    timed = [log[spec.index] for spec in specs if spec.index in log]
+    new_tokens = sum(entry["new_tokens"] for entry in timed)
+    seconds = sum(entry["wall_s"] for entry in timed)
+    return {
+        "new_tokens": new_tokens,
+        "sampling_wall_s": round(seconds, 3),
+        "tokens_per_second": round(new_tokens / seconds, 2) if seconds > 0 else None,
+        "timed_shards": len(timed),  # a crash between a shard and its log line leaves one untimed
+    }
+
+
+def sample_labelled(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_format: LabelPrompt,
+    label_names: Sequence[str],
+    cfg: GenerateConfig,
+    out_dir: str | os.PathLike,
+    *,
+    provenance: Provenance | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Sample `cfg.n_per_label` texts per label from any causal LM; write a labelled set to `out_dir`.
+
+    Shards already in `out_dir/shards` that were sampled with the same model weights, prompts and
+    settings are kept, so an interrupted call resumes; others are discarded (or, when `out_dir` holds
+    a finished set, refused unless `overwrite`). `on_shard(index)` runs after each shard is written
+    (tests interrupt there). Returns the generation.json summary.
+    """
+    started = time.time()
+    out_dir = Path(out_dir)
+    provenance = provenance or Provenance("unspecified", getattr(model, "name_or_path", "") or "unnamed")
+    label_names = list(label_names)
+    chat = getattr(prompt_format, "style", "plain") == "chat"
+    prompts = [list(prompt_format.prompt_ids(name, tokenizer)) for name in label_names]
+    require(all(prompts), "a label prompt is empty: the model needs at least one token to start from")
+    _check_context_fits(model, max(map(len, prompts)) + cfg.max_new_tokens)
+    stop_ids = stop_token_ids(tokenizer, model, chat=chat)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    specs = plan_shards([cfg.n_per_label] * len(label_names), cfg.shard_size)
+    plan = {
+        "version": PLAN_VERSION,
+        "model_fingerprint": model_fingerprint(model),
+        "device": model.device.type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "labels": label_names,
+        "prompt_ids": dict(zip(label_names, prompts, strict=True)),
+        "stop_ids": stop_ids,
+        "sampling": sampling_settings(cfg),
+    }
+    shards = out_dir / "shards"
+    _prepare_shard_dir(shards, plan, finished=(out_dir / "generation.json").exists(), overwrite=overwrite)
+    _sample_shards(model, prompts, specs, shards, cfg, stop_ids, pad_id, label_names, progress, on_shard)
+
+    rows, counts = _postprocess(specs, shards, tokenizer, label_names, cfg)
+    summary = {
+        "set": out_dir.name,
+        "model": provenance.model,
+        "guarantee": guarantee_summary(provenance),
+        "labels": label_names,
+        "requested": dict.fromkeys(label_names, cfg.n_per_label),
+        **counts,
+        "kept_total": len(rows["text"]),
+        **_speed(shards, specs),
+        "wall_time_s": round(time.time() - started, 2),
+        "sampling": sampling_settings(cfg),
+        "postprocessing": {"min_words": cfg.min_words, "max_repeat_fraction": cfg.max_repeat_fraction},
+        "prompts": {name: tokenizer.decode(ids) for name, ids in zip(label_names, prompts, strict=True)},
+        "stop_tokens": tokenizer.convert_ids_to_tokens(stop_ids),
+        "device": plan["device"],
+        "dtype": plan["dtype"],
+        "model_fingerprint": plan["model_fingerprint"],
+        "shards": len(specs),
+    }
+    _write_set(out_dir, rows, summary, provenance)
+    return summary
+
+
+def _check_context_fits(model: PreTrainedModel, length: int) -> None:
+    """Refuse a prompt + max_new_tokens longer than the model's positions (GPT-2 would fail mid-run)."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and length > limit:
+        raise DpnbError(
+            f"prompt + max_new_tokens = {length} tokens exceeds the model's context of {limit}; "
+            f"lower generate.max_new_tokens by at least {length - limit}"
+        )
+
+
+def load_synthetic(path: str | os.PathLike) -> datasets.Dataset:
+    """The labelled set (`text`, `label`, `label_name`) that `sample_labelled` or `run_stage` wrote."""
+    import datasets
+
+    path = Path(path)
+    if not (path / "state.json").exists():
+        raise DpnbError(f"{path} holds no sampled data set: run the generate stage (03_generate) first")
+    return datasets.load_from_disk(str(path))
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _upstream_state(run: RunDir) -> dict[str, Any]:
+    """Identity of the prepare and finetune results this stage sampled from (their markers)."""
+    state = {}
+    for stage in ("prepare", "finetune"):
+        marker = read_json(run.marker(stage))
+        state[stage] = {"fingerprint": marker.get("fingerprint"), "finished_at": marker.get("finished_at")}
+    return state
+
+
+def _data_description(manifest: dict[str, Any]) -> str:
+    source = manifest.get("source", "unknown source")
+    n_train = manifest.get("n_train")
+    if n_train:
+        return f"the private training set ({source}, {n_train} records)"
+    return f"the private data ({source})"
+
+
+def read_summary(run: RunDir, cfg: GenerateConfig) -> dict[str, Any]:
+    """The stage's summary read back from its files (what `run_stage` returns when it skips)."""
+    return {
+        "synthetic": read_json(run.synthetic / "generation.json"),
+        "zero_shot": read_json(run.zero_shot / "generation.json") if cfg.zero_shot else None,
+    }
+
+
+def _free(model: Any) -> None:
+    import torch
+
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str, Any]:
+    """Sample the synthetic set from the fine-tuned model (and the zero-shot set from its base model).
+
+    Needs prepare and finetune complete. Skips when already done with this config, refuses a
+    different config unless `force`, resumes an interrupted run from its shards, and writes the
+    completion marker last. Returns {"synthetic": generation.json, "zero_shot": generation.json or None}.
+    """
+    run.require_stage("prepare")
+    run.require_stage("finetune")
+    upstream = _upstream_state(run)
+    if not force and run.is_complete(STAGE):
+        recorded = read_json(run.marker(STAGE)).get("upstream")
+        if recorded is not None and recorded != upstream:
+            raise DpnbError(
+                f"prepare or finetune in {run.path} was rerun after its samples were drawn; rerun generate "
+                f"with force=True (dpnb run --force) to sample the new model"
+            )
+    if not run.should_run(STAGE, cfg, force):
+        return read_summary(run, cfg)
+    started = time.time()
+
+    from dpnb.data import PromptFormat
+    from dpnb.finetune import load_trained
+    from dpnb.models import load_causal_lm, load_tokenizer, resolve_device
+
+    manifest = read_json(run.data / "manifest.json")
+    privacy = read_json(run.privacy)
+    if manifest.get("train_sha256") and privacy.get("train_sha256") not in (None, manifest["train_sha256"]):
+        raise DpnbError(f"privacy.json in {run.path} was written for other training data than data/; "
+                        f"rerun finetune with force=True")
+    prompt_format = PromptFormat.from_dict(manifest["prompt"])
+    label_names = list(manifest["label_names"])
+    data = _data_description(manifest)
+    device = resolve_device(cfg.device)
+
+    model, tokenizer = load_trained(run.model, device=device, dtype=cfg.dtype)
+    provenance = Provenance("dp" if privacy.get("dp") else "non_dp", manifest["model"], data, privacy)
+    summary: dict[str, Any] = {
+        "synthetic": sample_labelled(model, tokenizer, prompt_format, label_names, cfg, run.synthetic,
+                                     provenance=provenance, overwrite=True)
+    }
+    _free(model)
+
+    if cfg.zero_shot:
+        finetune_seed = (run.completed_config("finetune") or {}).get("seed", 0)  # tiny test models' init
+        base = load_causal_lm(manifest["model"], dtype=cfg.dtype, seed=finetune_seed).to(device)
+        base_tokenizer = load_tokenizer(manifest["model"])
+        summary["zero_shot"] = sample_labelled(
+            base, base_tokenizer, prompt_format, label_names, cfg, run.zero_shot,
+            provenance=Provenance("zero_shot", manifest["model"], data), overwrite=True,
+        )
+        _free(base)
+    else:
+        summary["zero_shot"] = None
+        if run.zero_shot.exists():
+            print(f"removing {run.zero_shot}: an earlier zero-shot set no longer matches this config")
+            shutil.rmtree(run.zero_shot)
+    run.mark_complete(STAGE, cfg, started, upstream=upstream)
+    return summary

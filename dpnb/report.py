@@ -1,0 +1,199 @@
+"""Report: the paper's table and figures over every run under a directory.
+
+Rows of the table:
+- `real`: the classifier trained on real training data (the reference), once per distinct data and
+  classifier setting (the mean when several runs repeat it);
+- `zero_shot`: trained on text sampled from the base model with no fine-tuning (no private data);
+- `synthetic`: trained on text sampled from each DP fine-tuned model (one row per run: model x
+  epsilon x seed), and from non-DP fine-tuned models (epsilon shown as infinity).
+Columns: accuracy, F1, epsilon spent, delta, noise multiplier, noise-adding steps, wall time.
+
+Every epsilon in the table is read from the run's own `privacy.json`, which the fine-tuning stage
+wrote from its accountant; runs with `dp: false` show no epsilon. Each run spent its own budget on
+the private data: a sweep of k runs over the same data costs the composition of the k guarantees, and
+choosing the best run by its accuracy on private data leaks privacy too, unless the selection is
+itself made private or uses public validation data.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from dpnb.rundir import read_json, read_jsonl, write_text_atomic
+
+SELECTION_WARNING = (
+    "Every run below spent its own privacy budget on the same private data: releasing the outputs of k "
+    "runs costs the composition of their k guarantees, not the largest one. Choosing the best run by "
+    "looking at results computed on private data also spends privacy; select with public data or "
+    "account for the selection."
+)
+
+
+def find_runs(runs_dir: str | Path) -> list[Path]:
+    """Run directories under `runs_dir`: those holding completion markers."""
+    root = Path(runs_dir)
+    return sorted(p.parent.parent for p in root.glob("**/stages/*.json") if p.name == "prepare.json")
+
+
+def summarise_run(path: Path) -> dict[str, Any]:
+    """The facts of one run that the table and figures need, read from its files."""
+    stages = {p.stem: read_json(p) for p in sorted((path / "stages").glob("*.json"))}
+    privacy = read_json(path / "privacy.json") if (path / "privacy.json").exists() else None
+    metrics = read_json(path / "metrics.json") if (path / "metrics.json").exists() else {}
+    manifest = read_json(path / "data" / "manifest.json") if (path / "data" / "manifest.json").exists() else {}
+    finetune = stages.get("finetune", {}).get("config", {})
+    evaluate = stages.get("evaluate", {}).get("config", {})
+    return {
+        "run": path.name,
+        "path": str(path),
+        "model": manifest.get("model"),
+        "mode": finetune.get("mode"),
+        "dp": privacy.get("dp") if privacy else None,
+        "privacy": privacy,
+        "metrics": metrics,
+        "classifier": evaluate.get("classifier"),
+        "data_key": (manifest.get("train_sha256"), evaluate.get("classifier"), evaluate.get("n_real_train")),
+        "wall_time_s": sum(s.get("wall_time_s", 0.0) for s in stages.values()),
+        "train_log": read_jsonl(path / "train_log.jsonl"),
+    }
+
+
+def _metric_row(source: str, summary: dict[str, Any], metric: dict[str, Any]) -> dict[str, Any]:
+    privacy = summary["privacy"] if source == "synthetic" else None
+    dp = privacy.get("dp") if privacy else None
+    return {
+        "source": source,
+        "run": summary["run"],
+        "model": summary["model"] if source != "real" else None,
+        "mode": summary["mode"] if source == "synthetic" else None,
+        "dp": dp,
+        "epsilon": (privacy.get("epsilon") if dp else math.inf) if privacy else None,
+        "delta": privacy.get("delta") if dp else None,
+        "noise_multiplier": privacy.get("noise_multiplier") if dp else None,
+        "steps": privacy.get("steps") if privacy else None,
+        "accuracy": metric.get("accuracy"),
+        "f1": metric.get("f1"),
+        "n_train": metric.get("n_train"),
+        "n_test": metric.get("n_test"),
+        "wall_time_s": round(summary["wall_time_s"], 1) if source == "synthetic" else None,
+    }
+
+
+def paper_table(summaries: list[dict[str, Any]]):  # -> pandas.DataFrame
+    """The paper's table: real, zero-shot, then every fine-tuned model by epsilon (non-DP last)."""
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    for summary in summaries:
+        for source in ("real", "zero_shot", "synthetic"):
+            metric = summary["metrics"].get(source)
+            if isinstance(metric, dict) and metric.get("accuracy") is not None:
+                rows.append({**_metric_row(source, summary, metric), "_key": summary["data_key"]})
+    columns = ["source", "run", "model", "mode", "dp", "epsilon", "delta", "noise_multiplier", "steps",
+               "accuracy", "f1", "n_train", "n_test", "wall_time_s"]
+    if not rows:
+        return pd.DataFrame(columns=columns + ["runs"])
+    frame = pd.DataFrame(rows)
+    frame["runs"] = 1
+    # The same real-data (or zero-shot) reference repeated by several runs is one row: its mean.
+    shared = frame[frame.source.isin(["real", "zero_shot"])]
+    grouped = []
+    for _, group in shared.groupby(["source", "model", "_key"], dropna=False, sort=False):
+        row = group.iloc[0].to_dict()
+        row.update(accuracy=group.accuracy.mean(), f1=group.f1.mean(), runs=len(group),
+                   run=", ".join(group.run) if len(group) <= 3 else f"{len(group)} runs")
+        grouped.append(row)
+    synthetic = frame[frame.source == "synthetic"].copy()
+    synthetic["_order"] = synthetic.epsilon.fillna(math.inf)
+    synthetic = synthetic.sort_values(["model", "_order", "run"]).drop(columns="_order")
+    table = pd.concat([pd.DataFrame(grouped), synthetic], ignore_index=True)
+    order = {"real": 0, "zero_shot": 1, "synthetic": 2}
+    table = table.sort_values("source", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    return table[columns + ["runs"]]
+
+
+def plot_loss_vs_epsilon(summaries: list[dict[str, Any]], ax) -> None:  # noqa: ANN001 - matplotlib Axes
+    """Training loss against epsilon spent, one curve per DP run (the paper's figure)."""
+    for summary in summaries:
+        log = summary["train_log"]
+        if not log or not summary["dp"]:
+            continue
+        ax.plot([r["epsilon"] for r in log], [r["loss"] for r in log], marker=".", label=summary["run"])
+    ax.set_xlabel("epsilon spent")
+    ax.set_ylabel("training loss (nats per token)")
+    ax.set_title("Training loss against privacy spent")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def plot_accuracy_vs_epsilon(table, ax) -> None:  # noqa: ANN001 - DataFrame, Axes
+    """Downstream accuracy against epsilon; non-DP runs at the right, references as lines."""
+    synthetic = table[table.source == "synthetic"]
+    finite = synthetic[synthetic.epsilon.apply(lambda e: e is not None and math.isfinite(e))]
+    right = max([1.0, *finite.epsilon.tolist()]) * 1.3
+    for model, group in synthetic.groupby("model", dropna=False):
+        xs = [e if math.isfinite(e) else right for e in group.epsilon]
+        ax.scatter(xs, group.accuracy, label=f"synthetic ({model})")
+    for source, style in (("real", "-"), ("zero_shot", "--")):
+        for _, row in table[table.source == source].iterrows():
+            ax.axhline(row.accuracy, linestyle=style, color="grey", linewidth=1)
+            ax.text(0, row.accuracy, f" {source}", va="bottom", fontsize=8, color="grey")
+    ax.axhline(0.5, linestyle=":", color="black", linewidth=0.8)
+    if not synthetic.empty and not synthetic.epsilon.apply(math.isfinite).all():
+        ax.axvline(right, color="lightgrey", linewidth=0.8)
+        ax.text(right, 0.5, " no DP", fontsize=8)
+    ax.set_xlabel("epsilon spent")
+    ax.set_ylabel("test accuracy (real test set)")
+    ax.set_title("Classifier trained on synthetic data")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _format_value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf (no DP)"
+        return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.3f}"
+    return str(value)
+
+
+def markdown_table(table) -> str:  # noqa: ANN001 - DataFrame
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    body = ["| " + " | ".join(_format_value(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def write_report(runs_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write table.csv, report.md and the two figures for every run under `runs_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = [summarise_run(p) for p in find_runs(runs_dir) if out_dir not in p.parents]
+    table = paper_table(summaries)
+    write_text_atomic(out_dir / "table.csv", table.to_csv(index=False))
+    figures = {}
+    for name, plot in (("loss_vs_epsilon.png", lambda ax: plot_loss_vs_epsilon(summaries, ax)),
+                       ("accuracy_vs_epsilon.png", lambda ax: plot_accuracy_vs_epsilon(table, ax))):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        plot(ax)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        figures[name] = str(out_dir / name)
+    text = "\n\n".join([
+        f"# dpnb report: {len(summaries)} runs under {runs_dir}",
+        markdown_table(table) if len(table) else "_No run has finished its evaluate stage yet._",
+        f"**Privacy.** {SELECTION_WARNING}",
+        "![loss against epsilon](loss_vs_epsilon.png)\n\n![accuracy against epsilon](accuracy_vs_epsilon.png)",
+    ])
+    write_text_atomic(out_dir / "report.md", text + "\n")
+    return {"runs": len(summaries), "rows": len(table), "table": table, "figures": figures, "summaries": summaries}
