@@ -29,10 +29,10 @@ computations; the model work (canary records, per-token losses, training the twi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
+import shutil
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dpnb.errors import DpnbError
+from dpnb.rundir import read_json, to_json, write_json_atomic
 
 if TYPE_CHECKING:
     import datasets
@@ -92,9 +93,14 @@ def exposure_extrapolated(canary_scores: Sequence[float], reference_scores: Sequ
     references = np.asarray(reference_scores, dtype=float)
     if references.size < 3:
         raise DpnbError("the extrapolated exposure fits a distribution: set audit.n_reference >= 3")
-    shape, loc, scale = stats.skewnorm.fit(references)
-    log_tail = stats.skewnorm.logsf(np.asarray(canary_scores, dtype=float), shape, loc, scale)
-    return -log_tail / math.log(2)
+    canaries = np.asarray(canary_scores, dtype=float)
+    if np.std(references) == 0:  # e.g. a model that did not change: no tail to fit
+        return np.full(canaries.shape, np.nan)
+    try:
+        shape, loc, scale = stats.skewnorm.fit(references)
+    except (stats.FitError, RuntimeError):  # the optimiser can fail on near-symmetric data: fit a normal
+        shape, (loc, scale) = 0.0, stats.norm.fit(references)
+    return -stats.skewnorm.logsf(canaries, shape, loc, scale) / math.log(2)
 
 
 # =========================================================================== one-run epsilon audit
@@ -524,20 +530,21 @@ def canary_attack(scores: np.ndarray, reference_scores: np.ndarray, inserted: np
     exposures = exposure(scores, reference_scores)
     extrapolated = exposure_extrapolated(scores, reference_scores) if reference_scores.size >= 3 else None
 
-    def stats(values: np.ndarray) -> dict[str, float]:
+    def stats(values: np.ndarray) -> dict[str, float] | None:
+        if values.size == 0 or np.isnan(values).all():
+            return None
         return {"mean": float(np.mean(values)), "median": float(np.median(values)), "max": float(np.max(values))}
 
     summary: dict[str, Any] = {
         "exposure": {
-            "inserted": stats(exposures[inserted]) if inserted.any() else None,
-            "not_inserted": stats(exposures[~inserted]) if (~inserted).any() else None,
+            "inserted": stats(exposures[inserted]),
+            "not_inserted": stats(exposures[~inserted]),
             "max_measurable": float(np.log2(reference_scores.size + 1)),
             "unseen_expectation": 1 / math.log(2),
         },
         "exposure_extrapolated": {
-            "inserted": stats(extrapolated[inserted]) if extrapolated is not None and inserted.any() else None,
-            "not_inserted": stats(extrapolated[~inserted])
-            if extrapolated is not None and (~inserted).any() else None,
+            "inserted": stats(extrapolated[inserted]) if extrapolated is not None else None,
+            "not_inserted": stats(extrapolated[~inserted]) if extrapolated is not None else None,
         },
         "one_run": one_run_audit(scores, inserted, n_guesses=n_guesses, confidence=confidence, delta=delta,
                                  seed=seed),
@@ -580,7 +587,8 @@ def synthetic_attack(synthetic_texts: Sequence[str], canaries: Sequence[dict[str
     return result
 
 
-BULKY = ("curve", "per_canary", "scores")  # ROC points and per-record arrays: kept in the twin's details
+# ROC points and per-record arrays: kept in each twin's details file, left out of the stage's audit.json
+BULKY = ("curve", "per_canary", "scores", "canary_scores")
 
 
 def without_bulk(result: Any) -> Any:
@@ -588,3 +596,349 @@ def without_bulk(result: Any) -> Any:
     if isinstance(result, dict):
         return {k: without_bulk(v) for k, v in result.items() if k not in BULKY}
     return result
+
+
+# =========================================================================== losses of one model
+
+
+def plan_sequences(plan: AuditPlan, train: datasets.Dataset, test: datasets.Dataset
+                   ) -> dict[str, tuple[list[list[int]], list[tuple[int, int]]]]:
+    """Each group of records the attacks score, with the token span whose loss is its score.
+
+    Canaries and references: their random words. Members and non-members: the review after the
+    prompt (EOS included), the part of a record that is private.
+    """
+    def reviews(split: datasets.Dataset, indices: list[int]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        rows = split.select(indices)
+        ids = [list(r) for r in rows["input_ids"]]
+        return ids, [(int(p), len(r)) for p, r in zip(rows["prompt_length"], ids, strict=True)]
+
+    def canaries(records: list[dict[str, Any]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        return [c["input_ids"] for c in records], [(c["suffix_start"], c["suffix_end"]) for c in records]
+
+    return {"canaries": canaries(plan.canaries), "references": canaries(plan.references),
+            "members": reviews(train, plan.members), "non_members": reviews(test, plan.non_members)}
+
+
+def model_losses(model: PreTrainedModel, groups: dict[str, tuple[list[list[int]], list[tuple[int, int]]]],
+                 *, batch_size: int, device: str) -> dict[str, np.ndarray]:
+    """Mean span loss of every record of every group, in one batched pass."""
+    sequences = [s for ids, _ in groups.values() for s in ids]
+    spans = [s for _, group_spans in groups.values() for s in group_spans]
+    losses = span_losses(model, sequences, spans, batch_size=batch_size, device=device)
+    out, first = {}, 0
+    for name, (ids, _) in groups.items():
+        out[name] = losses[first: first + len(ids)]
+        first += len(ids)
+    return out
+
+
+def cached_losses(path: Path, key: str, compute: Any) -> dict[str, np.ndarray]:
+    """Losses saved at `path` for the same `key` (plan and model identity), else computed and saved."""
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return {name: np.asarray(values, dtype=float) for name, values in saved["losses"].items()}
+    losses = compute()
+    write_json_atomic(path, {"key": key, "losses": {k: v.tolist() for k, v in losses.items()}})
+    return losses
+
+
+# =========================================================================== the twins
+
+
+def twin_configs(finetune_cfg: FinetuneConfig) -> dict[str, FinetuneConfig]:
+    """The DP twin (the run's DP settings) and its non-DP twin (the same loop, no clipping or noise)."""
+    return {"dp": dataclasses.replace(finetune_cfg, dp=True), "nodp": dataclasses.replace(finetune_cfg, dp=False)}
+
+
+def train_twin(model_name: str, train: datasets.Dataset, train_hash: str, finetune_cfg: FinetuneConfig,
+               twin_dir: Path, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Fine-tune one twin exactly as stage 02 does, or reuse it when trained on the same inputs.
+
+    `inputs.json` names what the twin is trained on; a directory left by other inputs (an
+    interrupted audit with another config) is cleared, one with the same inputs resumes.
+    """
+    from dpnb import finetune
+    from dpnb.config import to_dict
+
+    inputs = {"model": model_name, "finetune": to_dict(finetune_cfg), "train_sha256": train_hash,
+              "n_records": len(train)}
+    inputs_path = twin_dir / "inputs.json"
+    if inputs_path.exists() and read_json(inputs_path) != json.loads(to_json(inputs)):
+        shutil.rmtree(twin_dir)
+    if inputs_path.exists() and (twin_dir / "privacy.json").exists() and (twin_dir / "model").exists():
+        return read_json(twin_dir / "privacy.json")
+    write_json_atomic(inputs_path, inputs)
+    return finetune.train(model_name, train, finetune_cfg, twin_dir, train_sha256=train_hash, tokenizer=tokenizer)
+
+
+def claimed_guarantee(privacy: dict[str, Any], repeats: int) -> dict[str, Any] | None:
+    """The (eps, delta) the accountant claims for one canary (a group of `repeats` records), or None."""
+    if not privacy.get("dp") or privacy.get("epsilon") is None:
+        return None
+    epsilon, delta = group_privacy(float(privacy["epsilon"]), float(privacy["delta"]), repeats)
+    return {"epsilon": epsilon, "delta": delta, "group_size": repeats,
+            "record_epsilon": float(privacy["epsilon"]), "record_delta": float(privacy["delta"])}
+
+
+def check_lower_bound(result: dict[str, Any], details_path: Path) -> None:
+    """Stop when the audit proves more leakage than the accountant allows: the package has a bug."""
+    claim = result.get("claim")
+    if claim is None:
+        return
+    one_run = result["canaries"]["one_run"]
+    bound = one_run["epsilon_lower_bound"]
+    if bound > claim["epsilon"] + 1e-9:
+        raise DpnbError(
+            f"privacy audit failed: {one_run['n_correct']} of {one_run['n_guesses']} membership guesses were "
+            f"right, which rules out epsilon = {bound:.3f} at {one_run['confidence']:.0%} confidence, above the "
+            f"accountant's epsilon {claim['epsilon']:.3f} (delta {claim['delta']:.3g}); the accounting or DP-SGD "
+            f"is wrong (details: {details_path}); do not release this model's outputs, and rerun the audit with "
+            f"another audit.seed (chance alone does this with probability under {1 - one_run['confidence']:.0%})"
+        )
+
+
+def audit_twin(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, privacy: dict[str, Any],
+               losses: dict[str, np.ndarray], base: dict[str, np.ndarray], plan: AuditPlan, *,
+               cfg: AuditConfig, delta: float, synthetic_texts: Sequence[str] | None) -> dict[str, Any]:
+    """Every attack on one trained twin, from its losses and the base model's."""
+    inserted = plan.inserted
+    scores = membership_scores(losses["canaries"], base["canaries"], cfg.score)
+    reference_scores = membership_scores(losses["references"], base["references"], cfg.score)
+    result: dict[str, Any] = {
+        "twin": name,
+        "privacy": {k: privacy.get(k) for k in ("dp", "epsilon", "delta", "accountant", "noise_multiplier",
+                                                "sample_rate", "steps", "dataset_size")},
+        "claim": claimed_guarantee(privacy, cfg.canary_repeats),
+        "audit_delta": delta,
+        "canaries": canary_attack(scores, reference_scores, inserted, n_guesses=cfg.n_guesses,
+                                  confidence=cfg.confidence, delta=delta, seed=cfg.seed),
+        "canary_scores": scores.tolist(),
+        "mia": {
+            "loss": roc_summary(-losses["members"], -losses["non_members"]),
+            "calibrated": roc_summary(base["members"] - losses["members"],
+                                      base["non_members"] - losses["non_members"]),
+        },
+        "synthetic": None,
+    }
+    if synthetic_texts is not None:
+        result["synthetic"] = synthetic_attack(synthetic_texts, plan.canaries, inserted, tokenizer,
+                                               order=cfg.ngram_order, smoothing=cfg.ngram_smoothing)
+    return result
+
+
+# =========================================================================== the stage
+
+STAGE = "audit"
+
+
+def audit_finetune_config(run: RunDir, cfg: AuditConfig) -> FinetuneConfig:
+    """The run's completed fine-tuning config (stages/finetune.json), with audit.finetune_overrides."""
+    from dpnb.config import FinetuneConfig, build
+
+    run.require_stage("finetune")
+    saved = run.completed_config("finetune") or {}
+    return build(FinetuneConfig, {**saved, **cfg.finetune_overrides}, "finetune config of the audit twins")
+
+
+def load_base_model(model_name: str, finetune_cfg: FinetuneConfig, device: str) -> PreTrainedModel:
+    """The pre-trained model the twins start from, for the calibrated scores."""
+    from dpnb.models import load_causal_lm
+
+    return load_causal_lm(model_name, dtype=finetune_cfg.dtype, quantize_4bit=finetune_cfg.mode == "qlora",
+                          device=device, seed=finetune_cfg.seed).to(device)
+
+
+def synthetic_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_format: Any,
+                    label_names: Sequence[str], privacy: dict[str, Any], model_name: str, cfg: AuditConfig,
+                    out_dir: Path) -> list[str]:
+    """Text sampled from a twin with generate.sample_labelled: the data an attacker would be given."""
+    from dpnb.config import GenerateConfig
+    from dpnb.generate import Provenance, load_synthetic, sample_labelled
+
+    gen_cfg = GenerateConfig(n_per_label=cfg.synthetic_per_label, max_new_tokens=cfg.synthetic_max_new_tokens,
+                             batch_size=min(32, cfg.synthetic_per_label), zero_shot=False, device=cfg.device,
+                             seed=cfg.seed)
+    kind = "dp" if privacy.get("dp") else "non_dp"
+    provenance = Provenance(kind, model_name, data="the private training set plus audit canaries",
+                            privacy=privacy if kind == "dp" else None)
+    sample_labelled(model, tokenizer, prompt_format, label_names, gen_cfg, out_dir, provenance=provenance,
+                    overwrite=True, progress=False)
+    return list(load_synthetic(out_dir)["text"])
+
+
+def run_audit(model_name: str, train: datasets.Dataset, test: datasets.Dataset, manifest: dict[str, Any],
+              finetune_cfg: FinetuneConfig, cfg: AuditConfig, out_dir: Path) -> dict[str, Any]:
+    """Plan the canaries, train both twins on train + inserted canaries, attack them; return the summary.
+
+    Writes into `out_dir`: canaries.json (every canary, its coin and the references), base_losses.json,
+    and per twin `<twin>/` (the finetune outputs, losses.json, synthetic/, audit.json with the
+    details). Stops with an error as soon as the DP twin's lower bound exceeds its accounted epsilon.
+    """
+    import gc
+
+    from dpnb.data import PromptFormat, train_sha256
+    from dpnb.finetune import load_trained
+    from dpnb.models import load_tokenizer, resolve_device
+
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(model_name)
+    prompt_format = PromptFormat.from_dict(manifest["prompt"])
+    label_names = list(manifest["label_names"])
+    plan = plan_audit(train, test, label_names, tokenizer, prompt_format, int(manifest["max_length"]), cfg)
+    write_json_atomic(out_dir / "canaries.json", dataclasses.asdict(plan))
+    augmented = with_canaries(train, plan.canaries, plan.inserted, cfg.canary_repeats)
+    train_hash = train_sha256({"label": augmented["label"], "input_ids": augmented["input_ids"]})
+    groups = plan_sequences(plan, train, test)
+    device = resolve_device(cfg.device)
+    plan_key = f"{plan.canaries_sha256()}:{manifest.get('train_sha256')}:{plan.members}:{plan.non_members}"
+
+    def base_losses() -> dict[str, np.ndarray]:
+        base_model = load_base_model(model_name, finetune_cfg, device)
+        try:
+            return model_losses(base_model, groups, batch_size=cfg.batch_size, device=device)
+        finally:
+            del base_model
+            gc.collect()
+
+    base = cached_losses(out_dir / "base_losses.json", f"{plan_key}:{finetune_cfg.mode}", base_losses)
+    results: dict[str, dict[str, Any]] = {}
+    audit_delta = 0.0
+    for name, twin_cfg in twin_configs(finetune_cfg).items():  # DP first: its claim sets the audited delta
+        twin_dir = out_dir / name
+        privacy = train_twin(model_name, augmented, train_hash, twin_cfg, twin_dir, tokenizer)
+        model, _ = load_trained(twin_dir / "model", device=device)
+        losses = cached_losses(twin_dir / "losses.json", f"{plan_key}:{train_hash}",
+                               lambda m=model: model_losses(m, groups, batch_size=cfg.batch_size, device=device))
+        texts = None
+        if cfg.synthetic_per_label > 0:
+            texts = synthetic_texts(model, tokenizer, prompt_format, label_names, privacy, model_name, cfg,
+                                    twin_dir / "synthetic")
+        claim = claimed_guarantee(privacy, cfg.canary_repeats)
+        if claim is not None:
+            audit_delta = claim["delta"]
+        result = audit_twin(name, model, tokenizer, privacy, losses, base, plan, cfg=cfg, delta=audit_delta,
+                            synthetic_texts=texts)
+        write_json_atomic(twin_dir / "audit.json", result)
+        check_lower_bound(result, twin_dir / "audit.json")
+        results[name] = result
+        del model
+        gc.collect()
+    inserted = plan.inserted
+    return {
+        "model": model_name,
+        "n_train": len(train),
+        "n_train_with_canaries": len(augmented),
+        "canaries": {
+            "n_canaries": len(plan.canaries), "n_inserted": int(inserted.sum()), "repeats": cfg.canary_repeats,
+            "prefix_tokens": cfg.canary_prefix_tokens, "suffix_tokens": cfg.canary_suffix_tokens,
+            "n_reference": len(plan.references), "prefix_reuse": plan.prefix_reuse, "score": cfg.score,
+        },
+        "membership": {"n_members": len(plan.members), "n_non_members": len(plan.non_members)},
+        "finetune": dataclasses.asdict(finetune_cfg),
+        "twins": {name: without_bulk(result) for name, result in results.items()},
+    }
+
+
+def run_stage(run: RunDir, cfg: AuditConfig, force: bool = False) -> dict[str, Any]:
+    """06 audit: train the DP and non-DP twins on train + canaries, attack them, write audit.json.
+
+    Needs prepare and finetune complete (the twins use the run's fine-tuning config). Skips when
+    done with this config, refuses a different one unless `force`, reuses trained twins and saved
+    losses when interrupted, and writes the completion marker last. Returns audit.json's contents.
+    """
+    from dpnb.data import load_prepared
+
+    run.require_stage("prepare")
+    run.require_stage("finetune")
+    if not run.should_run(STAGE, cfg, force):
+        return read_json(run.audit)
+    started = time.time()
+    train, test, manifest = load_prepared(run)
+    finetune_cfg = audit_finetune_config(run, cfg)
+    summary = run_audit(manifest["model"], train, test, manifest, finetune_cfg, cfg, run.path / "audit")
+    write_json_atomic(run.audit, summary)
+    run.mark_complete(STAGE, cfg, started)
+    return read_json(run.audit)  # the same values a skipped run returns
+
+
+def load_details(run: RunDir) -> dict[str, dict[str, Any]]:
+    """Each twin's full results (ROC points, per-canary scores and exposures), for plots."""
+    return {name: read_json(run.path / "audit" / name / "audit.json") for name in TWINS
+            if (run.path / "audit" / name / "audit.json").exists()}
+
+
+# =========================================================================== tables and figures
+
+
+def summary_table(summary: dict[str, Any]) -> Any:
+    """One row per twin: the accountant's epsilon beside what each attack found."""
+    import pandas as pd
+
+    rows = {}
+    for name, twin in summary["twins"].items():
+        one_run = twin["canaries"]["one_run"]
+        exposure_in = twin["canaries"]["exposure"]["inserted"]
+        exposure_out = twin["canaries"]["exposure"]["not_inserted"]
+        synthetic = (twin.get("synthetic") or {}).get("roc")
+        canary_roc = twin["canaries"].get("roc")
+        rows[name] = {
+            "accountant epsilon": twin["privacy"]["epsilon"],
+            "audit epsilon lower bound": round(one_run["epsilon_lower_bound"], 3),
+            "correct guesses": f"{one_run['n_correct']}/{one_run['n_guesses']}",
+            "exposure, inserted (mean bits)": round(exposure_in["mean"], 2) if exposure_in else None,
+            "exposure, not inserted (mean bits)": round(exposure_out["mean"], 2) if exposure_out else None,
+            "canary AUC": round(canary_roc["auc"], 3) if canary_roc else None,
+            "synthetic-data AUC": round(synthetic["auc"], 3) if synthetic else None,
+            "MIA AUC (loss)": round(twin["mia"]["loss"]["auc"], 3),
+            "MIA TPR @ 1% FPR": round(twin["mia"]["loss"]["tpr_at_fpr"]["0.01"], 3),
+            "MIA TPR @ 0.1% FPR": round(twin["mia"]["loss"]["tpr_at_fpr"]["0.001"], 3),
+        }
+    return pd.DataFrame(rows)
+
+
+def plot_roc_curves(details: dict[str, dict[str, Any]]) -> Any:
+    """ROC curves (log-log, where low-FPR leakage shows) of the three attacks, both twins per panel."""
+    from matplotlib.figure import Figure
+
+    panels = [("canary scores (model access)", lambda d: (d["canaries"].get("roc") or {}).get("curve")),
+              ("canaries from synthetic text only", lambda d: ((d.get("synthetic") or {}).get("roc") or {})
+               .get("curve")),
+              ("real reviews: loss attack", lambda d: d["mia"]["loss"]["curve"])]
+    figure = Figure(figsize=(13, 4), layout="constrained")
+    axes = figure.subplots(1, len(panels))
+    for ax, (title, curve_of) in zip(axes, panels, strict=True):
+        floor = 1e-3
+        ax.plot([floor, 1], [floor, 1], color="grey", linestyle=":", label="chance")
+        for name, twin in details.items():
+            curve = curve_of(twin)
+            if curve is None:
+                continue
+            fpr, tpr = np.maximum(curve["fpr"], floor), np.maximum(curve["tpr"], floor)
+            epsilon = twin["privacy"]["epsilon"]
+            label = f"{name} (eps {epsilon:.2g})" if epsilon is not None else f"{name} (no DP)"
+            ax.step(fpr, tpr, where="post", label=label)
+        ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05), title=title,
+               xlabel="false positive rate", ylabel="true positive rate")
+        ax.legend(loc="lower right")
+    return figure
+
+
+def plot_exposure(details: dict[str, dict[str, Any]], canaries: dict[str, Any]) -> Any:
+    """Histograms of canary exposure, inserted vs not inserted, one panel per twin."""
+    from matplotlib.figure import Figure
+
+    inserted = np.array([c["inserted"] for c in canaries["canaries"]], dtype=bool)
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    axes = np.atleast_1d(figure.subplots(1, len(details), sharey=True))
+    for ax, (name, twin) in zip(axes, details.items(), strict=True):
+        values = np.asarray(twin["canaries"]["per_canary"]["exposure"])
+        top = twin["canaries"]["exposure"]["max_measurable"]
+        bins = np.linspace(0, top, 25)
+        ax.hist(values[~inserted], bins=bins, alpha=0.6, label="not inserted")
+        ax.hist(values[inserted], bins=bins, alpha=0.6, label="inserted")
+        ax.axvline(1 / math.log(2), color="grey", linestyle=":", label="unseen mean (1.44 bits)")
+        ax.set(title=f"{name}: exposure", xlabel="exposure (bits)", ylabel="canaries")
+        ax.legend()
+    return figure

@@ -269,7 +269,11 @@ def run_sweep(path: str, jobs: int = 1, force: bool = False) -> list[str]:
         merged = yaml.safe_load(yaml.safe_dump(base))
         for key, value in overrides.items():
             set_dotted(merged, key, value)
-        configs.append(run_config_from_dict(merged, where=f"{path} ({overrides['name']})"))
+        where = f"{path} ({overrides['name']})"
+        try:
+            configs.append(run_config_from_dict(merged, where=where))
+        except DpnbError as exc:
+            raise DpnbError(f"{where}: {exc}") from None
     total = len(configs)
     print(f"sweep {path}: {total} runs, {jobs} at a time", flush=True)
     pending = list(configs)

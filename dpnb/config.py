@@ -129,7 +129,9 @@ def _positive(value: float | int | None, where: str) -> None:
 class PrepareConfig:
     """01 prepare: labelled text in, training-ready records out."""
 
-    source: str = "stanfordnlp/imdb"  # Hub id, local file (csv/tsv/jsonl/parquet, .gz too) or aclImdb dir
+    # Hub id (the default reads $DPNB_DATA_DIR's mirror when set); a directory holding train.csv and
+    # test.csv (or .tsv/.jsonl/.parquet, .gz too) or aclImdb's train/pos/*.txt folders; or "TRAIN,TEST" files
+    source: str = "stanfordnlp/imdb"
     model: str = "smollm2-135m"  # whose tokenizer cuts and counts tokens (the generator)
     train_split: str = "train"
     test_split: str = "test"
@@ -148,6 +150,7 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.prompt_format, ("plain", "chat"), "prepare.prompt_format")
+        require(self.source.strip() != "", "prepare.source is empty; give a Hub data set id, a directory or files")
         require(len(self.label_names) >= 2, "prepare.label_names needs at least two labels")
         require(len(set(self.label_names)) == len(self.label_names), "prepare.label_names has duplicates")
         require(self.max_length >= 8, f"prepare.max_length = {self.max_length} is too short (>= 8 tokens)")
@@ -173,7 +176,9 @@ class FinetuneConfig:
     physical_batch_size: int = 8  # records per forward/backward pass (memory); BatchMemoryManager splits
     max_grad_norm: float = 1e-2  # per-example clipping norm C
     lr: float = 5.1e-4
+    lr_schedule: str = "constant"  # "constant", or "linear" decay to 0 at the last planned step
     weight_decay: float = 0.0
+    loss_on_prompt: bool = False  # False: learn the review given its label prompt, not the prompt itself
     grad_sample_mode: str = "hooks"  # "hooks" or "ghost" (ghost clipping: less memory, unties embeddings)
     lora_r: int = 8
     lora_alpha: int = 16
@@ -183,7 +188,7 @@ class FinetuneConfig:
     dtype: str = "float32"  # "float32" or "bfloat16" for the trainable model
     device: str = "auto"  # "auto", "cpu", "cuda"
     checkpoint_every: int = 50  # logical steps between resumable checkpoints (also on SIGINT/SIGTERM)
-    samples_before_after: int = 2  # greedy samples per label shown before and after training
+    samples_before_after: int = 2  # seeded samples per label the notebook shows before and after training
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -192,6 +197,7 @@ class FinetuneConfig:
         _one_of(self.grad_sample_mode, ("hooks", "ghost"), "finetune.grad_sample_mode")
         _one_of(self.dtype, ("float32", "bfloat16"), "finetune.dtype")
         _one_of(self.device, ("auto", "cpu", "cuda"), "finetune.device")
+        _one_of(self.lr_schedule, ("constant", "linear"), "finetune.lr_schedule")
         require(
             self.target_epsilon > 0 and math.isfinite(self.target_epsilon),
             f"finetune.target_epsilon must be a positive number, got {self.target_epsilon!r}",
@@ -207,8 +213,13 @@ class FinetuneConfig:
             f"finetune.physical_batch_size ({self.physical_batch_size}) is larger than "
             f"logical_batch_size ({self.logical_batch_size}); make it smaller or equal",
         )
+        require(self.weight_decay >= 0, f"finetune.weight_decay must be >= 0, got {self.weight_decay!r}")
+        require(self.samples_before_after >= 0, "finetune.samples_before_after must be >= 0")
         if self.mode in ("lora", "qlora"):
             _positive(self.lora_r, "finetune.lora_r")
+            _positive(self.lora_alpha, "finetune.lora_alpha")
+            _positive(self.lora_top_layers, "finetune.lora_top_layers")
+            require(0 <= self.lora_dropout < 1, f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
             require(len(self.lora_targets) > 0, "finetune.lora_targets must name at least one module")
 
 
@@ -261,14 +272,19 @@ class EvaluateConfig:
     batch_size: int = 64
     max_length: int = 128  # classifier tokens
     n_real_train: int | None = None  # real training texts for the reference classifier (None: all prepared)
+    # training sets to compare; "real" needs only prepare, "synthetic" a completed generate stage,
+    # "zero_shot" is skipped with a note when generate made none
     sources: tuple[str, ...] = ("real", "synthetic", "zero_shot")
-    memorisation_threshold: int = 50  # tokens shared verbatim with a training text that flag a sample
+    memorisation_threshold: int = 50  # generator tokens shared verbatim with a training text that flag a sample
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "lr", "batch_size", "max_length", "memorisation_threshold"):
             _positive(getattr(self, name), f"evaluate.{name}")
+        _positive(self.n_real_train, "evaluate.n_real_train")
+        require(len(self.sources) > 0, "evaluate.sources is empty; list at least one of real, synthetic, zero_shot")
+        require(len(set(self.sources)) == len(self.sources), "evaluate.sources has duplicates; list each once")
         for source in self.sources:
             _one_of(source, ("real", "synthetic", "zero_shot"), "evaluate.sources[]")
         _one_of(self.device, ("auto", "cpu", "cuda"), "evaluate.device")

@@ -18,8 +18,8 @@ The stage reads top to bottom, one section per step:
    (a whole number, written as a number or as text) or equal to one of the names; each split has
    at least two classes; files are UTF-8. Every problem is one `DpnbError` line with its fix.
 3. **subsample** each split to `n_train` / `n_test` records, stratified by label and seeded.
-4. **format and tokenise** each record as prompt + review + EOS with `PromptFormat`, cut to
-   `max_length` tokens.
+4. **format and tokenise** each sampled record: `<br />` line breaks removed (`strip_html`), then
+   prompt + review + EOS with `PromptFormat`, cut to `max_length` tokens.
 5. **stats**: counts, dropped rows, token-length percentiles, truncation, duplicates; a figure.
 6. **write** `data/train`, `data/test`, `data/manifest.json`, `data_stats.json` and
    `figures/token_lengths.png` into the run directory, atomically, then the completion marker.
@@ -222,14 +222,11 @@ def read_hub(source: str, split_names: dict[str, str]) -> tuple[dict[str, RawSpl
     except Exception as exc:
         if not _is_hub_failure(exc):
             raise
-        fix = (
-            f"set {MIRROR_ENV} to a local mirror (a directory with train.csv.gz and test.csv.gz)"
-            if source == DEFAULT_SOURCE
-            else f"there is no local file or directory named {source} either"
-        )
+        mirror = f"set {MIRROR_ENV} to a local mirror (a directory with train.csv.gz and test.csv.gz) or "
         raise DpnbError(
-            f"data set '{source}' could not be loaded from the Hugging Face Hub ({_first_line(exc)}); "
-            f"offline, {fix}, or give a local file or directory as prepare.source"
+            f"data set '{source}' could not be loaded from the Hugging Face Hub ({_first_line(exc)}) and is "
+            f"not a local path; offline, {mirror if source == DEFAULT_SOURCE else ''}give a local file or "
+            f"directory as prepare.source"
         ) from None
     splits = {}
     for role, name in split_names.items():
@@ -288,10 +285,23 @@ def clean_texts(texts: pd.Series, strip_html: bool) -> pd.Series:
     return texts.str.strip()
 
 
-def validate_split(raw: RawSplit, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Checked records (`text` cleaned, `label` an index into label_names) and the rows dropped, by reason.
+def empty_after_cleaning(texts: pd.Series, strip_html: bool) -> np.ndarray:
+    """Which texts `clean_texts` would leave empty, without cleaning them all (a regex over a whole
+    split is slow, and only the sampled records are cleaned). Only a text that is blank, or that
+    starts with a tag once trimmed, can end up empty, so only those few are cleaned here."""
+    trimmed = texts.astype(str).str.strip()
+    candidates = (trimmed == "") | (trimmed.str.startswith("<") if strip_html else False)
+    empty = np.zeros(len(texts), dtype=bool)
+    where = np.flatnonzero(candidates.to_numpy(dtype=bool))
+    empty[where] = (clean_texts(texts.iloc[where], strip_html) == "").to_numpy(dtype=bool)
+    return empty
 
-    Only null and empty texts are dropped (and counted); any other problem is an error.
+
+def validate_split(raw: RawSplit, cfg: PrepareConfig) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Checked records (`text` as read, `label` an index into label_names) and the rows dropped, by reason.
+
+    Only null texts and texts that cleaning leaves empty are dropped (and counted); any other
+    problem is an error.
     """
     frame, origin = raw
     for column, key in ((cfg.text_column, "text_column"), (cfg.label_column, "label_column")):
@@ -302,7 +312,7 @@ def validate_split(raw: RawSplit, cfg: PrepareConfig) -> tuple[pd.DataFrame, dic
         )
     require(len(frame) > 0, f"{origin} holds no rows; give a split with labelled texts")
     texts = frame[cfg.text_column]
-    null = texts.isna().to_numpy()
+    null = texts.isna().to_numpy(dtype=bool)
     not_text = ~null & ~texts.map(lambda value: isinstance(value, str)).to_numpy(dtype=bool)
     if not_text.any():
         row = int(np.flatnonzero(not_text)[0])
@@ -310,8 +320,8 @@ def validate_split(raw: RawSplit, cfg: PrepareConfig) -> tuple[pd.DataFrame, dic
             f"{origin}: column '{cfg.text_column}' holds non-text values (row {row}: {texts.iloc[row]!r}); "
             f"texts must be strings: check prepare.text_column"
         )
-    cleaned = clean_texts(texts[~null], cfg.strip_html)
-    empty = (cleaned == "").to_numpy()
+    empty = np.zeros(len(frame), dtype=bool)
+    empty[~null] = empty_after_cleaning(texts[~null], cfg.strip_html)
     dropped = {"null_text": int(null.sum()), "empty_text": int(empty.sum())}
     n_dropped = sum(dropped.values())
     require(
@@ -320,11 +330,12 @@ def validate_split(raw: RawSplit, cfg: PrepareConfig) -> tuple[pd.DataFrame, dic
         f"({dropped['null_text']} null, {dropped['empty_text']} empty), more than "
         f"prepare.max_dropped_fraction = {cfg.max_dropped_fraction}; clean the data or raise it",
     )
-    keep = np.flatnonzero(~null)[~empty]
+    keep = np.flatnonzero(~null & ~empty)
     labels = label_indices(frame[cfg.label_column].iloc[keep], cfg.label_names, origin, cfg.label_column)
-    checked = pd.DataFrame({"text": cleaned[~empty].to_numpy(dtype=object), "label": labels})
-    require_two_classes(checked["label"].to_numpy(), cfg.label_names, origin,
-                        f"check prepare.label_column ('{cfg.label_column}') and the data")
+    checked = pd.DataFrame({"text": texts.iloc[keep].to_numpy(dtype=object), "label": labels})
+    require_two_classes(
+        labels, cfg.label_names, origin, f"check prepare.label_column ('{cfg.label_column}') and the data"
+    )
     return checked, dropped
 
 
@@ -335,20 +346,17 @@ def label_indices(values: pd.Series, label_names: Sequence[str], origin: str, co
         missing == 0,
         f"{origin}: {missing} rows have no label in column '{column}'; fill them in or drop those rows",
     )
-    try:
-        mapping = {value: _label_index(value, label_names) for value in values.unique()}
-    except TypeError:  # unhashable values: lists or mappings
+    # value by value, not through a lookup table: 1, 1.0 and True are equal as dict keys
+    indices = values.map(lambda value: _label_index(value, label_names))
+    unknown = indices.isna().to_numpy(dtype=bool)
+    if unknown.any():
+        shown = list(dict.fromkeys(repr(value) for value in values[unknown]))
         raise DpnbError(
-            f"{origin}: column '{column}' holds lists or mappings, not labels; check prepare.label_column"
-        ) from None
-    unknown = [value for value, index in mapping.items() if index is None]
-    if unknown:
-        shown = ", ".join(repr(value) for value in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        raise DpnbError(
-            f"{origin}: label(s) {shown} in column '{column}' are outside the declared set; labels must be "
-            f"0..{len(label_names) - 1} or one of {', '.join(label_names)}: set prepare.label_names to match"
+            f"{origin}: label(s) {', '.join(shown[:5])}{', ...' if len(shown) > 5 else ''} in column "
+            f"'{column}' are outside the declared set; labels must be 0..{len(label_names) - 1} or one of "
+            f"{', '.join(label_names)}: set prepare.label_names to match"
         )
-    return values.map(mapping).to_numpy(dtype=np.int64)
+    return indices.to_numpy(dtype=np.int64)
 
 
 def _label_index(value: Any, label_names: Sequence[str]) -> int | None:
@@ -528,9 +536,9 @@ def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def encode_records(
     sample: pd.DataFrame, fmt: PromptFormat, tokenizer: PreTrainedTokenizerBase, cfg: PrepareConfig
 ) -> dict[str, list]:
-    """The columns of one split's records (the data/train and data/test contract)."""
+    """The columns of one split's records (the data/train and data/test contract), texts cleaned."""
     label_names = [cfg.label_names[i] for i in sample["label"]]
-    texts = sample["text"].tolist()
+    texts = clean_texts(sample["text"], cfg.strip_html).tolist()
     ids, truncated = fmt.encode_batch(label_names, texts, tokenizer, cfg.max_length)
     prompt_length = {name: len(fmt.prompt_ids(name, tokenizer)) for name in cfg.label_names}
     return {
@@ -628,7 +636,7 @@ def stats_table(stats: dict[str, Any]) -> pd.DataFrame:
         column.update({f"tokens {q}": value for q, value in split["token_length"].items()})
         column["truncated (%)"] = round(100 * split["fraction_truncated"], 1)
         column["duplicate texts"] = split["duplicate_texts"]
-        table[role] = column
+        table[role] = pd.Series(column, dtype=object)  # counts stay whole numbers beside the percentiles
     return pd.DataFrame(table)
 
 

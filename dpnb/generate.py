@@ -61,6 +61,8 @@ from dpnb.rundir import (
 
 if TYPE_CHECKING:
     import datasets
+    import pandas as pd
+    from matplotlib.figure import Figure
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 STAGE = "generate"
@@ -300,22 +302,30 @@ def _read_shard(path: Path, spec: ShardSpec) -> list[dict[str, Any]]:
     return records
 
 
-def _prepare_shard_dir(shards: Path, plan: dict[str, Any], finished: bool, overwrite: bool) -> None:
-    """Keep shards sampled with exactly this plan; discard (or refuse to replace) any others."""
+def _prepare_shard_dir(out_dir: Path, plan: dict[str, Any], postprocessing: dict[str, Any],
+                       overwrite: bool) -> None:
+    """Keep shards sampled with exactly this plan and discard any others.
+
+    A finished set in `out_dir` made another way (other sampling settings, model or post-processing)
+    is never replaced unless `overwrite` says so.
+    """
+    shards = out_dir / "shards"
     plan_path = shards / "plan.json"
-    if plan_path.exists():
-        if read_json(plan_path) == json.loads(to_json(plan)):
-            return
-        if finished and not overwrite:
+    same_plan = plan_path.exists() and read_json(plan_path) == json.loads(to_json(plan))
+    finished = out_dir / "generation.json"
+    if finished.exists() and not overwrite:
+        if not same_plan or read_json(finished).get("postprocessing") != postprocessing:
             raise DpnbError(
-                f"{shards.parent} already holds a set sampled with other settings or another model; "
+                f"{out_dir} already holds a set sampled with other settings or another model; "
                 f"choose another output directory or pass overwrite=True to replace it"
             )
+    if same_plan:
+        return
+    if shards.exists():
         n_old = len(list(shards.glob("shard-*.jsonl")))
-        print(f"discarding {n_old} shard(s) in {shards} sampled with other settings or another model")
+        if n_old:
+            print(f"discarding {n_old} shard(s) in {shards} sampled with other settings or another model")
         shutil.rmtree(shards)
-    elif shards.exists():
-        shutil.rmtree(shards)  # no plan: never got past its first write
     shards.mkdir(parents=True, exist_ok=True)
     write_json_atomic(plan_path, plan)
 
@@ -380,7 +390,7 @@ def round_up(value: float, significant: int = 3) -> float:
 
 
 def _fmt(value: float, significant: int = 3) -> str:
-    return f"{round_up(value, significant):.{significant}g}"
+    return f"{round_up(value, significant):#.{significant}g}"  # "#": keep trailing zeros (8.00)
 
 
 def check_privacy_record(privacy: dict[str, Any]) -> None:
@@ -437,6 +447,11 @@ def _privacy_section(provenance: Provenance) -> list[str]:
             "",
             "The guarantee is per training record (one text). Someone who contributed k records is "
             "protected by the weaker group guarantee for k records.",
+            *([
+                "",
+                "The noise came from a seeded pseudo-random generator (reproducible runs), not a "
+                "cryptographically secure one; the guarantee assumes noise an attacker cannot predict.",
+            ] if p.get("secure_rng") is False else []),
             "",
             "| privacy parameter | value |",
             "|---|---|",
@@ -646,8 +661,9 @@ def sample_labelled(
         "stop_ids": stop_ids,
         "sampling": sampling_settings(cfg),
     }
+    postprocessing = {"min_words": cfg.min_words, "max_repeat_fraction": cfg.max_repeat_fraction}
+    _prepare_shard_dir(out_dir, plan, postprocessing, overwrite)
     shards = out_dir / "shards"
-    _prepare_shard_dir(shards, plan, finished=(out_dir / "generation.json").exists(), overwrite=overwrite)
     _sample_shards(model, prompts, specs, shards, cfg, stop_ids, pad_id, label_names, progress, on_shard)
 
     rows, counts = _postprocess(specs, shards, tokenizer, label_names, cfg)
@@ -662,7 +678,7 @@ def sample_labelled(
         **_speed(shards, specs),
         "wall_time_s": round(time.time() - started, 2),
         "sampling": sampling_settings(cfg),
-        "postprocessing": {"min_words": cfg.min_words, "max_repeat_fraction": cfg.max_repeat_fraction},
+        "postprocessing": postprocessing,
         "prompts": {name: tokenizer.decode(ids) for name, ids in zip(label_names, prompts, strict=True)},
         "stop_tokens": tokenizer.convert_ids_to_tokens(stop_ids),
         "device": plan["device"],
@@ -776,12 +792,14 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
     _free(model)
 
     if cfg.zero_shot:
-        finetune_seed = (run.completed_config("finetune") or {}).get("seed", 0)  # tiny test models' init
-        base = load_causal_lm(manifest["model"], dtype=cfg.dtype, seed=finetune_seed).to(device)
-        base_tokenizer = load_tokenizer(manifest["model"])
+        # the base that fine-tuning started from (its seed matters only for the random test models);
+        # a QLoRA base is loaded unquantised: the baseline is the public model itself
+        card = read_json(run.model / "dpnb_model.json") if (run.model / "dpnb_model.json").exists() else {}
+        base_name = card.get("base", manifest["model"])
+        base = load_causal_lm(base_name, dtype=cfg.dtype, seed=card.get("base_seed", 0)).to(device)
         summary["zero_shot"] = sample_labelled(
-            base, base_tokenizer, prompt_format, label_names, cfg, run.zero_shot,
-            provenance=Provenance("zero_shot", manifest["model"], data), overwrite=True,
+            base, load_tokenizer(base_name), prompt_format, label_names, cfg, run.zero_shot,
+            provenance=Provenance("zero_shot", base_name, data), overwrite=True,
         )
         _free(base)
     else:
@@ -791,3 +809,59 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
             shutil.rmtree(run.zero_shot)
     run.mark_complete(STAGE, cfg, started, upstream=upstream)
     return summary
+
+
+# --------------------------------------------------------------------------- for the notebook
+
+
+def counts_table(summaries: dict[str, dict[str, Any] | None]) -> pd.DataFrame:
+    """One row per (set, label): samples requested, generated, kept, and dropped by reason."""
+    import pandas as pd
+
+    rows = []
+    for set_name, summary in summaries.items():
+        if summary is None:
+            continue
+        for label in summary["labels"]:
+            rows.append({"set": set_name, "label": label, "requested": summary["requested"][label],
+                         "generated": summary["generated"][label], "kept": summary["kept"][label],
+                         **{f"dropped {reason}": n for reason, n in summary["dropped_by_label"][label].items()}})
+    return pd.DataFrame(rows)
+
+
+def privacy_statement(set_dir: str | os.PathLike) -> str:
+    """The "Privacy" section of a set's dataset card (markdown)."""
+    card = (Path(set_dir) / "README.md").read_text(encoding="utf-8")
+    section = card.split("## Privacy\n", 1)[1]
+    return section.split("\n## ", 1)[0].strip()
+
+
+def examples(set_dir: str | os.PathLike, per_label: int = 3, max_chars: int = 300) -> dict[str, list[str]]:
+    """The first `per_label` kept texts of each label (cut to `max_chars` for display)."""
+    shown: dict[str, list[str]] = {}
+    for row in load_synthetic(set_dir):
+        texts = shown.setdefault(row["label_name"], [])
+        if len(texts) < per_label:
+            text = row["text"]
+            texts.append(text if len(text) <= max_chars else text[:max_chars].rstrip() + " ...")
+    return shown
+
+
+def plot_lengths(set_dirs: dict[str, str | os.PathLike]) -> Figure:
+    """Histograms of kept samples' lengths in words, one panel per set, one colour per label."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(set_dirs), figsize=(5 * len(set_dirs), 3.2), squeeze=False, sharey=True)
+    for axis, (set_name, set_dir) in zip(axes[0], set_dirs.items(), strict=True):
+        dataset = load_synthetic(set_dir)
+        words: dict[str, list[int]] = {}
+        for text, label in zip(dataset["text"], dataset["label_name"], strict=True):
+            words.setdefault(label, []).append(len(text.split()))
+        for label, counts in words.items():
+            axis.hist(counts, bins=20, alpha=0.6, label=f"{label} ({len(counts)})")
+        axis.set_title(set_name)
+        axis.set_xlabel("words per kept sample")
+        axis.legend()
+    axes[0][0].set_ylabel("samples")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,110 @@
+"""The command line and the report: sweeps expand as documented, reports read what runs wrote."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import yaml
+
+from dpnb import cli, report
+from dpnb.config import EvaluateConfig, FinetuneConfig, PrepareConfig
+from dpnb.errors import DpnbError
+from dpnb.rundir import RunDir, append_jsonl, write_json_atomic
+
+
+def test_overrides_are_typed_like_yaml():
+    assert cli.parse_overrides(["finetune.target_epsilon=3", "finetune.dp=false", "name=x"]) == {
+        "finetune.target_epsilon": 3, "finetune.dp": False, "name": "x"}
+    with pytest.raises(DpnbError, match="must look like section.key=value"):
+        cli.parse_overrides(["finetune.target_epsilon"])
+
+
+def test_sweep_expands_grid_then_explicit_runs(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "s", "model": "tiny-llama",
+        "sweep": {"name": "eps{finetune.target_epsilon}-s{seed}",
+                  "grid": {"finetune.target_epsilon": [1, 8], "seed": [0, 1]},
+                  "runs": [{"finetune.dp": False, "name": "nodp"}]},
+    }))
+    runs, base = cli.expand_sweep(str(path))
+    assert [r["name"] for r in runs] == ["eps1-s0", "eps1-s1", "eps8-s0", "eps8-s1", "nodp"]
+    assert runs[2] == {"finetune.target_epsilon": 8, "seed": 0, "name": "eps8-s0"}
+    assert "sweep" not in base
+
+
+def test_sweep_refuses_runs_that_would_share_a_directory(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"sweep": {"name": "same", "grid": {"seed": [0, 1]}}}))
+    with pytest.raises(DpnbError, match="same name"):
+        cli.expand_sweep(str(path))
+
+
+def test_sweep_validates_every_run_before_starting_any(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"runs_dir": str(tmp_path / "runs"),
+                                    "sweep": {"runs": [{"name": "a"}, {"name": "b", "finetune.target_epsilon": -1}]}}))
+    with pytest.raises(DpnbError, match=r"\(b\).*target_epsilon must be a positive number"):
+        cli.run_sweep(str(path))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_gpu_config_fails_early_without_a_gpu(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "runs_dir": str(tmp_path), "requires_gpu": True}))
+    with pytest.raises(DpnbError, match="needs a GPU"):
+        cli.run_pipeline(str(path), {})
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_hub_model_offline_fails_before_any_stage(tmp_path, monkeypatch):
+    from dpnb import models
+
+    monkeypatch.setattr(models, "_HUB_OFFLINE", True)
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump({"name": "h", "runs_dir": str(tmp_path), "model": "gpt2"}))
+    assert cli.main(["run", str(path)]) == 2
+    assert not (tmp_path / "h").exists()
+
+
+def fake_run(root, name, *, model, epsilon, accuracy, real=0.80, zero_shot=0.60, dp=True):
+    """A run directory with the files the stages write, numbers chosen by the test."""
+    run = RunDir(root / name)
+    for stage, cfg in (("prepare", PrepareConfig()), ("finetune", FinetuneConfig(dp=dp)),
+                       ("evaluate", EvaluateConfig())):
+        run.mark_complete(stage, cfg, time.time() - 10)
+    write_json_atomic(run.data / "manifest.json", {"model": model, "train_sha256": "abc"})
+    write_json_atomic(run.privacy, {"dp": dp, "epsilon": epsilon if dp else math.inf, "delta": 1e-5,
+                                    "noise_multiplier": 0.7 if dp else None, "steps": 12, "accountant": "prv"})
+    for step in range(3):
+        append_jsonl(run.train_log, {"step": step, "epsilon": (epsilon or 0) * step / 2, "loss": 3.0 - step})
+    metric = {"f1": 0.5, "n_train": 100, "n_test": 200}
+    write_json_atomic(run.metrics, {"real": {**metric, "accuracy": real},
+                                    "zero_shot": {**metric, "accuracy": zero_shot},
+                                    "synthetic": {**metric, "accuracy": accuracy}})
+    return run
+
+
+def test_report_builds_the_papers_table_from_run_files(tmp_path):
+    fake_run(tmp_path, "eps8", model="m", epsilon=7.9, accuracy=0.70)
+    fake_run(tmp_path, "eps1", model="m", epsilon=0.98, accuracy=0.55, real=0.84)
+    fake_run(tmp_path, "nodp", model="m", epsilon=None, accuracy=0.75, dp=False)
+    result = report.write_report(tmp_path, tmp_path / "report")
+    table = result["table"]
+    assert list(table.source) == ["real", "zero_shot", "synthetic", "synthetic", "synthetic"]
+    real = table[table.source == "real"].iloc[0]
+    assert real.runs == 3 and real.accuracy == pytest.approx((0.80 + 0.84 + 0.80) / 3)
+    synthetic = table[table.source == "synthetic"]
+    assert list(synthetic.run) == ["eps1", "eps8", "nodp"]  # ordered by epsilon, no DP last
+    assert list(synthetic.accuracy) == [0.55, 0.70, 0.75]
+    assert math.isinf(synthetic.epsilon.iloc[-1]) and synthetic.noise_multiplier.isna().iloc[-1]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "inf (no DP)" in text and "composition" in text
+    assert (tmp_path / "report" / "loss_vs_epsilon.png").stat().st_size > 1000
+    # The report directory is not itself taken for a run on a second pass.
+    assert report.write_report(tmp_path, tmp_path / "report")["runs"] == 3

@@ -1,0 +1,94 @@
+"""End to end: `dpnb run` over all four stage notebooks on tiny settings, then skip, refuse, force,
+a sweep of two runs and the report over them. Offline, CPU, tiny random models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from dpnb import cli, privacy
+from dpnb.errors import DpnbError
+from dpnb.rundir import RunDir, read_json, read_jsonl
+
+
+def tiny_config(toy_data_dir, runs_dir, **changes) -> dict:
+    config = {
+        "name": "tiny",
+        "runs_dir": str(runs_dir),
+        "model": "tiny-llama",
+        "seed": 0,
+        "stages": ["prepare", "finetune", "generate", "evaluate"],
+        "prepare": {"source": str(toy_data_dir), "max_length": 32, "n_test": 60},
+        "finetune": {"mode": "full", "target_epsilon": 8, "epochs": 1, "logical_batch_size": 50,
+                     "physical_batch_size": 25, "max_grad_norm": 1.0, "lr": 1e-3, "checkpoint_every": 2,
+                     "samples_before_after": 1},
+        "generate": {"n_per_label": 6, "max_new_tokens": 12, "batch_size": 6, "shard_size": 4, "min_words": 1},
+        "evaluate": {"classifier": "minilm-l6", "epochs": 1, "batch_size": 16, "max_length": 32,
+                     "n_real_train": 60},
+    }
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+def write(path, config):
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_whole_pipeline_skip_refuse_force(tmp_path, toy_data_dir, capsys):
+    config = write(tmp_path / "tiny.yaml", tiny_config(toy_data_dir, tmp_path / "runs"))
+    run = RunDir(cli.run_pipeline(config, {}))
+
+    for stage in ("prepare", "finetune", "generate", "evaluate"):
+        assert run.is_complete(stage)
+        assert (run.notebooks / cli.NOTEBOOKS[stage]).exists()  # executed notebooks are kept
+    record = read_json(run.privacy)
+    assert record["dp"] is True and 0 < record["epsilon"] <= 8
+    privacy.verify_privacy(record)  # Opacus recomputes the saved epsilon
+    log = read_jsonl(run.train_log)
+    assert log[0]["step"] == 0 and log[0]["epsilon"] == 0
+    assert log[-1]["step"] == record["steps"] and math.isclose(log[-1]["epsilon"], record["epsilon"], rel_tol=1e-6)
+    metrics = read_json(run.metrics)
+    for source in ("real", "synthetic", "zero_shot"):
+        assert 0 <= metrics[source]["accuracy"] <= 1 and metrics[source]["n_test"] == 60
+    card = (run.synthetic / "README.md").read_text()
+    assert f"{record['epsilon']:.2f}" in card
+
+    # Rerun: every stage is complete with the same config, so nothing runs.
+    capsys.readouterr()
+    cli.run_pipeline(config, {})
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 4
+
+    # A different privacy setting for the same run directory is refused, not silently overwritten.
+    with pytest.raises(DpnbError, match="different config"):
+        cli.run_pipeline(config, {"finetune.target_epsilon": 4})
+    assert read_json(run.privacy)["epsilon"] == record["epsilon"]
+
+    # Forced, it reruns fine-tuning and everything after it.
+    cli.run_pipeline(config, {"finetune.target_epsilon": 4}, force=True, stages=["finetune", "generate"])
+    assert read_json(run.privacy)["epsilon"] <= 4
+    assert "4.0" in str(run.completed_config("finetune")["target_epsilon"])
+
+
+@pytest.mark.slow
+def test_sweep_of_two_runs_and_the_report(tmp_path, toy_data_dir):
+    config = tiny_config(toy_data_dir, tmp_path / "runs")
+    config["stages"] = ["prepare", "finetune", "generate", "evaluate"]
+    config["generate"]["zero_shot"] = False
+    config["evaluate"]["sources"] = ["real", "synthetic"]
+    config["sweep"] = {"name": "eps{finetune.target_epsilon}", "grid": {"finetune.target_epsilon": [2, 8]}}
+    names = cli.run_sweep(write(tmp_path / "sweep.yaml", config), jobs=1)
+    assert names == ["eps2", "eps8"]
+    epsilons = [read_json(RunDir(tmp_path / "runs" / n).privacy)["epsilon"] for n in names]
+    assert epsilons[0] <= 2 < epsilons[1] <= 8
+
+    out = cli.run_report(str(tmp_path / "runs"))
+    table = (out / "table.csv").read_text().splitlines()
+    assert table[0].startswith("source,run,model")
+    assert sum(line.startswith("synthetic,") for line in table) == 2
+    assert sum(line.startswith("real,") for line in table) == 1  # same data and classifier: one row
