@@ -32,7 +32,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_finetune.py
-	$(BIN)/python benchmarks/bench_generate_evaluate.py
+	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_evaluate.py
 
 sweep: setup
 	$(BIN)/dpnb sweep configs/sweep-eps.yaml

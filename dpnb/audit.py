@@ -653,11 +653,12 @@ def twin_configs(finetune_cfg: FinetuneConfig) -> dict[str, FinetuneConfig]:
 
 
 def train_twin(model_name: str, train: datasets.Dataset, train_hash: str, finetune_cfg: FinetuneConfig,
-               twin_dir: Path, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """Fine-tune one twin exactly as stage 02 does, or reuse it when trained on the same inputs.
+               twin_dir: Path, tokenizer: PreTrainedTokenizerBase, verbose: bool = True) -> dict[str, Any]:
+    """Fine-tune one twin with `finetune.train`, exactly as stage 02 does; returns its privacy record.
 
-    `inputs.json` names what the twin is trained on; a directory left by other inputs (an
-    interrupted audit with another config) is cleared, one with the same inputs resumes.
+    `finetune.train` itself returns a finished result of the same training, and resumes its own
+    checkpoint. A twin directory left by other inputs (an interrupted audit with another config or
+    other canaries, named by `inputs.json`) is cleared first: it is unfinished work, not a result.
     """
     from dpnb import finetune
     from dpnb.config import to_dict
@@ -665,12 +666,11 @@ def train_twin(model_name: str, train: datasets.Dataset, train_hash: str, finetu
     inputs = {"model": model_name, "finetune": to_dict(finetune_cfg), "train_sha256": train_hash,
               "n_records": len(train)}
     inputs_path = twin_dir / "inputs.json"
-    if inputs_path.exists() and read_json(inputs_path) != json.loads(to_json(inputs)):
+    if twin_dir.exists() and (not inputs_path.exists() or read_json(inputs_path) != json.loads(to_json(inputs))):
         shutil.rmtree(twin_dir)
-    if inputs_path.exists() and (twin_dir / "privacy.json").exists() and (twin_dir / "model").exists():
-        return read_json(twin_dir / "privacy.json")
     write_json_atomic(inputs_path, inputs)
-    return finetune.train(model_name, train, finetune_cfg, twin_dir, train_sha256=train_hash, tokenizer=tokenizer)
+    return finetune.train(model_name, train, finetune_cfg, twin_dir, train_sha256=train_hash, tokenizer=tokenizer,
+                          verbose=verbose)
 
 
 def claimed_guarantee(privacy: dict[str, Any], repeats: int) -> dict[str, Any] | None:
@@ -743,11 +743,20 @@ def audit_finetune_config(run: RunDir, cfg: AuditConfig) -> FinetuneConfig:
 
 
 def load_base_model(model_name: str, finetune_cfg: FinetuneConfig, device: str) -> PreTrainedModel:
-    """The pre-trained model the twins start from, for the calibrated scores."""
-    from dpnb.models import load_causal_lm
+    """The pre-trained weights the twins started from (as `finetune.load_trained` rebuilds them).
 
-    return load_causal_lm(model_name, dtype=finetune_cfg.dtype, quantize_4bit=finetune_cfg.mode == "qlora",
-                          device=device, seed=finetune_cfg.seed).to(device)
+    For QLoRA that is the 4-bit base, dequantised off the GPU, exactly as the adapter saw it.
+    """
+    from dpnb.models import load_causal_lm, torch_dtype
+
+    if finetune_cfg.mode == "qlora":
+        model = load_causal_lm(model_name, dtype=finetune_cfg.dtype, quantize_4bit=True, device=device,
+                               seed=finetune_cfg.seed)
+        if device != "cuda":
+            model = model.dequantize().to(torch_dtype(finetune_cfg.dtype))
+    else:
+        model = load_causal_lm(model_name, dtype=finetune_cfg.dtype, seed=finetune_cfg.seed)
+    return model.to(device).eval()
 
 
 def synthetic_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_format: Any,
@@ -780,6 +789,7 @@ def run_audit(model_name: str, train: datasets.Dataset, test: datasets.Dataset, 
 
     from dpnb.data import PromptFormat, train_sha256
     from dpnb.finetune import load_trained
+    from dpnb.generate import model_fingerprint
     from dpnb.models import load_tokenizer, resolve_device
 
     out_dir = Path(out_dir)
@@ -802,14 +812,15 @@ def run_audit(model_name: str, train: datasets.Dataset, test: datasets.Dataset, 
             del base_model
             gc.collect()
 
-    base = cached_losses(out_dir / "base_losses.json", f"{plan_key}:{finetune_cfg.mode}", base_losses)
+    base_key = f"{plan_key}:{model_name}:{finetune_cfg.mode}:{finetune_cfg.dtype}:{finetune_cfg.seed}"
+    base = cached_losses(out_dir / "base_losses.json", base_key, base_losses)
     results: dict[str, dict[str, Any]] = {}
     audit_delta = 0.0
     for name, twin_cfg in twin_configs(finetune_cfg).items():  # DP first: its claim sets the audited delta
         twin_dir = out_dir / name
         privacy = train_twin(model_name, augmented, train_hash, twin_cfg, twin_dir, tokenizer)
         model, _ = load_trained(twin_dir / "model", device=device)
-        losses = cached_losses(twin_dir / "losses.json", f"{plan_key}:{train_hash}",
+        losses = cached_losses(twin_dir / "losses.json", f"{plan_key}:{model_fingerprint(model)}",
                                lambda m=model: model_losses(m, groups, batch_size=cfg.batch_size, device=device))
         texts = None
         if cfg.synthetic_per_label > 0:

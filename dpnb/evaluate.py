@@ -39,11 +39,12 @@ and is skipped with a note in `meta.skipped` when generate ran with `zero_shot: 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,20 +162,36 @@ def diversity(texts: Sequence[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 3. lengths (generator tokens)
 
 
-def review_token_ids(records: datasets.Dataset, eos_token_id: int | None) -> list[list[int]]:
-    """The review part of prepared records: `input_ids` after the prompt, without the final EOS."""
-    reviews = []
-    for ids, prompt_length in zip(records["input_ids"], records["prompt_length"], strict=True):
-        end = len(ids) - 1 if ids and ids[-1] == eos_token_id else len(ids)
-        reviews.append(list(ids[prompt_length:end]))
-    return reviews
+def review_token_ids(records: datasets.Dataset, eos_token_id: int | None) -> list[np.ndarray]:
+    """The review part of prepared records: `input_ids` after the prompt, without the final EOS.
+
+    Read through Arrow as views of one flat array, so 25,000 records cost one copy of their ids.
+    """
+    table = records.with_format("arrow")[:]
+    ids = table.column("input_ids").combine_chunks()
+    flat = ids.flatten().to_numpy()
+    offsets = ids.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    prompt_length = table.column("prompt_length").to_numpy()
+    starts = offsets[:-1] + prompt_length
+    ends = offsets[1:].copy()
+    nonempty = ends > offsets[:-1]
+    ends[nonempty & (flat[np.maximum(ends - 1, 0)] == eos_token_id)] -= 1
+    return [flat[a:b] for a, b in zip(starts, np.maximum(ends, starts), strict=True)]
 
 
-def text_token_ids(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Texts in the generator's tokens, tokenised the way prepare tokenises reviews (no special tokens)."""
-    if not texts:
-        return []
-    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+def text_token_ids(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, chunk: int = 1000) -> list[np.ndarray]:
+    """Texts in the generator's tokens, tokenised the way prepare tokenises reviews (no special tokens).
+
+    In chunks, each kept as compact arrays: the tokenizer's per-token bookkeeping for 25,000 long
+    texts at once would take gigabytes.
+    """
+    out: list[np.ndarray] = []
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(list(texts[start : start + chunk]), add_special_tokens=False,
+                            split_special_tokens=True)["input_ids"]
+        out.extend(np.asarray(ids, dtype=np.int32) for ids in encoded)
+    return out
 
 
 def length_summary(lengths: Sequence[int]) -> dict[str, Any]:
@@ -369,7 +386,8 @@ def longest_shared_runs(reference: Sequence[Sequence[int]], queries: Sequence[Se
     suffix between them shares at most as much), and the shared length is the minimum of the adjacent
     common prefixes in between. The longest shared run of a query is the maximum of that over its
     suffixes. Cost: a few sorts of the tokens (O(N log N) per round, a handful of rounds) and linear
-    passes; about 40 s and 2 GB for 25,000 + 25,000 reviews of up to 300 tokens on two CPU cores.
+    passes: 25,000 texts against 25,000 reviews of up to 300 tokens (11 million tokens) took 23-55 s
+    and 1.2 GB on two busy CPU cores (benchmarks/bench_evaluate.py).
     """
     n_queries = len(queries)
     empty = np.full(n_queries, -1, dtype=np.int64)
@@ -464,8 +482,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide transformers' weight-loading bar and its report that the new classification head is
+    untrained (expected here: training it is the point), so notebooks show results, not noise."""
+    from transformers.utils import logging
+
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
+
+
 @dataclass
 class TrainedClassifier:
+    """A fine-tuned classifier in eval mode, with its tokenizer, the optimizer steps taken, the mean
+    training loss of the last 10 steps, and the wall time of loading and training."""
+
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     steps: int
@@ -489,7 +527,8 @@ def train_classifier(
 
     started = time.time()
     seed_everything(cfg.seed)
-    model, tokenizer = load_classifier(cfg.classifier, num_labels)
+    with _quiet_loading():
+        model, tokenizer = load_classifier(cfg.classifier, num_labels)
     model.to(device).train()
     encoded = tokenizer(list(texts), truncation=True, max_length=cfg.max_length)["input_ids"]
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
@@ -615,7 +654,7 @@ def train_and_test(
 
 
 def synthetic_quality(
-    source: Source, source_ids: list[list[int]], train_ids: list[list[int]], train_texts: Sequence[str],
+    source: Source, source_ids: list[np.ndarray], train_ids: list[np.ndarray], train_texts: Sequence[str],
     label_names: Sequence[str], cfg: EvaluateConfig,
 ) -> dict[str, Any]:
     """Diversity (with an equal-size real reference), lengths and the memorisation screen of one set."""
@@ -656,7 +695,8 @@ def plan_sources(run: RunDir, cfg: EvaluateConfig) -> tuple[list[str], dict[str,
             continue
         path = run.synthetic if source == "synthetic" else run.zero_shot
         if source in SYNTHETIC_SOURCES and not (path / "state.json").exists():
-            if source == "synthetic":
+            made = source == "synthetic" or (run.completed_config("generate") or {}).get("zero_shot", True)
+            if made:
                 raise DpnbError(f"{path} holds no data set although generate completed; rerun generate with "
                                 f"force=True")
             skipped[source] = "generate ran with zero_shot: false, so there is no zero-shot set"
@@ -900,7 +940,9 @@ def plot_confusion(entry: dict[str, Any], label_names: Sequence[str], title: str
     else:
         ConfusionMatrixDisplay(np.asarray(entry["confusion_matrix"]), display_labels=list(label_names)).plot(
             ax=ax, colorbar=False, values_format="d")
-    ax.set_title(title)
+    if entry.get("accuracy") is not None:
+        title = f"{title}\naccuracy {entry['accuracy']:.3f}, F1 {entry['f1']:.3f}"
+    ax.set_title(title, fontsize=10)
     return figure
 
 
@@ -952,7 +994,11 @@ def plot_memorisation(metrics: dict[str, Any]) -> Figure:
         if hist.sum():
             ax.stairs(hist, bins, label=f"{name} (max {summary['max']}, {summary['n_flagged']} flagged)")
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
-    ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_yscale("log")  # the rare long runs are the point; a linear scale would hide them
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("longest run of tokens shared with any training text")
     ax.set_ylabel("texts")
     ax.legend(fontsize=8)

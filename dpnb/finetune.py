@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -96,7 +97,7 @@ RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "samples_before_after", "device")
 # Opacus warnings that say nothing to a user of this module: the seeded (non-cryptographic) noise
 # generator is recorded in privacy.json as "secure_rng": false, and the backward-hook notice fires
 # because the input ids, being integers, carry no gradient.
-_QUIET = ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha")
+_QUIET = ("Secure RNG turned off", "Full backward hook is firing")
 
 
 class TrainingInterrupted(DpnbError):
@@ -337,6 +338,12 @@ class TrainingPlan:
     target_epsilon: float | None
 
 
+@functools.lru_cache(maxsize=64)
+def _calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """`privacy.calibrate_noise`, remembered: a resumed or repeated run in one process asks it again."""
+    return privacy.calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+
+
 def plan_training(cfg: FinetuneConfig, dataset_size: int) -> TrainingPlan:
     """Check the N-dependent parameters and calibrate sigma for exactly the steps the loop will take."""
     n, batch = dataset_size, cfg.logical_batch_size
@@ -350,7 +357,7 @@ def plan_training(cfg: FinetuneConfig, dataset_size: int) -> TrainingPlan:
     if cfg.dp:
         delta = cfg.delta if cfg.delta is not None else privacy.default_delta(n)
         privacy.validate_delta(delta, n)
-        sigma = privacy.calibrate_noise(cfg.target_epsilon, delta, sample_rate, steps, cfg.accountant)
+        sigma = _calibrate_noise(cfg.target_epsilon, delta, sample_rate, steps, cfg.accountant)
     return TrainingPlan(cfg.dp, n, batch, cfg.physical_batch_size, sample_rate, n * sample_rate, per_epoch,
                         steps, delta, sigma, cfg.accountant, cfg.target_epsilon if cfg.dp else None)
 
@@ -745,6 +752,8 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
             session.noise_rng.set_state(checkpoint["rng"]["noise"])
         restore_global_rngs(checkpoint["rng"])
     say(describe_plan(plan, trainable_parameters(model), cfg))
+    tracker = (privacy.EpsilonTracker(plan.noise_multiplier, plan.sample_rate, plan.delta, cfg.accountant, plan.steps)
+               if cfg.dp else None)
 
     sampler_state = checkpoint["rng"]["sampler"] if checkpoint else None
     started = time.time()
@@ -758,7 +767,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
                 if position.step_in_epoch == plan.steps_per_epoch:
                     position.epoch, position.step_in_epoch = position.epoch + 1, 0
                 wall = wall_before + time.time() - started
-                epsilon = session.engine.get_epsilon(plan.delta) if session.engine else None
+                epsilon = tracker.epsilon(accounted_steps(session, plan)) if tracker else None
                 record = {"step": position.step, "epoch": round(position.step / plan.steps_per_epoch, 4),
                           "epsilon": epsilon, "loss": result.loss, "lr": result.lr,
                           "batch_size": result.batch_size, "wall_s": round(wall, 2)}
@@ -878,36 +887,42 @@ def describe_plan(plan: TrainingPlan, trainable: int, cfg: FinetuneConfig) -> st
 # =========================================================================== results
 
 
+def accounted_steps(session: Session, plan: TrainingPlan) -> int:
+    """The noise-adding steps the accountant has counted, after checking each was taken at the planned sigma and q."""
+    history = privacy.accountant_history(session.engine.accountant)
+    for sigma, rate, _ in history:
+        if not (math.isclose(sigma, plan.noise_multiplier) and math.isclose(rate, plan.sample_rate)):
+            raise RuntimeError(f"the accountant saw steps at sigma={sigma}, q={rate}; the plan has "
+                               f"sigma={plan.noise_multiplier}, q={plan.sample_rate}")
+    return sum(count for _, _, count in history)
+
+
 def privacy_record(session: Session, plan: TrainingPlan, cfg: FinetuneConfig, position: Position,
                    trainable: int, train_sha256: str, identity: dict[str, Any]) -> dict[str, Any]:
-    """privacy.json: the guarantee of the finished run, from the accountant's own step count."""
+    """privacy.json: the guarantee of the finished run, for the steps the accountant counted.
+
+    Epsilon is computed by `privacy.privacy_fields`, the path `privacy.verify_privacy` retraces, so
+    anyone can recompute it from (noise_multiplier, sample_rate, steps, delta, accountant).
+    """
     common = {
         "dp": cfg.dp, "mode": cfg.mode, "dataset_size": plan.dataset_size,
         "logical_batch_size": plan.logical_batch_size, "physical_batch_size": plan.physical_batch_size,
-        "expected_batch_size": plan.expected_batch_size, "sample_rate": plan.sample_rate,
-        "epochs": cfg.epochs, "max_steps": cfg.max_steps, "planned_steps": plan.steps,
-        "trainable_parameters": trainable, "train_sha256": train_sha256, "versions": library_versions(),
-        "identity": identity,
+        "expected_batch_size": plan.expected_batch_size, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "planned_steps": plan.steps, "trainable_parameters": trainable, "train_sha256": train_sha256,
+        "versions": library_versions(), "identity": identity,
     }
     if not cfg.dp:
-        return {"epsilon": None, "epsilons": None, "delta": None, "noise_multiplier": None, "steps": position.step,
-                "accountant": None, "max_grad_norm": None, "grad_sample_mode": None, "target_epsilon": None,
-                "secure_rng": None, **common}
-    history = privacy.accountant_history(session.engine.accountant)
-    steps = sum(int(count) for _, _, count in history)
-    for sigma, rate, _ in history:
-        if not (math.isclose(sigma, plan.noise_multiplier) and math.isclose(rate, plan.sample_rate)):
-            raise RuntimeError(f"the accountant saw a step at sigma={sigma}, q={rate}; planned "
-                               f"sigma={plan.noise_multiplier}, q={plan.sample_rate}")
+        return {"epsilon": None, "epsilons": None, "delta": None, "noise_multiplier": None,
+                "sample_rate": plan.sample_rate, "steps": position.step, "accountant": None, "max_grad_norm": None,
+                "grad_sample_mode": None, "target_epsilon": None, "secure_rng": None, **common}
+    steps = accounted_steps(session, plan)
     if steps != position.step:
         raise RuntimeError(f"the accountant counted {steps} noise-adding steps, the loop {position.step}")
     return {
-        "epsilon": session.engine.get_epsilon(plan.delta),
-        "epsilons": privacy.epsilons_all(plan.noise_multiplier, plan.sample_rate, steps, plan.delta),
-        "delta": plan.delta, "noise_multiplier": plan.noise_multiplier, "steps": steps,
-        "accountant": cfg.accountant, "max_grad_norm": cfg.max_grad_norm,
-        "grad_sample_mode": cfg.grad_sample_mode, "target_epsilon": cfg.target_epsilon,
-        "secure_rng": False,  # seeded torch generator (reproducible), not a cryptographic one
+        **privacy.privacy_fields(plan.noise_multiplier, plan.sample_rate, steps, plan.delta, cfg.accountant),
+        "max_grad_norm": cfg.max_grad_norm, "grad_sample_mode": cfg.grad_sample_mode,
+        "target_epsilon": cfg.target_epsilon,
+        "secure_rng": False,  # a seeded torch generator (reproducible), not a cryptographic one
         **common,
     }
 
@@ -1015,6 +1030,21 @@ def plot_loss_vs_epsilon(log: Sequence[dict[str, Any]], title: str = "") -> Figu
     return figure
 
 
+def load_base(model_name: str, cfg: FinetuneConfig, device: str) -> PreTrainedModel:
+    """The base model as training saw it, for samples "before fine-tuning" (4-bit weights for qlora).
+
+    For qlora on the CPU the 4-bit base is dequantised: the same weights, without the slow kernels.
+    """
+    from dpnb.models import load_causal_lm
+
+    if cfg.mode == "qlora":
+        model = load_causal_lm(model_name, dtype=cfg.dtype, quantize_4bit=True, device=device, seed=cfg.seed)
+        model = model if device == "cuda" else model.dequantize()
+    else:
+        model = load_causal_lm(model_name, dtype=cfg.dtype, seed=cfg.seed)
+    return model.to(device).eval()
+
+
 def sample_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: dict[str, list[int]],
                  n_per_label: int, max_new_tokens: int = 40, seed: int = 0) -> list[dict[str, str]]:
     """`n_per_label` seeded top-p samples for each label's prompt ids: a quick look, not the generate stage.
@@ -1037,3 +1067,37 @@ def sample_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
         for row in out[:, len(ids):]:
             rows.append({"label": label, "text": tokenizer.decode(row, skip_special_tokens=True).strip()})
     return rows
+
+
+def explain_privacy(record: dict[str, Any]) -> str:
+    """What clipping, noise and accounting did in this run, in words, with its numbers (privacy.json)."""
+    n, rate, steps = record["dataset_size"], record["sample_rate"], record["steps"]
+    lines = [
+        f"Training set: N = {n} records; mode {record['mode']}, {record['trainable_parameters']:,} trainable "
+        f"parameters.",
+        f"Sampling: at each step every record joins the batch independently with probability q = {rate:.6g} "
+        f"(= 1/{round(1 / rate)}), so a logical batch holds N*q = {n * rate:.1f} records on average; the actual "
+        f"number varies from step to step (Poisson sampling).",
+        f"Steps: {steps} noise-adding steps ({steps * rate:.2f} epochs: each record was expected in "
+        f"{steps * rate:.2f} batches).",
+    ]
+    if not record["dp"]:
+        lines.append("No DP: gradients were neither clipped nor noised. Nothing bounds what the weights reveal "
+                     "about one record (epsilon is infinite); this run is the baseline that shows what the noise "
+                     "costs.")
+        return "\n".join(lines)
+    sigma, clip = record["noise_multiplier"], record["max_grad_norm"]
+    lines += [
+        f"Clipping: each record's gradient is scaled down to norm at most C = {clip:g}, so adding or removing "
+        f"one record moves the summed gradient by at most C.",
+        f"Noise: Gaussian noise of standard deviation sigma*C = {sigma:.4f} * {clip:g} = {sigma * clip:.4g} is "
+        f"added to every coordinate of that sum (sigma = {sigma:.4f}, chosen before training for exactly "
+        f"these {steps} steps at this q), and the result is divided by the expected batch size.",
+        f"Guarantee: (epsilon, delta) = ({record['epsilon']:.2f}, {record['delta']:.3g}) by the "
+        f"{record['accountant'].upper()} accountant (RDP: {record['epsilons']['rdp']:.2f}, PRV: "
+        f"{record['epsilons']['prv']:.2f}); target epsilon {record['target_epsilon']:g}. delta is below "
+        f"1/N = {1 / n:.3g}.",
+        f"Meaning: for any one review, the released weights are at most e^epsilon = {math.exp(record['epsilon']):.3g} "
+        f"times more (or less) likely with it than without it, except with probability delta.",
+    ]
+    return "\n".join(lines)

@@ -335,7 +335,7 @@ def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list
                    progress: bool, on_shard: Callable[[int], None] | None) -> None:
     """Sample every shard not on disk yet, writing each atomically as soon as it is complete."""
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its notebook bars need ipywidgets, not a dependency
 
     gen_config = generation_config(cfg, stop_ids, pad_id)
     missing = [spec for spec in specs if not (shards / spec.name).exists()]
@@ -753,7 +753,9 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
 
     Needs prepare and finetune complete. Skips when already done with this config, refuses a
     different config unless `force`, resumes an interrupted run from its shards, and writes the
-    completion marker last. Returns {"synthetic": generation.json, "zero_shot": generation.json or None}.
+    completion marker last. Shards whose plan still matches (same model weights, prompts and
+    settings) are reused even when forced: sampling them again would give the same samples.
+    Returns {"synthetic": generation.json, "zero_shot": generation.json or None}.
     """
     run.require_stage("prepare")
     run.require_stage("finetune")
@@ -850,15 +852,20 @@ def examples(set_dir: str | os.PathLike, per_label: int = 3, max_chars: int = 30
 def plot_lengths(set_dirs: dict[str, str | os.PathLike]) -> Figure:
     """Histograms of kept samples' lengths in words, one panel per set, one colour per label."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    figure, axes = plt.subplots(1, len(set_dirs), figsize=(5 * len(set_dirs), 3.2), squeeze=False, sharey=True)
-    for axis, (set_name, set_dir) in zip(axes[0], set_dirs.items(), strict=True):
+    lengths: dict[str, dict[str, list[int]]] = {}
+    for set_name, set_dir in set_dirs.items():
         dataset = load_synthetic(set_dir)
-        words: dict[str, list[int]] = {}
+        per_label = lengths.setdefault(set_name, {})
         for text, label in zip(dataset["text"], dataset["label_name"], strict=True):
-            words.setdefault(label, []).append(len(text.split()))
-        for label, counts in words.items():
-            axis.hist(counts, bins=20, alpha=0.6, label=f"{label} ({len(counts)})")
+            per_label.setdefault(label, []).append(len(text.split()))
+    every_length = [n for per_label in lengths.values() for counts in per_label.values() for n in counts]
+    bins = np.histogram_bin_edges(every_length or [0], bins=20)  # shared, so panels and labels compare
+    figure, axes = plt.subplots(1, len(set_dirs), figsize=(5 * len(set_dirs), 3.2), squeeze=False, sharey=True)
+    for axis, (set_name, per_label) in zip(axes[0], lengths.items(), strict=True):
+        for label, counts in per_label.items():
+            axis.hist(counts, bins=bins, alpha=0.6, label=f"{label} ({len(counts)})")
         axis.set_title(set_name)
         axis.set_xlabel("words per kept sample")
         axis.legend()

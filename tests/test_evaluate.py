@@ -1,0 +1,332 @@
+"""04 evaluate: metrics checked by hand, the memorisation screen against brute force, the classifier on
+an easy task, and the stage on a tiny run directory (sources, skip, stale inputs, resume)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import toy_reviews, write_csv
+
+from dpnb import evaluate
+from dpnb.config import EvaluateConfig, GenerateConfig, PrepareConfig, build
+from dpnb.errors import DpnbError
+from dpnb.models import load_tokenizer
+from dpnb.rundir import RunDir
+
+# A review unlike the toy ones, long enough to stand out when copied verbatim.
+LONG_REVIEW = (
+    "Seldom has a lighthouse keeper's diary been turned into such an odd musical: the harbour choir sings "
+    "about barometers, the villain collects seashells, and the final storm is staged with umbrellas and a "
+    "single trombone that nobody in the audience will ever forget."
+)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch with one thread: on a shared two-core machine a second thread only waits for the first."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- metrics by hand
+
+
+def test_binary_metrics_match_hand_computation():
+    # y_true has 4 positives, 6 negatives. Predictions: 3 positives right, 1 positive missed (FN),
+    # 1 negative called positive (FP), 5 negatives right. accuracy = 8/10 = 0.8;
+    # precision = 3/(3+1) = 0.75, recall = 3/(3+1) = 0.75, F1 = 0.75;
+    # confusion rows = true label: [[5 TN, 1 FP], [1 FN, 3 TP]].
+    y_true = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    y_pred = [1, 1, 1, 0, 1, 0, 0, 0, 0, 0]
+    m = evaluate.classification_metrics(y_true, y_pred, num_labels=2)
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["f1"] == pytest.approx(0.75)
+    assert m["f1_average"] == "binary"
+    assert m["confusion_matrix"] == [[5, 1], [1, 3]]
+
+
+def test_macro_f1_for_three_labels():
+    # class 0: TP 1, FP 1 (last), FN 1 (second)  -> P 1/2, R 1/2, F1 0.5
+    # class 1: TP 2, FP 1 (second), FN 0          -> P 2/3, R 1,   F1 0.8
+    # class 2: TP 1, FP 0, FN 1 (last)            -> P 1,   R 1/2, F1 2/3
+    # macro F1 = (0.5 + 0.8 + 2/3) / 3; accuracy = 4/6
+    m = evaluate.classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], num_labels=3)
+    assert m["f1_average"] == "macro"
+    assert m["f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_label_fidelity_overall_and_per_label():
+    # prompted negative twice (one agrees), positive three times (two agree): 3/5 overall
+    fidelity = evaluate.label_fidelity([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], ["negative", "positive"])
+    assert fidelity["overall"] == pytest.approx(3 / 5)
+    assert fidelity["per_label"] == {"negative": pytest.approx(1 / 2), "positive": pytest.approx(2 / 3)}
+    assert fidelity["n"] == 5
+
+
+# --------------------------------------------------------------------------- diversity
+
+
+def test_distinct_n_on_a_tiny_corpus():
+    # words: [the cat sat] [the cat ran] [hi]
+    # unigrams: 7 in all, unique {the, cat, sat, ran, hi} = 5        -> distinct-1 = 5/7
+    # bigrams: (the cat) (cat sat) (the cat) (cat ran): 4, unique 3  -> distinct-2 = 3/4
+    # ("hi" has no bigram, and none runs across texts)
+    texts = ["the cat sat", "The cat ran", "hi"]
+    assert evaluate.distinct_n(texts, 1) == pytest.approx(5 / 7)
+    assert evaluate.distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert evaluate.distinct_n(["hi"], 2) is None
+
+
+def test_duplicate_share_ignores_case_and_spacing():
+    # "a b", "A  b" and "a b" are one text written three ways: 2 unique of 4 -> 1 - 2/4
+    assert evaluate.duplicate_share(["a b", "A  b", "c", "a b"]) == pytest.approx(0.5)
+    assert evaluate.duplicate_share(["x", "y"]) == 0
+    assert evaluate.duplicate_share([]) is None
+
+
+def test_length_summary_histogram():
+    summary = evaluate.length_summary([3, 1, 3, 0])
+    assert summary["counts"] == [1, 1, 0, 2]
+    assert summary["mean"] == pytest.approx(7 / 4)
+    assert summary["max"] == 3
+
+
+def test_review_token_ids_drop_the_prompt_and_the_final_eos():
+    from datasets import Dataset
+
+    eos = 2
+    records = Dataset.from_dict({"input_ids": [[7, 8, 30, 31, eos], [9, 40, 41], [7, 8, 50, eos]],
+                                 "prompt_length": [2, 1, 2]})
+    reviews = evaluate.review_token_ids(records, eos)
+    assert [r.tolist() for r in reviews] == [[30, 31], [40, 41], [50]]  # the second was cut: no EOS
+    assert [r.tolist() for r in evaluate.review_token_ids(records.select([2, 0]), eos)] == [[50], [30, 31]]
+
+
+# --------------------------------------------------------------------------- memorisation screen
+
+
+def brute_force_longest_shared(reference: list[list[int]], query: list[int]) -> int:
+    """Longest common substring of `query` with any reference, by dynamic programming."""
+    best = 0
+    for ref in reference:
+        previous = [0] * (len(ref) + 1)
+        for token in query:
+            current = [0] * (len(ref) + 1)
+            for j, other in enumerate(ref):
+                if token == other:
+                    current[j + 1] = previous[j] + 1
+                    best = max(best, current[j + 1])
+            previous = current
+    return best
+
+
+def test_screen_finds_a_planted_copy_with_its_length_and_row():
+    rng = np.random.default_rng(0)
+    reference = [rng.integers(0, 49_152, rng.integers(80, 200)).tolist() for _ in range(40)]
+    queries = [rng.integers(0, 49_152, rng.integers(20, 120)).tolist() for _ in range(30)]
+    copied = reference[13][20:77]  # 57 tokens
+    queries[4] = [1, 2, 3, 4, 5, 6, 7, 8, 9] + copied + [10, 11, 12]
+    # the tokens around the copy differ from those around it in the reference, so it cannot extend
+    assert reference[13][19] != 9 and reference[13][77] != 10
+    runs = evaluate.longest_shared_runs(reference, queries)
+    assert runs.length[4] == 57
+    assert (runs.reference_row[4], runs.reference_offset[4], runs.query_offset[4]) == (13, 20, 9)
+    others = np.delete(runs.length, 4)
+    assert others.max() < 5  # random 16-bit tokens share at most a couple by chance
+
+    summary = evaluate.memorisation_summary(runs, threshold=50)
+    assert summary["max"] == 57 and summary["n_flagged"] == 1
+    assert summary["flagged"] == [{"sample": 4, "length": 57, "train_row": 13, "train_offset": 20,
+                                   "sample_offset": 9}]
+    assert sum(summary["counts"]) == len(queries) and summary["counts"][57] == 1
+
+
+@pytest.mark.parametrize("alphabet", [1, 2, 3, 7, 10**9])
+def test_screen_agrees_with_brute_force(alphabet):
+    rng = np.random.default_rng(alphabet)
+    for _ in range(40):
+        reference = [rng.integers(0, alphabet, rng.integers(0, 25)).tolist() for _ in range(rng.integers(1, 6))]
+        queries = [rng.integers(0, alphabet, rng.integers(0, 25)).tolist() for _ in range(rng.integers(1, 6))]
+        if reference[0] and queries[0]:  # often plant part of a reference text, to get long runs too
+            queries[0] = queries[0][:3] + reference[0][2:20] + queries[0][3:]
+        runs = evaluate.longest_shared_runs(reference, queries)
+        for q, query in enumerate(queries):
+            length = int(runs.length[q])
+            assert length == brute_force_longest_shared(reference, query)
+            if length:
+                row, ref_at, query_at = runs.reference_row[q], runs.reference_offset[q], runs.query_offset[q]
+                assert reference[row][ref_at : ref_at + length] == query[query_at : query_at + length]
+            else:
+                assert runs.reference_row[q] == -1
+
+
+def test_screen_edge_cases():
+    assert evaluate.longest_shared_runs([[1, 2]], []).length.tolist() == []
+    assert evaluate.longest_shared_runs([[]], [[1, 2]]).length.tolist() == [0]
+    runs = evaluate.longest_shared_runs([[5, 6, 7], [6, 7, 8, 9]], [[], [6, 7, 8], [7]])
+    assert runs.length.tolist() == [0, 3, 1]
+    assert runs.reference_row[1] == 1
+    with pytest.raises(DpnbError, match="non-negative"):
+        evaluate.longest_shared_runs([[1, -3]], [[1]])
+
+
+# --------------------------------------------------------------------------- the classifier
+
+
+def texts_labels(rows: list[dict]) -> tuple[list[str], list[int]]:
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def test_classifier_learns_an_easy_task(one_thread):
+    # 64 toy reviews whose words give the label away; 4 steps of batch 16 with a high learning rate
+    cfg = EvaluateConfig(epochs=1, lr=3e-4, batch_size=16, max_length=32)
+    train_texts, train_labels = texts_labels(toy_reviews(64, seed=1))
+    test_texts, test_labels = texts_labels(toy_reviews(60, seed=2))
+    classifier = evaluate.train_classifier(train_texts, train_labels, 2, cfg, "cpu")
+    assert classifier.steps == 4
+    predicted = evaluate.predict(classifier, test_texts, cfg.max_length, 32, "cpu")
+    metrics = evaluate.classification_metrics(test_labels, predicted.tolist(), 2)
+    assert metrics["accuracy"] >= 0.85  # chance is 0.5
+
+
+def test_sets_the_classifier_cannot_learn_from_are_reported_not_fatal():
+    cfg = EvaluateConfig()
+    test = evaluate.Source("test", ["good", "bad", "fine"], [1, 0, 1])
+    entry, model = evaluate.train_and_test(evaluate.Source("synthetic", [], []), test, ["neg", "pos"], cfg, "cpu")
+    assert entry["accuracy"] is None and entry["trained"] is False and "no texts" in entry["notes"][0]
+    entry, model = evaluate.train_and_test(
+        evaluate.Source("synthetic", ["great", "superb"], [1, 1]), test, ["neg", "pos"], cfg, "cpu")
+    # predicting "pos" for all three test texts: 2 right of 3; F1 of pos: P 2/3, R 1 -> 0.8
+    assert entry["trained"] is False and "only label 'pos'" in entry["notes"][0]
+    assert entry["accuracy"] == pytest.approx(2 / 3) and entry["f1"] == pytest.approx(0.8)
+    assert model is None
+    # the quality figures of an empty set are empty, not errors
+    quality = evaluate.synthetic_quality(evaluate.Source("synthetic", [], []), [], [np.arange(5)], ["a b c"],
+                                         ["neg", "pos"], cfg)
+    assert quality["memorisation"]["max"] == 0 and quality["memorisation"]["n_flagged"] == 0
+    assert quality["diversity"]["distinct_1"] is None and quality["length"]["n"] == 0
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def build_run(root: Path, zero_shot: bool = True, generate: bool = True) -> RunDir:
+    """A prepared run (tiny-llama tokenizer, toy reviews plus LONG_REVIEW) with synthetic sets.
+
+    The synthetic set copies LONG_REVIEW verbatim (the memorisation screen must find it) and the
+    zero-shot set holds a single label (its classifier cannot learn; the metrics must say so).
+    """
+    from datasets import Dataset
+
+    from dpnb import data
+
+    source = root / "source"
+    write_csv(source / "train.csv", toy_reviews(31, seed=1) + [{"id": 999, "label": 1, "text": LONG_REVIEW}])
+    write_csv(source / "test.csv", toy_reviews(20, seed=2))
+    run = RunDir(root / "run")
+    data.run_stage(run, PrepareConfig(source=str(source), model="tiny-llama", max_length=128))
+    if not generate:
+        return run
+    names = ["negative", "positive"]
+    synthetic = toy_reviews(15, seed=3) + [{"label": 1, "text": LONG_REVIEW}]
+    sets = {run.synthetic: synthetic}
+    if zero_shot:
+        sets[run.zero_shot] = [{"label": 1, "text": text} for text in ("a film", "a film", "some movie", "ok")]
+    for path, rows in sets.items():
+        Dataset.from_dict({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows],
+                           "label_name": [names[r["label"]] for r in rows]}).save_to_disk(str(path))
+    run.mark_complete("generate", GenerateConfig(zero_shot=zero_shot), time.time())
+    return run
+
+
+TINY = {"epochs": 1, "lr": 3e-4, "batch_size": 16, "max_length": 24, "memorisation_threshold": 30}
+
+
+def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path, one_thread):
+    run = build_run(tmp_path)
+    cfg = build(EvaluateConfig, TINY)
+    metrics = evaluate.run_stage(run, cfg)
+
+    assert evaluate.evaluated_sources(metrics) == ["real", "synthetic", "zero_shot"]
+    assert metrics == json.loads(run.metrics.read_text())
+    real, synthetic, zero_shot = metrics["real"], metrics["synthetic"], metrics["zero_shot"]
+    assert (real["n_train"], real["n_test"], synthetic["n_train"], zero_shot["n_train"]) == (32, 20, 16, 4)
+    assert real["trained"] and synthetic["trained"] and real["f1_average"] == "binary"
+    assert sum(map(sum, real["confusion_matrix"])) == 20
+    # the single-label zero-shot set: the constant prediction "positive" on 10 + 10 test reviews
+    assert zero_shot["trained"] is False and zero_shot["accuracy"] == pytest.approx(0.5)
+    # the verbatim copy of LONG_REVIEW is flagged, pointing at its training row, copied in full
+    train = __import__("datasets").load_from_disk(str(run.data / "train"))
+    row = train["text"].index(LONG_REVIEW)
+    eos = load_tokenizer("tiny-llama").eos_token_id
+    review_tokens = evaluate.review_token_ids(train.select([row]), eos)[0]
+    flagged = synthetic["memorisation"]["flagged"]
+    assert [f["sample"] for f in flagged] == [15] and flagged[0]["train_row"] == row
+    assert flagged[0]["length"] == len(review_tokens) > 30  # the whole review, copied
+    assert synthetic["memorisation"]["max"] == flagged[0]["length"]
+    assert synthetic["label_fidelity"]["n"] == 16
+    assert set(synthetic["label_fidelity"]["per_label"]) == {"negative", "positive"}
+    assert zero_shot["diversity"]["duplicate_share"] == pytest.approx(1 / 4)  # "a film" twice
+    assert metrics["meta"]["real_reference"]["test_memorisation"]["n_flagged"] == 0
+    for name in ("confusion_real.png", "confusion_synthetic.png", "confusion_zero_shot.png", "lengths.png",
+                 "memorisation.png"):
+        assert (run.figures / name).stat().st_size > 0
+    assert not (run.path / "evaluate").exists()  # partial results are removed once metrics.json is written
+
+    table = evaluate.metrics_table(metrics)
+    assert list(table.index) == ["real", "synthetic", "zero_shot"] and table.loc["real", "n_train"] == 32
+
+    # done with this config: skipped, same numbers; another config is refused
+    assert evaluate.run_stage(run, cfg) == metrics
+    with pytest.raises(DpnbError, match="different config"):
+        evaluate.run_stage(run, build(EvaluateConfig, {**TINY, "seed": 1}))
+    # generate rerun after the evaluation: the stale metrics are refused
+    run.mark_complete("generate", GenerateConfig(n_per_label=7), time.time())
+    with pytest.raises(DpnbError, match="rerun evaluate with force=True"):
+        evaluate.run_stage(run, cfg)
+
+
+def test_sources_need_their_inputs(tmp_path, one_thread):
+    run = build_run(tmp_path, generate=False)
+    with pytest.raises(DpnbError, match="generate stage has not completed"):
+        evaluate.run_stage(run, build(EvaluateConfig, TINY))
+    # real alone needs only prepare
+    metrics = evaluate.run_stage(run, build(EvaluateConfig, {**TINY, "sources": ["real"]}))
+    assert evaluate.evaluated_sources(metrics) == ["real"] and metrics["meta"]["real_reference"] is None
+
+
+def test_missing_zero_shot_is_skipped_with_a_note_and_an_interrupted_run_resumes(tmp_path, one_thread,
+                                                                                   monkeypatch):
+    run = build_run(tmp_path, zero_shot=False)
+    cfg = build(EvaluateConfig, TINY)  # lists zero_shot, which generate did not make
+    trained = []
+    train_and_test = evaluate.train_and_test
+
+    def counting(source, *args, **kwargs):
+        trained.append(source.name)
+        return train_and_test(source, *args, **kwargs)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "train_and_test", counting)
+    with monkeypatch.context() as patch:
+        patch.setattr(evaluate, "longest_shared_runs", crash)  # dies in the synthetic source, after real
+        with pytest.raises(KeyboardInterrupt):
+            evaluate.run_stage(run, cfg)
+    assert trained == ["real", "synthetic"]
+    assert not run.is_complete("evaluate") and not run.metrics.exists()
+    metrics = evaluate.run_stage(run, cfg)
+    assert trained == ["real", "synthetic", "synthetic"]  # the real-data result was kept, not redone
+    assert evaluate.evaluated_sources(metrics) == ["real", "synthetic"]
+    assert "zero_shot: false" in metrics["meta"]["skipped"]["zero_shot"]
+    assert metrics["synthetic"]["label_fidelity"]["n"] == 16

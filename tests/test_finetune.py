@@ -1,0 +1,373 @@
+"""The finetune stage: per-record loss, clipping and noise, accounting, modes, resume, bad parameters.
+
+Tiny random models (tiny-llama, tiny-gpt2) on a toy set of labelled reviews, all on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import signal
+
+import datasets
+import pytest
+import torch
+from conftest import toy_reviews
+from safetensors.torch import load_file
+
+from dpnb import finetune, privacy
+from dpnb.config import FinetuneConfig
+from dpnb.errors import DpnbError
+from dpnb.models import load_causal_lm, load_tokenizer
+
+LABELS = ("negative", "positive")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two OpenMP threads crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny-llama")
+
+
+def toy_dataset(tokenizer, n: int, seed: int = 0) -> datasets.Dataset:
+    """`n` records in the prepare stage's layout: "label | review" + EOS, with the prompt's length."""
+    ids, prompt_lengths = [], []
+    for row in toy_reviews(n, seed=seed):
+        prompt = tokenizer(f"{LABELS[row['label']]} | ", add_special_tokens=False)["input_ids"]
+        review = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        ids.append(prompt + review + [tokenizer.eos_token_id])
+        prompt_lengths.append(len(prompt))
+    return datasets.Dataset.from_dict({"input_ids": ids, "prompt_length": prompt_lengths})
+
+
+@pytest.fixture(scope="module")
+def toy(tokenizer) -> datasets.Dataset:
+    return toy_dataset(tokenizer, 32)
+
+
+def config(**overrides) -> FinetuneConfig:
+    values = dict(mode="full", dp=True, target_epsilon=50.0, accountant="rdp", max_steps=4, logical_batch_size=8,
+                  physical_batch_size=4, max_grad_norm=1.0, lr=3e-3, device="cpu", checkpoint_every=100, seed=0)
+    values.update(overrides)
+    return FinetuneConfig(**values)
+
+
+def run(model_name, data, cfg, out, tokenizer, **kwargs):
+    return finetune.train(model_name, data, cfg, out, tokenizer=tokenizer, verbose=False, **kwargs)
+
+
+# --------------------------------------------------------------------------- records and the loss
+
+
+def test_padding_is_masked_by_length_not_by_token_id(tokenizer):
+    eos = tokenizer.eos_token_id
+    records = finetune.Records([[5, 6, 7, eos], [5, 6, 8, 9, 10, eos]], [2, 2])
+    batch = finetune.collate(records, [0, 1], pad_id=eos)
+    assert batch.input_ids.tolist()[0] == [5, 6, 7, eos, eos, eos]
+    assert batch.attention_mask.tolist()[0] == [1, 1, 1, 1, 0, 0]
+    # targets: tokens 1..T-1; record 0 learns 7 and its EOS (not the prompt's 6, not the two pads)
+    assert batch.targets.tolist()[0] == [6, 7, eos, eos, eos]
+    assert batch.target_mask.tolist()[0] == [0, 1, 1, 0, 0]
+    assert batch.target_mask.tolist()[1] == [0, 1, 1, 1, 1]
+    with_prompt = finetune.collate(records, [0, 1], pad_id=eos, loss_on_prompt=True)
+    assert with_prompt.target_mask.tolist()[0] == [1, 1, 1, 0, 0]
+    # one real row per record (not an expanded view): GPT-2's per-record position gradients need it
+    assert batch.position_ids.shape == (2, 6) and batch.position_ids.stride(0) == 6
+    assert batch.position_ids.tolist()[1] == list(range(6))
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
+def test_a_records_loss_does_not_depend_on_its_batch(arch, toy, tokenizer):
+    model = load_causal_lm(arch).eval()
+    records = finetune.Records.from_dataset(toy)
+    pad = tokenizer.pad_token_id
+
+    def losses(indices):
+        batch = finetune.collate(records, indices, pad)
+        logits = model(**batch.model_inputs()).logits[:, :-1]
+        return finetune.per_record_loss(logits, batch.targets, batch.target_mask)
+
+    longest = max(range(len(records)), key=lambda i: len(records.input_ids[i]))
+    shortest = min(range(len(records)), key=lambda i: len(records.input_ids[i]))
+    with torch.no_grad():
+        together = losses([shortest, longest])
+        alone = torch.cat([losses([shortest]), losses([longest])])
+    assert len(records.input_ids[shortest]) < len(records.input_ids[longest])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- clipping and noise
+
+
+def fixed_noise_plan(cfg: FinetuneConfig, n: int, sigma: float) -> finetune.TrainingPlan:
+    """The run's plan with a chosen noise multiplier (skips calibrating one: these tests take one step)."""
+    plan = finetune.plan_training(dataclasses.replace(cfg, dp=False), n)
+    return dataclasses.replace(plan, dp=True, noise_multiplier=sigma, delta=privacy.default_delta(n))
+
+
+def clipped_sum_by_brute_force(model, records, indices, pad_id, clip):
+    """sum_i g_i * min(1, C / ||g_i||), one record at a time on a plain copy of the model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    for i in indices:
+        model.zero_grad()
+        batch = finetune.collate(records, [i], pad_id)
+        logits = model(**batch.model_inputs()).logits[:, :-1]
+        finetune.per_record_loss(logits, batch.targets, batch.target_mask).sum().backward()
+        grads = [p.grad.detach().clone() for p in params]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        norms.append(float(norm))
+        for acc, g in zip(total, grads, strict=True):
+            acc += g * min(1.0, clip / (float(norm) + 1e-6))
+    return total, norms
+
+
+@pytest.mark.parametrize(("arch", "mode", "grad_sample_mode"), [
+    ("tiny-llama", "full", "hooks"),
+    ("tiny-gpt2", "full", "hooks"),  # the position-ids path (opacus #841)
+    ("tiny-llama", "full", "ghost"),  # ghost clipping on a model with tied embeddings: untied first
+    ("tiny-llama", "lora", "hooks"),
+])
+def test_dp_gradient_is_the_clipped_sum_plus_noise_over_the_expected_batch(arch, mode, grad_sample_mode, toy,
+                                                                           tokenizer):
+    clip, sigma, indices = 1e-2, 0.7, [0, 3, 5, 6]
+    cfg = config(mode=mode, grad_sample_mode=grad_sample_mode, max_grad_norm=clip, lora_r=4)
+    torch.manual_seed(0)
+    model, notes = finetune.build_model(arch, cfg, "cpu")
+    assert bool(notes) == (grad_sample_mode == "ghost")
+    assert not finetune.embeddings_tied(model) or grad_sample_mode != "ghost"
+    reference = copy.deepcopy(model)
+    records = finetune.Records.from_dataset(toy)
+    plan = fixed_noise_plan(cfg, len(records), sigma)
+    session = finetune.make_session(model, cfg, plan, "cpu")
+
+    with finetune.quiet_opacus():
+        batch = finetune.collate(records, indices, tokenizer.pad_token_id)
+        _, to_backward = finetune._forward_losses(session, batch)
+        to_backward.backward()
+        assert session.optimizer.pre_step()  # one physical batch = the whole logical batch: noise added
+    expected, norms = clipped_sum_by_brute_force(reference, records, indices, tokenizer.pad_token_id, clip)
+    assert min(norms) > 2 * clip  # every record is clipped, so the check below is about clipping
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    residuals = []
+    for p, clipped_sum in zip(trainable, expected, strict=True):
+        residuals.append((p.grad * session.optimizer.expected_batch_size - clipped_sum).reshape(-1))
+    noise = torch.cat(residuals)
+    # the residual is the Gaussian noise N(0, sigma^2 C^2) on every coordinate of the clipped sum
+    assert abs(float(noise.std()) / (sigma * clip) - 1) < 0.05
+    assert abs(float(noise.mean())) < 5 * sigma * clip / math.sqrt(noise.numel())
+    assert privacy.accountant_history(session.engine.accountant) == [(sigma, plan.sample_rate, 1)]
+
+
+def test_dp_gradient_without_noise_is_exactly_the_clipped_sum(toy, tokenizer):
+    cfg = config(max_grad_norm=1e-2)
+    model, _ = finetune.build_model("tiny-llama", cfg, "cpu")
+    reference = copy.deepcopy(model)
+    records = finetune.Records.from_dataset(toy)
+    plan = fixed_noise_plan(cfg, len(records), 0.0)
+    session = finetune.make_session(model, cfg, plan, "cpu")
+    with finetune.quiet_opacus():
+        _, to_backward = finetune._forward_losses(session, finetune.collate(records, [1, 2, 4], tokenizer.pad_token_id))
+        to_backward.backward()
+        session.optimizer.pre_step()
+    expected, _ = clipped_sum_by_brute_force(reference, records, [1, 2, 4], tokenizer.pad_token_id, 1e-2)
+    for p, clipped_sum in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad * session.optimizer.expected_batch_size, clipped_sum, rtol=1e-4, atol=1e-7)
+    total = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters())) * session.optimizer.expected_batch_size
+    assert float(total) <= 3 * 1e-2 + 1e-6  # three records, each at most C
+
+
+def test_without_dp_the_gradient_is_the_plain_mean_over_the_logical_batch(toy, tokenizer):
+    cfg = config(dp=False, physical_batch_size=2)
+    model, _ = finetune.build_model("tiny-llama", cfg, "cpu")
+    reference = copy.deepcopy(model)
+    records = finetune.Records.from_dataset(toy)
+    session = finetune.make_session(model, cfg, finetune.plan_training(cfg, len(records)), "cpu")
+    assert session.engine is None
+    session.adamw.step = lambda: None  # keep the accumulated gradient for inspection
+    session.adamw.zero_grad = lambda set_to_none=True: None
+    indices = [0, 1, 2, 7, 9]
+    result = next(finetune.plain_logical_steps(session, iter([torch.tensor(indices)]), records, cfg,
+                                               tokenizer.pad_token_id, "cpu"))
+    # physical batches of 2, 2 and 1 give the gradient of one mean over all 5 records: no clipping, no noise
+    batch = finetune.collate(records, indices, tokenizer.pad_token_id)
+    logits = reference(**batch.model_inputs()).logits[:, :-1]
+    losses = finetune.per_record_loss(logits, batch.targets, batch.target_mask)
+    losses.mean().backward()
+    assert result.batch_size == 5 and math.isclose(result.loss, float(losses.mean().detach()), rel_tol=1e-5)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def test_training_lowers_the_loss_without_and_with_dp(toy, tokenizer, tmp_path):
+    for dp in (False, True):
+        cfg = config(dp=dp, max_steps=6, accountant="prv")
+        record = run("tiny-llama", toy, cfg, tmp_path / str(dp), tokenizer)
+        log = finetune.read_train_log(tmp_path / str(dp))
+        assert [r["step"] for r in log] == list(range(7))
+        start, end = log[0]["loss"], sum(r["loss"] for r in log[-2:]) / 2
+        assert end < start - 0.2, (dp, start, end)
+        if not dp:
+            assert record["epsilon"] is None and record["noise_multiplier"] is None and record["dp"] is False
+            assert all(r["epsilon"] is None for r in log)
+            privacy.verify_privacy(record)  # a non-DP record must not claim an epsilon
+            continue
+        # the guarantee: at most the target, close to it, and recomputable from the record alone
+        assert record["steps"] == 6 == record["planned_steps"]
+        assert cfg.target_epsilon - 0.05 <= record["epsilon"] <= cfg.target_epsilon
+        assert record["accountant"] == "prv" and set(record["epsilons"]) == {"rdp", "prv"}
+        assert record["delta"] == pytest.approx(privacy.default_delta(32))
+        privacy.verify_privacy(record)
+        assert log[0]["epsilon"] == 0.0 and log[-1]["epsilon"] == pytest.approx(record["epsilon"], rel=1e-9)
+        assert all(a["epsilon"] < b["epsilon"] for a, b in zip(log[1:], log[2:], strict=False))
+        for key in ("noise_multiplier", "sample_rate", "max_grad_norm", "dataset_size", "logical_batch_size",
+                    "physical_batch_size", "epochs", "mode", "grad_sample_mode", "trainable_parameters",
+                    "versions", "train_sha256", "target_epsilon"):
+            assert key in record
+        assert (tmp_path / "True" / "model" / finetune.MODEL_CARD).exists()
+        assert not (tmp_path / "True" / "checkpoints" / finetune.CHECKPOINT_FILE).exists()
+
+
+def test_lora_trains_the_adapter_and_leaves_the_base_alone(toy, tokenizer, tmp_path):
+    base = load_causal_lm("tiny-llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    cfg = config(mode="lora", lora_r=4, lora_targets=("q_proj", "v_proj"), lr=1e-2)
+    record = run("tiny-llama", toy, cfg, tmp_path, tokenizer, base_model=base)
+    lora = {n: p for n, p in base.named_parameters() if "lora_" in n}
+    assert record["trainable_parameters"] == sum(p.numel() for p in lora.values()) > 0
+    assert all(float(p.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)  # B starts at zero
+    for name, value in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        original = name.replace("base_model.model.", "").replace(".base_layer", "")
+        torch.testing.assert_close(value, before[original], rtol=0, atol=0)
+    saved = load_file(tmp_path / "model" / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    merged, _ = finetune.load_trained(tmp_path / "model")
+    fresh = load_causal_lm("tiny-llama").state_dict()
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, fresh[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def test_qlora_trains_adapters_on_a_4bit_base_on_the_cpu(toy, tokenizer, tmp_path):
+    directory = tmp_path / "tiny-base"  # a saved model: tiny presets are built in memory, unquantised
+    load_causal_lm("tiny-llama").save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    cfg = config(mode="qlora", lora_r=4, max_steps=2)
+    record = run(str(directory), toy, cfg, tmp_path / "out", tokenizer)
+    assert record["mode"] == "qlora" and record["steps"] == 2 and record["trainable_parameters"] < 10_000
+    model, _ = finetune.load_trained(tmp_path / "out" / "model")  # CPU: dequantised base, adapter merged
+    assert not finetune.is_quantized_4bit(model)
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+    with pytest.raises(DpnbError, match="unquantised"):
+        run("tiny-llama", toy, cfg, tmp_path / "tiny", tokenizer)
+
+
+def test_empty_poisson_batches_add_noise_and_count_as_steps(tokenizer, tmp_path):
+    data = toy_dataset(tokenizer, 16)
+    cfg = config(mode="lora", lora_r=2, logical_batch_size=1, physical_batch_size=1, max_steps=6, seed=3)
+    record = run("tiny-llama", data, cfg, tmp_path, tokenizer)
+    log = finetune.read_train_log(tmp_path)
+    empty = [r for r in log[1:] if r["batch_size"] == 0]
+    assert empty and all(r["loss"] is None for r in empty)  # q = 1/16: some steps draw no record
+    assert record["steps"] == 6
+    privacy.verify_privacy(record)
+
+
+def weights(directory):
+    name = "model.safetensors" if (directory / "model.safetensors").exists() else "adapter_model.safetensors"
+    return load_file(directory / name)
+
+
+@pytest.mark.parametrize(("mode", "dp", "stop_at", "how"), [
+    ("lora", True, 2, "should_stop"),  # mid-epoch (4 steps per epoch), adapter dropout draws the torch RNG
+    ("full", False, 4, "sigint"),  # at an epoch boundary, without DP
+])
+def test_an_interrupted_run_resumes_to_the_same_result(mode, dp, stop_at, how, toy, tokenizer, tmp_path):
+    cfg = config(mode=mode, dp=dp, lora_r=4, lora_dropout=0.1, max_steps=6, logical_batch_size=8,
+                 physical_batch_size=4, checkpoint_every=100)
+    whole = run("tiny-llama", toy, cfg, tmp_path / "whole", tokenizer)
+
+    def stop(step: int) -> bool:
+        if step != stop_at:
+            return False
+        if how == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)  # the handler asks the loop to stop after this step
+            return False
+        return True
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(finetune.TrainingInterrupted, match=f"step {stop_at} of 6"):
+        run("tiny-llama", toy, cfg, tmp_path / "parts", tokenizer, should_stop=stop)
+    assert signal.getsignal(signal.SIGINT) is handler  # the run's handler is gone again
+    assert (tmp_path / "parts" / "checkpoints" / finetune.CHECKPOINT_FILE).exists()
+    assert not (tmp_path / "parts" / "privacy.json").exists()
+    assert len(finetune.read_train_log(tmp_path / "parts")) == stop_at + 1
+    resumed = run("tiny-llama", toy, cfg, tmp_path / "parts", tokenizer)
+
+    assert resumed["steps"] == whole["steps"] == 6
+    assert resumed["epsilon"] == whole["epsilon"]
+    strip = ("wall_s",)
+    assert ([{k: v for k, v in r.items() if k not in strip} for r in finetune.read_train_log(tmp_path / "parts")]
+            == [{k: v for k, v in r.items() if k not in strip} for r in finetune.read_train_log(tmp_path / "whole")])
+    a, b = weights(tmp_path / "whole" / "model"), weights(tmp_path / "parts" / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a finished run is returned as it is, not trained again
+    assert run("tiny-llama", toy, cfg, tmp_path / "parts", tokenizer) == resumed
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(toy, tokenizer, tmp_path):
+    cfg = config(mode="lora", lora_r=2, max_steps=3)
+    with pytest.raises(finetune.TrainingInterrupted):
+        run("tiny-llama", toy, cfg, tmp_path, tokenizer, should_stop=lambda step: step == 1)
+    with pytest.raises(DpnbError, match="another training setup"):
+        run("tiny-llama", toy, dataclasses.replace(cfg, target_epsilon=20.0), tmp_path, tokenizer)
+    # changing only how often to checkpoint is no other setup: the run resumes
+    record = run("tiny-llama", toy, dataclasses.replace(cfg, checkpoint_every=7), tmp_path, tokenizer)
+    assert record["steps"] == 3
+
+
+# --------------------------------------------------------------------------- bad parameters
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"logical_batch_size": 64}, "larger than the training set"),
+    ({"delta": 1 / 32}, "not below 1/N"),
+    ({"delta": 0.05}, "not below 1/N"),
+])
+def test_data_dependent_parameters_fail_before_any_model_loads(values, message, toy, tmp_path):
+    with pytest.raises(DpnbError, match=message):
+        finetune.train("no-such-model", toy, config(**values), tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"target_epsilon": 0}, "target_epsilon must be a positive number"),
+    ({"target_epsilon": -1}, "target_epsilon must be a positive number"),
+    ({"physical_batch_size": 16}, "larger than logical_batch_size"),
+    ({"mode": "nodp"}, "finetune.mode"),
+    ({"lr_schedule": "cosine"}, "finetune.lr_schedule"),
+])
+def test_bad_settings_are_refused_when_the_config_is_built(values, message):
+    with pytest.raises(DpnbError, match=message):
+        config(**values)
+
+
+def test_lora_targets_that_do_not_exist_name_the_ones_that_do():
+    with pytest.raises(DpnbError, match="c_attn"):
+        finetune.build_model("tiny-gpt2", config(mode="lora"), "cpu")

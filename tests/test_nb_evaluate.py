@@ -1,0 +1,35 @@
+"""notebooks/04_evaluate.ipynb runs on a tiny run directory (real prepare, hand-made synthetic sets)."""
+
+from __future__ import annotations
+
+import json
+
+from nbtools import execute_notebook, nbval_check
+from test_evaluate import TINY, build_run
+
+
+def checked_outputs(executed) -> list[str]:
+    cells = json.loads(executed.read_text())["cells"]
+    return ["".join("".join(output.get("text", "")) for output in cell["outputs"]) for cell in cells
+            if "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT")]
+
+
+def test_evaluate_notebook(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: two threads crawl on a busy machine
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = build_run(tmp_path)
+    # force=True: nbval's re-execution trains every classifier again, so the checked accuracy and F1
+    # cells also check that training repeats bit for bit on one machine.
+    executed = execute_notebook("04_evaluate.ipynb", tmp_path / "executed", run_dir=str(run.path), config=TINY,
+                                force=True)
+
+    counts, scores = checked_outputs(executed)
+    assert "training sets: real, synthetic, zero_shot" in counts
+    assert "table shape: (3, 11)" in counts
+    for source, n_train in (("real", 32), ("synthetic", 16), ("zero_shot", 4)):
+        assert f"{source:<10}{n_train:>8}{20:>8}" in counts, counts
+    assert "only label 'positive'" in scores
+    metrics = json.loads(run.metrics.read_text())
+    assert f"{metrics['zero_shot']['accuracy']:.1f}" == "0.5"
+    assert (run.figures / "memorisation.png").exists()
+    nbval_check(executed)

@@ -1,0 +1,214 @@
+"""Privacy accounting: sample rates as Opacus samples, calibration, accounting, checkpoints, records."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from itertools import pairwise
+
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpnb import privacy
+from dpnb.errors import DpnbError
+
+DELTA = 1e-5
+
+
+# --------------------------------------------------------------------------- sampling and steps
+
+
+@pytest.mark.parametrize("n, batch", [(100, 10), (101, 10), (930, 10), (25_000, 1028), (7, 7)])
+def test_sample_rate_and_epoch_length_are_what_a_dp_data_loader_uses(n, batch):
+    loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch, drop_last=False)
+    dp_loader = DPDataLoader.from_data_loader(loader)
+    assert privacy.poisson_sample_rate(n, batch) == dp_loader.sample_rate
+    assert privacy.steps_per_epoch(n, batch) == len(dp_loader)
+
+
+def test_batch_larger_than_data_is_refused():
+    with pytest.raises(DpnbError, match="larger than the data set"):
+        privacy.poisson_sample_rate(10, 11)
+
+
+def test_planned_steps_round_fractional_epochs_up_and_respect_max_steps():
+    per_epoch = privacy.steps_per_epoch(1000, 100)
+    assert privacy.planned_steps(1000, 100, 2.0, None) == 2 * per_epoch
+    assert privacy.planned_steps(1000, 100, 0.25, None) == math.ceil(0.25 * per_epoch)
+    assert privacy.planned_steps(1000, 100, 0.1 * 3, None) == 3  # 0.30000000000000004 epochs: no extra step
+    assert privacy.planned_steps(1000, 100, 5.0, 7) == 7
+    assert privacy.planned_steps(1000, 100, 0.5, 70) == math.ceil(0.5 * per_epoch)
+
+
+# --------------------------------------------------------------------------- delta
+
+
+def test_default_delta_is_below_one_over_n_and_accepted():
+    for n in (10, 800, 25_000):
+        assert privacy.default_delta(n) < 1 / n
+        privacy.validate_delta(privacy.default_delta(n), n)
+
+
+@pytest.mark.parametrize("delta", [1 / 100, 0.5, 0.0, -1e-6])
+def test_delta_not_below_one_over_n_is_refused(delta):
+    with pytest.raises(DpnbError, match="delta"):
+        privacy.validate_delta(delta, 100)
+
+
+def test_delta_error_names_the_default():
+    with pytest.raises(DpnbError, match=f"{privacy.default_delta(100):.3g}"):
+        privacy.validate_delta(0.02, 100)
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_grows_with_steps_and_falls_with_noise(accountant):
+    by_steps = [privacy.epsilon_spent(1.0, 0.04, t, DELTA, accountant) for t in (0, 1, 10, 50, 200)]
+    assert by_steps[0] == 0.0
+    assert all(a < b for a, b in pairwise(by_steps))
+    by_sigma = [privacy.epsilon_spent(s, 0.04, 50, DELTA, accountant) for s in (0.6, 1.0, 2.0)]
+    assert all(a > b for a, b in pairwise(by_sigma))
+
+
+CALIBRATION_SETTINGS = [(1.0, 0.1, 10), (8.0, 0.04, 40)]  # (target epsilon, sample rate, steps)
+
+
+@functools.cache
+def calibrated(target: float, rate: float, steps: int, accountant: str) -> float:
+    return privacy.calibrate_noise(target, DELTA, rate, steps, accountant)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("target, rate, steps", CALIBRATION_SETTINGS)
+def test_calibrated_noise_meets_the_target_closely(accountant, target, rate, steps):
+    sigma = calibrated(target, rate, steps, accountant)
+    spent = privacy.epsilon_spent(sigma, rate, steps, DELTA, accountant)
+    assert spent <= target
+    assert spent >= 0.99 * target
+
+
+@pytest.mark.parametrize("target, rate, steps", CALIBRATION_SETTINGS)
+def test_prv_is_calibrated_with_less_noise_than_rdp(target, rate, steps):
+    # PRV's bound is tighter than RDP's, so the same target needs less noise
+    assert calibrated(target, rate, steps, "prv") < calibrated(target, rate, steps, "rdp")
+
+
+@pytest.mark.parametrize("sigma, rate, steps", [(1.0, 0.04, 125), (2.0, 0.01, 1000), (0.8, 0.01, 50),
+                                                (1.0, 0.1, 10)])
+def test_accountants_order_gdp_below_prv_below_rdp_when_subsampled(sigma, rate, steps):
+    # RDP and PRV are upper bounds, PRV the tighter; GDP's CLT approximation under-estimates here
+    eps = {name: privacy.epsilon_spent(sigma, rate, steps, DELTA, name) for name in ("gdp", "prv", "rdp")}
+    assert eps["gdp"] < eps["prv"] < eps["rdp"]
+
+
+@pytest.mark.parametrize("delta", [DELTA, privacy.default_delta(25_000), privacy.default_delta(800)])
+def test_epsilon_equals_what_an_opacus_accountant_reports_after_stepping(delta):
+    # the same number PrivacyEngine.get_epsilon(delta) prints during training, to the last bit
+    for accountant in (RDPAccountant(), PRVAccountant()):
+        for _ in range(12):
+            accountant.step(noise_multiplier=0.9, sample_rate=0.05)
+        assert accountant.get_epsilon(delta) == privacy.epsilon_spent(0.9, 0.05, 12, delta, accountant.mechanism())
+
+
+def test_epsilons_all_has_both_accountants():
+    both = privacy.epsilons_all(1.0, 0.04, 20, DELTA)
+    assert set(both) == {"rdp", "prv"}
+    assert both["prv"] == privacy.epsilon_spent(1.0, 0.04, 20, DELTA, "prv")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target_epsilon": 0.0}, "target epsilon"),
+    ({"target_epsilon": float("inf")}, "target epsilon"),
+    ({"steps": 0}, "steps"),
+    ({"sample_rate": 0.0}, "sample rate"),
+    ({"sample_rate": 1.5}, "sample rate"),
+    ({"accountant": "gdp"}, "accountant"),
+])
+def test_calibration_refuses_bad_inputs(kwargs, match):
+    args = {"target_epsilon": 1.0, "delta": DELTA, "sample_rate": 0.1, "steps": 10, "accountant": "rdp", **kwargs}
+    with pytest.raises(DpnbError, match=match):
+        privacy.calibrate_noise(**args)
+
+
+def test_prv_refuses_a_grid_that_would_exhaust_memory():
+    # sigma = 0.05 at q = 0.04, 125 steps needs a grid of ~167 M points (tens of GB)
+    with pytest.raises(DpnbError, match="rdp"):
+        privacy.epsilon_spent(0.05, 0.04, 125, DELTA, "prv")
+
+
+# --------------------------------------------------------------------------- per-step tracking
+
+
+def test_tracker_reports_exact_epsilon_or_the_next_computed_steps():
+    sigma, rate, steps = 1.0, 0.04, 12
+    exact = privacy.EpsilonTracker(sigma, rate, DELTA, "prv", steps)
+    assert exact.epsilon(0) == 0.0
+    assert exact.epsilon(7) == privacy.epsilon_spent(sigma, rate, 7, DELTA, "prv")
+    coarse = privacy.EpsilonTracker(sigma, rate, DELTA, "prv", steps, exact_every=5)
+    assert not coarse.is_exact(7) and coarse.computed_at(7) == 10
+    assert coarse.epsilon(7) == privacy.epsilon_spent(sigma, rate, 10, DELTA, "prv") > exact.epsilon(7)
+    assert coarse.computed_at(11) == steps and coarse.is_exact(steps)
+    assert coarse.epsilon(steps) == exact.epsilon(steps)
+
+
+def test_rdp_tracker_matches_the_accountant_at_every_step():
+    tracker = privacy.EpsilonTracker(0.7, 0.04, DELTA, "rdp", 300)
+    for step in (0, 1, 2, 25, 299, 300, 301):
+        assert tracker.epsilon(step) == privacy.epsilon_spent(0.7, 0.04, step, DELTA, "rdp")
+
+
+# --------------------------------------------------------------------------- checkpoints and records
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv"])
+def test_restored_accountant_after_json_round_trip_continues_identically(name):
+    original = privacy.new_accountant(name)
+    for _ in range(9):
+        original.step(noise_multiplier=0.8, sample_rate=0.03)
+    saved = json.loads(json.dumps(privacy.accountant_history(original)))
+    restored = privacy.restore_accountant(name, saved)
+    assert restored.get_epsilon(DELTA) == original.get_epsilon(DELTA)
+    original.step(noise_multiplier=0.8, sample_rate=0.03)
+    restored.step(noise_multiplier=0.8, sample_rate=0.03)
+    assert restored.history == original.history == [(0.8, 0.03, 10)]  # merged, not a second entry
+
+
+def test_restore_refuses_a_damaged_history():
+    with pytest.raises(DpnbError, match="damaged"):
+        privacy.restore_accountant("rdp", [[0.8, 0.03]])
+    with pytest.raises(DpnbError, match="damaged"):
+        privacy.restore_accountant("rdp", [[0.8, 0.03, 2.5]])
+
+
+def _record() -> dict:
+    return {"dp": True, **privacy.privacy_fields(0.9, 0.05, 8, DELTA, "prv")}
+
+
+def test_record_verifies_after_json_round_trip():
+    record = json.loads(json.dumps(_record()))
+    assert privacy.recompute_epsilon(record) == record["epsilon"]
+    privacy.verify_privacy(record)
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda r: r.update(epsilon=r["epsilon"] * 0.99),
+    lambda r: r.update(steps=r["steps"] - 1),
+    lambda r: r["epsilons"].update(rdp=r["epsilons"]["rdp"] * 0.9),
+])
+def test_tampered_record_fails_verification(tamper):
+    record = _record()
+    tamper(record)
+    with pytest.raises(DpnbError, match="inconsistent"):
+        privacy.verify_privacy(record)
+
+
+def test_non_dp_record_must_not_claim_an_epsilon():
+    privacy.verify_privacy({"dp": False, "epsilon": None})
+    with pytest.raises(DpnbError, match="dp = false"):
+        privacy.verify_privacy({"dp": False, "epsilon": 3.0})
