@@ -94,10 +94,10 @@ CHECKPOINT_FORMAT = 1
 MODEL_CARD = "dpnb_model.json"
 # Config fields that do not change what is trained: a checkpoint written under other values resumes.
 RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "samples_before_after", "device")
-# Opacus warnings that say nothing to a user of this module: the seeded (non-cryptographic) noise
-# generator is recorded in privacy.json as "secure_rng": false, and the backward-hook notice fires
-# because the input ids, being integers, carry no gradient.
-_QUIET = ("Secure RNG turned off", "Full backward hook is firing")
+# Library warnings that say nothing to a user of this module: the seeded (non-cryptographic) noise
+# generator is recorded in privacy.json as "secure_rng": false; the backward-hook notice fires because
+# the input ids, being integers, carry no gradient; peft calls a transformers method deprecated in v5.
+_QUIET = ("Secure RNG turned off", "Full backward hook is firing", "`is_gradient_checkpointing` is deprecated")
 
 
 class TrainingInterrupted(DpnbError):
@@ -309,7 +309,8 @@ def build_model(model_name: str, cfg: FinetuneConfig, device: str,
         return model, notes
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(cfg, model))
+    with quiet_warnings():
+        model = get_peft_model(model, lora_config(cfg, model))
     return model, notes
 
 
@@ -438,11 +439,11 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
     else:
         from opacus import PrivacyEngine
 
-        engine = PrivacyEngine(accountant=cfg.accountant)
-        if accountant_history:
-            engine.accountant = privacy.restore_accountant(cfg.accountant, accountant_history)
         noise_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        with quiet_opacus():
+        with quiet_warnings():
+            engine = PrivacyEngine(accountant=cfg.accountant)
+            if accountant_history:
+                engine.accountant = privacy.restore_accountant(cfg.accountant, accountant_history)
             wrapped = engine.make_private(
                 module=model, optimizer=adamw, data_loader=plain, noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, loss_reduction="mean",
@@ -464,7 +465,7 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
 
 
 @contextlib.contextmanager
-def quiet_opacus() -> Iterator[None]:
+def quiet_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=f".*{message}.*")
@@ -757,7 +758,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
 
     sampler_state = checkpoint["rng"]["sampler"] if checkpoint else None
     started = time.time()
-    with StopRequest() as stop, quiet_opacus():
+    with StopRequest() as stop, quiet_warnings():
         while position.step < plan.steps:
             steps = min(plan.steps_per_epoch - position.step_in_epoch, plan.steps - position.step)
             for result in _epoch(session, records, cfg, pad_id, device, steps, position, sampler_state):
@@ -975,9 +976,10 @@ def load_trained(model_dir: str | os.PathLike, device: str = "cpu",
                 base_model = base_model.dequantize().to(torch_dtype(dtype))
         else:
             base_model = load_causal_lm(base, dtype=dtype, seed=card.get("base_seed", 0)).to(device)
-        model = PeftModel.from_pretrained(base_model, path)
-        if not (mode == "qlora" and device == "cuda"):
-            model = model.merge_and_unload()
+        with quiet_warnings():
+            model = PeftModel.from_pretrained(base_model, path)
+            if not (mode == "qlora" and device == "cuda"):
+                model = model.merge_and_unload()
     return model.to(device).eval(), tokenizer
 
 
@@ -1097,7 +1099,7 @@ def explain_privacy(record: dict[str, Any]) -> str:
         f"{record['accountant'].upper()} accountant (RDP: {record['epsilons']['rdp']:.2f}, PRV: "
         f"{record['epsilons']['prv']:.2f}); target epsilon {record['target_epsilon']:g}. delta is below "
         f"1/N = {1 / n:.3g}.",
-        f"Meaning: for any one review, the released weights are at most e^epsilon = {math.exp(record['epsilon']):.3g} "
-        f"times more (or less) likely with it than without it, except with probability delta.",
+        f"Meaning: any outcome of this training is at most e^epsilon = {math.exp(record['epsilon']):.3g} times as "
+        f"likely with any one review in the data as without it (and the other way round), up to probability delta.",
     ]
     return "\n".join(lines)

@@ -54,12 +54,13 @@ numbers so the accountant sees what the loop does.
 PRV cost
 --------
 The PRV accountant's cost grows with its grid, about `sqrt(T)` times the range of the privacy
-loss, which grows as `sigma` shrinks. Measured on a 2-core CPU: 0.3-0.4 s per epsilon at the
-paper's setting (q = 0.04, T = 125, sigma ~ 0.66), about 1 s at T = 1,000, 5-11 s at T = 5,000
-(0.6 GB), 29 s at T = 20,000 (18 M points); sigma = 0.05 at T = 125 needs 167 M points and runs
-out of memory. Every PRV call here first checks the grid against `MAX_PRV_GRID` and raises a
-`DpnbError` that suggests the RDP accountant instead of exhausting memory. RDP costs ~0.15 s per call
-regardless of `T`.
+loss, which grows as `sigma` shrinks. Measured on a shared 2-core CPU: 0.3-0.6 s per epsilon at
+the paper's setting (q = 0.04, T = 125, sigma ~ 0.66), 1-2 s at T = 1,000, ~3 s at T = 2,000,
+5-11 s at T = 5,000 (0.6 GB), ~30 s at T = 20,000 (18 M points); sigma = 0.05 at T = 125 needs
+167 M points and runs out of memory. Every PRV call here first checks the grid against
+`MAX_PRV_GRID` (the check itself costs ~0.15 s) and raises a `DpnbError` that suggests the RDP
+accountant instead of exhausting memory. RDP costs ~0.1-0.15 s per call regardless of `T`, and
+`EpsilonTracker` makes it ~4 ms per step. Calibration takes ~3-5 s (RDP or PRV, T = 125).
 """
 
 from __future__ import annotations
@@ -279,8 +280,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                     accountant: str = "prv") -> float:
     """The constant noise multiplier sigma whose epsilon after exactly `steps` steps is at most the target.
 
-    Epsilon falls as sigma grows, so a bisection on sigma finds the smallest sigma whose epsilon is
-    within a small tolerance below the target (`_epsilon_tolerance`; 0.2% of it, at most 0.01).
+    Epsilon falls as sigma grows, so a one-dimensional search on sigma finds the smallest sigma whose
+    epsilon is within a small tolerance below the target (`_epsilon_tolerance`; 0.2% of it, at most
+    0.01; 0.005 at least for PRV).
 
     - RDP: Opacus's `get_noise_multiplier(steps=...)`.
     - PRV: Opacus's `get_noise_multiplier` bisects from sigma in [0, 20] with an unbounded loop; on
@@ -288,7 +290,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
       tolerance is finer than PRV's discretisation. So the RDP answer (whose PRV epsilon is below
       the target, PRV being the tighter bound) is the upper end of a bracket, 0.8 times it the
       lower end (each widened if needed), the grid is checked once at the lower end, and a
-      bisection of at most 60 steps runs on the same PRV computation as `epsilon_spent`.
+      false-position search of at most 60 steps runs on the same PRV computation as
+      `epsilon_spent`, keeping an upper end whose epsilon is at most the target throughout.
 
     The returned sigma's epsilon is recomputed by `epsilon_spent` and is never above the target.
     """

@@ -152,7 +152,7 @@ def test_dp_gradient_is_the_clipped_sum_plus_noise_over_the_expected_batch(arch,
     plan = fixed_noise_plan(cfg, len(records), sigma)
     session = finetune.make_session(model, cfg, plan, "cpu")
 
-    with finetune.quiet_opacus():
+    with finetune.quiet_warnings():
         batch = finetune.collate(records, indices, tokenizer.pad_token_id)
         _, to_backward = finetune._forward_losses(session, batch)
         to_backward.backward()
@@ -177,7 +177,7 @@ def test_dp_gradient_without_noise_is_exactly_the_clipped_sum(toy, tokenizer):
     records = finetune.Records.from_dataset(toy)
     plan = fixed_noise_plan(cfg, len(records), 0.0)
     session = finetune.make_session(model, cfg, plan, "cpu")
-    with finetune.quiet_opacus():
+    with finetune.quiet_warnings():
         _, to_backward = finetune._forward_losses(session, finetune.collate(records, [1, 2, 4], tokenizer.pad_token_id))
         to_backward.backward()
         session.optimizer.pre_step()
