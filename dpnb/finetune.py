@@ -8,8 +8,9 @@ One logical (noise-adding) step of DP-SGD, as Opacus runs it here:
 2. Per-record gradients g_i = grad l_i, where l_i is the record's own loss: the mean next-token
    cross-entropy over its tokens (padding never counts).
 3. Clipping: g_i <- g_i * min(1, C / ||g_i||), so no record can move the sum by more than C.
-4. Noise: G = (sum_i g_i + N(0, sigma^2 C^2 I)) / (N*q). The divisor is the *expected* batch size,
-   a public constant; dividing by the drawn size would reveal how many records were sampled.
+4. Noise: G = (sum_i g_i + N(0, sigma^2 C^2 I)) / E. The divisor E is the *expected* batch size
+   (Opacus's `expected_batch_size` = int(N*q)), a public constant; dividing by the drawn size would
+   reveal how many records were sampled.
 5. An AdamW update with G.
 
 The logical batch is cut into physical batches (what fits in memory) by Opacus's
@@ -22,8 +23,7 @@ epsilon after exactly the number of steps the loop will take at exactly this q.
 Loss reduction, precisely. Opacus's hooks assume the loss of a physical batch of n records is
 `mean_i l_i` (loss_reduction="mean") and multiply the back-propagated signal by n, which recovers
 g_i = grad l_i for each record, whatever n is; Poisson sampling makes n vary, and that is fine.
-The optimizer then divides the noisy sum by the expected batch size N*q (Opacus's
-`expected_batch_size`), not by n. Ghost clipping gets the per-record losses from the same criterion
+The optimizer then divides the noisy sum by the expected batch size E, not by n. Ghost clipping gets the per-record losses from the same criterion
 (`reduction = "none"`). Records are padded on the right; padding is masked by each record's length,
 never by token id, because the pad token is EOS for SmolLM2 and the EOS closing each record must
 be learned. By default the prompt tokens are not in the loss (`loss_on_prompt`): the model learns
@@ -281,8 +281,8 @@ def build_model(model_name: str, cfg: FinetuneConfig, device: str,
 
     full: every weight (untied from the input embedding first for ghost clipping). lora: peft
     adapters on a frozen base. qlora: the base loaded in 4-bit NF4 (frozen) with LoRA adapters on
-    top. The base is moved to `device` before peft wraps it (opacus issue #820: adapters attached
-    before the move can be trained on stale copies).
+    top. The base is moved to `device` before peft wraps it (opacus issue #820: with newer peft,
+    LoRA updates were silently corrupted when the model reached its device only after wrapping).
     """
     from dpnb.models import load_causal_lm
 

@@ -99,8 +99,7 @@ def test_prv_is_calibrated_with_less_noise_than_rdp(target, rate, steps):
     assert calibrated(target, rate, steps, "prv") < calibrated(target, rate, steps, "rdp")
 
 
-@pytest.mark.parametrize("sigma, rate, steps", [(1.0, 0.04, 125), (2.0, 0.01, 1000), (0.8, 0.01, 50),
-                                                (1.0, 0.1, 10)])
+@pytest.mark.parametrize("sigma, rate, steps", [(1.0, 0.04, 125), (0.8, 0.01, 50), (1.0, 0.1, 10)])
 def test_accountants_order_gdp_below_prv_below_rdp_when_subsampled(sigma, rate, steps):
     # RDP and PRV are upper bounds, PRV the tighter; GDP's CLT approximation under-estimates here
     eps = {name: privacy.epsilon_spent(sigma, rate, steps, DELTA, name) for name in ("gdp", "prv", "rdp")}
