@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/dpnb run configs/demo.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q --nbval-lax notebooks tests
+	$(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check dpnb tests benchmarks

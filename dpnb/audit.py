@@ -83,7 +83,7 @@ def exposure(canary_scores: Sequence[float], reference_scores: Sequence[float]) 
 
 
 def exposure_extrapolated(canary_scores: Sequence[float], reference_scores: Sequence[float]) -> np.ndarray:
-    """Exposure from a skew-normal fitted to the reference scores (Carlini et al., section 4.3).
+    """Exposure from a skew-normal fitted to the reference scores (Carlini et al.'s extrapolation).
 
     exposure = -log2 P[reference score >= canary score] under the fitted distribution. Unlike the
     rank estimate it is not capped at log2(n + 1), at the price of trusting the fitted tail.
@@ -219,7 +219,7 @@ def one_run_audit(scores: Sequence[float], inserted: Sequence[bool], *, n_guesse
         correct = int(np.sum(guesses * truth == 1))
         trials.append({"n_guesses": k, "n_correct": correct,
                        "epsilon_lower_bound": epsilon_lower_bound(m, k, correct, per_test, delta)})
-    best = max(trials, key=lambda t: t["epsilon_lower_bound"])
+    best = max(trials, key=lambda t: (t["epsilon_lower_bound"], t["n_guesses"]))  # ties: the most guesses
     return {"epsilon_lower_bound": best["epsilon_lower_bound"], "n_guesses": best["n_guesses"],
             "n_correct": best["n_correct"], "n_canaries": m, "confidence": confidence,
             "confidence_per_test": per_test, "delta": delta, "trials": trials}
@@ -511,10 +511,12 @@ def plan_audit(train: datasets.Dataset, test: datasets.Dataset, label_names: Seq
     n_total = cfg.n_canaries + cfg.n_reference
     reuse = len(pool) < n_total
     chosen = rng.choice(pool, size=n_total, replace=reuse)
-    texts, labels = test.select(chosen.tolist())["text"], test.select(chosen.tolist())["label"]
-    records = make_canaries(list(zip(texts, labels, strict=True)), label_names, tokenizer, prompt_format,
-                            max_length, prefix_tokens=cfg.canary_prefix_tokens,
+    sources = test.select(chosen.tolist())
+    records = make_canaries(list(zip(sources["text"], sources["label"], strict=True)), label_names, tokenizer,
+                            prompt_format, max_length, prefix_tokens=cfg.canary_prefix_tokens,
                             suffix_tokens=cfg.canary_suffix_tokens, rng=rng)
+    for record, source in zip(records, chosen, strict=True):
+        record["test_index"] = int(source)  # the held-out review that lent its opening
     coins = rng.random(cfg.n_canaries) < 0.5  # independent fair coins, as the one-run theorem requires
     canaries = [{**c, "inserted": bool(coin)} for c, coin in zip(records[: cfg.n_canaries], coins, strict=True)]
     references = records[cfg.n_canaries:]
@@ -548,6 +550,10 @@ def canary_attack(scores: np.ndarray, reference_scores: np.ndarray, inserted: np
         },
         "one_run": one_run_audit(scores, inserted, n_guesses=n_guesses, confidence=confidence, delta=delta,
                                  seed=seed),
+        # the same test against pure epsilon-DP (delta = 0): not comparable with an (eps, delta) claim, but
+        # informative when the claim's delta is large (group privacy for repeated canaries)
+        "one_run_pure": one_run_audit(scores, inserted, n_guesses=n_guesses, confidence=confidence, delta=0.0,
+                                      seed=seed),
     }
     if inserted.any() and (~inserted).any():
         summary["roc"] = roc_summary(scores[inserted], scores[~inserted])
@@ -889,15 +895,17 @@ def summary_table(summary: dict[str, Any]) -> Any:
 
     rows = {}
     for name, twin in summary["twins"].items():
-        one_run = twin["canaries"]["one_run"]
+        one_run, pure = twin["canaries"]["one_run"], twin["canaries"]["one_run_pure"]
         exposure_in = twin["canaries"]["exposure"]["inserted"]
         exposure_out = twin["canaries"]["exposure"]["not_inserted"]
         synthetic = (twin.get("synthetic") or {}).get("roc")
         canary_roc = twin["canaries"].get("roc")
         rows[name] = {
-            "accountant epsilon": twin["privacy"]["epsilon"],
+            "accountant epsilon": None if twin["privacy"]["epsilon"] is None else round(twin["privacy"]["epsilon"], 3),
+            "audit delta": float(f"{one_run['delta']:.3g}"),
             "audit epsilon lower bound": round(one_run["epsilon_lower_bound"], 3),
             "correct guesses": f"{one_run['n_correct']}/{one_run['n_guesses']}",
+            "lower bound for pure DP (delta 0)": round(pure["epsilon_lower_bound"], 3),
             "exposure, inserted (mean bits)": round(exposure_in["mean"], 2) if exposure_in else None,
             "exposure, not inserted (mean bits)": round(exposure_out["mean"], 2) if exposure_out else None,
             "canary AUC": round(canary_roc["auc"], 3) if canary_roc else None,

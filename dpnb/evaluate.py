@@ -53,7 +53,7 @@ import numpy as np
 
 from dpnb.config import EvaluateConfig
 from dpnb.errors import DpnbError, require
-from dpnb.rundir import RunDir, config_fingerprint, read_json, write_json_atomic
+from dpnb.rundir import RunDir, read_json, write_json_atomic
 
 if TYPE_CHECKING:
     import datasets
@@ -672,15 +672,6 @@ def synthetic_quality(
 # --------------------------------------------------------------------------- 7. the stage
 
 
-def _upstream_state(run: RunDir, stages: Sequence[str]) -> dict[str, Any]:
-    """Identity of the results this stage reads (their completion markers)."""
-    state = {}
-    for stage in stages:
-        marker = read_json(run.marker(stage))
-        state[stage] = {"fingerprint": marker.get("fingerprint"), "finished_at": marker.get("finished_at")}
-    return state
-
-
 def plan_sources(run: RunDir, cfg: EvaluateConfig) -> tuple[list[str], dict[str, str]]:
     """The sources to evaluate now, and the skipped ones with the reason (see the module docstring)."""
     wanted_synthetic = [s for s in cfg.sources if s in SYNTHETIC_SOURCES]
@@ -738,15 +729,7 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
     """
     run.require_stage("prepare")
     sources, skipped = plan_sources(run, cfg)
-    upstream = _upstream_state(run, ["prepare"] + (["generate"] if run.is_complete("generate") and any(
-        s in SYNTHETIC_SOURCES for s in sources) else []))
-    if not force and run.is_complete(STAGE):
-        recorded = read_json(run.marker(STAGE)).get("upstream")
-        if recorded is not None and recorded != upstream:
-            raise DpnbError(
-                f"prepare or generate in {run.path} was rerun after this evaluation; rerun evaluate with "
-                f"force=True (dpnb run --force) to evaluate the new data"
-            )
+    # should_run also refuses metrics of data that prepare or generate has since replaced
     if not run.should_run(STAGE, cfg, force):
         require(run.metrics.exists(), f"{run.metrics} is missing although evaluate completed; rerun it with "
                                       f"force=True")
@@ -759,7 +742,7 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
     partial_dir = run.path / STAGE
     if force:
         shutil.rmtree(partial_dir, ignore_errors=True)
-    key = config_fingerprint({"config": cfg, "upstream": upstream})
+    key = run.fingerprint(STAGE, cfg)  # a finished source is reused only for the same config and inputs
     train, test, manifest = load_prepared(run)
     label_names = list(manifest["label_names"])
     num_labels = len(label_names)
@@ -829,7 +812,7 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
     }
     write_json_atomic(run.metrics, metrics)
     save_figures(run, metrics)
-    run.mark_complete(STAGE, cfg, started, upstream=upstream)
+    run.mark_complete(STAGE, cfg, started)
     shutil.rmtree(partial_dir, ignore_errors=True)  # the partial results are in metrics.json now
     return read_json(run.metrics)  # the same values a skipped run returns
 

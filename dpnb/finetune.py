@@ -23,11 +23,12 @@ epsilon after exactly the number of steps the loop will take at exactly this q.
 Loss reduction, precisely. Opacus's hooks assume the loss of a physical batch of n records is
 `mean_i l_i` (loss_reduction="mean") and multiply the back-propagated signal by n, which recovers
 g_i = grad l_i for each record, whatever n is; Poisson sampling makes n vary, and that is fine.
-The optimizer then divides the noisy sum by the expected batch size E, not by n. Ghost clipping gets the per-record losses from the same criterion
-(`reduction = "none"`). Records are padded on the right; padding is masked by each record's length,
-never by token id, because the pad token is EOS for SmolLM2 and the EOS closing each record must
-be learned. By default the prompt tokens are not in the loss (`loss_on_prompt`): the model learns
-the review given its label prompt, which is what generation asks of it.
+The optimizer then divides the noisy sum by the expected batch size E, not by n. Ghost clipping
+gets the per-record losses from the same criterion (`reduction = "none"`). Records are padded on
+the right; padding is masked by each record's length, never by token id, because the pad token is
+EOS for SmolLM2 and the EOS closing each record must be learned. By default the prompt tokens are
+not in the loss (`loss_on_prompt`): the model learns the review given its label prompt, which is
+what generation asks of it.
 
 The non-DP baseline (`dp: false`) runs the same loop: the same Poisson-sampled logical batches
 (same q, same seed, same number of steps), cut into the same physical batches, with the plain
@@ -267,8 +268,12 @@ def lora_config(cfg: FinetuneConfig, model: PreTrainedModel) -> Any:
                 f"finetune.lora_top_layers = {cfg.lora_top_layers} but the model has {depth} layers; "
                 f"give at most {depth}")
         layers = list(range(depth - cfg.lora_top_layers, depth))
+    # GPT-2's Conv1D layers store their weight transposed; peft must be told
+    conv1d = any(type(module).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in cfg.lora_targets
+                 for name, module in model.named_modules())
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), layers_to_transform=layers, task_type="CAUSAL_LM")
+                      target_modules=list(cfg.lora_targets), layers_to_transform=layers, fan_in_fan_out=conv1d,
+                      task_type="CAUSAL_LM")
 
 
 def is_quantized_4bit(model: nn.Module) -> bool:
@@ -466,10 +471,25 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
 
 @contextlib.contextmanager
 def quiet_warnings() -> Iterator[None]:
+    """Hide the library warnings listed in `_QUIET` (and only those)."""
     with warnings.catch_warnings():
         for message in _QUIET:
             warnings.filterwarnings("ignore", message=f".*{message}.*")
         yield
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Hide transformers' weight loading/saving progress bars (noise in a notebook's output)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass(frozen=True)
@@ -731,7 +751,8 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     import torch
 
     torch.manual_seed(cfg.seed)  # adapter initialisation
-    model, notes = build_model(model_name, cfg, device, base_model)
+    with quiet_progress():
+        model, notes = build_model(model_name, cfg, device, base_model)
     say = print if verbose else (lambda *a, **k: None)
     for note in notes:
         say(note)
@@ -898,11 +919,27 @@ def accounted_steps(session: Session, plan: TrainingPlan) -> int:
     return sum(count for _, _, count in history)
 
 
+def epsilons_by_accountant(sigma: float, rate: float, steps: int, delta: float, chosen: str) -> dict[str, float]:
+    """Epsilon by each guarantee-giving accountant, for comparison (`privacy.epsilons_all`, but tolerant).
+
+    PRV refuses settings whose grid would take gigabytes; when it is not the chosen accountant, it is
+    left out rather than failing a finished training.
+    """
+    epsilons = {}
+    for name in privacy.ACCOUNTANTS:
+        try:
+            epsilons[name] = privacy.epsilon_spent(sigma, rate, steps, delta, name)
+        except DpnbError:
+            if name == chosen:
+                raise
+    return epsilons
+
+
 def privacy_record(session: Session, plan: TrainingPlan, cfg: FinetuneConfig, position: Position,
                    trainable: int, train_sha256: str, identity: dict[str, Any]) -> dict[str, Any]:
     """privacy.json: the guarantee of the finished run, for the steps the accountant counted.
 
-    Epsilon is computed by `privacy.privacy_fields`, the path `privacy.verify_privacy` retraces, so
+    Epsilon is computed by `privacy.epsilon_spent`, the path `privacy.verify_privacy` retraces, so
     anyone can recompute it from (noise_multiplier, sample_rate, steps, delta, accountant).
     """
     common = {
@@ -919,8 +956,11 @@ def privacy_record(session: Session, plan: TrainingPlan, cfg: FinetuneConfig, po
     steps = accounted_steps(session, plan)
     if steps != position.step:
         raise RuntimeError(f"the accountant counted {steps} noise-adding steps, the loop {position.step}")
+    sigma, rate, delta = plan.noise_multiplier, plan.sample_rate, plan.delta
     return {
-        **privacy.privacy_fields(plan.noise_multiplier, plan.sample_rate, steps, plan.delta, cfg.accountant),
+        "epsilon": privacy.epsilon_spent(sigma, rate, steps, delta, cfg.accountant),
+        "epsilons": epsilons_by_accountant(sigma, rate, steps, delta, cfg.accountant),
+        "delta": delta, "noise_multiplier": sigma, "sample_rate": rate, "steps": steps, "accountant": cfg.accountant,
         "max_grad_norm": cfg.max_grad_norm, "grad_sample_mode": cfg.grad_sample_mode,
         "target_epsilon": cfg.target_epsilon,
         "secure_rng": False,  # a seeded torch generator (reproducible), not a cryptographic one
@@ -937,7 +977,7 @@ def model_card(model_name: str, cfg: FinetuneConfig, notes: Sequence[str]) -> di
 
 def save_trained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path, card: dict[str, Any]) -> None:
     """model/: the whole model (full) or the peft adapter (lora, qlora), the tokenizer and the card."""
-    with atomic_directory(target) as staging:
+    with atomic_directory(target) as staging, quiet_progress():
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / MODEL_CARD, card)
@@ -952,9 +992,7 @@ def load_trained(model_dir: str | os.PathLike, device: str = "cpu",
     CPU (where 4-bit kernels are slow) the 4-bit base is dequantised to `dtype`, which gives exactly
     the weights the adapter was trained against, and the adapter is merged into it.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dpnb.models import load_causal_lm, torch_dtype
+    from transformers import AutoTokenizer
 
     path = Path(model_dir)
     require((path / MODEL_CARD).exists(),
@@ -963,6 +1001,16 @@ def load_trained(model_dir: str | os.PathLike, device: str = "cpu",
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    with quiet_progress():
+        model = _load_model(path, card, device, dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def _load_model(path: Path, card: dict[str, Any], device: str, dtype: str) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    from dpnb.models import load_causal_lm, torch_dtype
+
     mode, base = card["mode"], card["base"]
     if mode == "full":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
@@ -980,7 +1028,7 @@ def load_trained(model_dir: str | os.PathLike, device: str = "cpu",
             model = PeftModel.from_pretrained(base_model, path)
             if not (mode == "qlora" and device == "cuda"):
                 model = model.merge_and_unload()
-    return model.to(device).eval(), tokenizer
+    return model
 
 
 def read_train_log(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -1089,6 +1137,7 @@ def explain_privacy(record: dict[str, Any]) -> str:
                      "costs.")
         return "\n".join(lines)
     sigma, clip = record["noise_multiplier"], record["max_grad_norm"]
+    by_accountant = ", ".join(f"{name.upper()}: {value:.2f}" for name, value in (record.get("epsilons") or {}).items())
     lines += [
         f"Clipping: each record's gradient is scaled down to norm at most C = {clip:g}, so adding or removing "
         f"one record moves the summed gradient by at most C.",
@@ -1096,9 +1145,8 @@ def explain_privacy(record: dict[str, Any]) -> str:
         f"added to every coordinate of that sum (sigma = {sigma:.4f}, chosen before training for exactly "
         f"these {steps} steps at this q), and the result is divided by the expected batch size.",
         f"Guarantee: (epsilon, delta) = ({record['epsilon']:.2f}, {record['delta']:.3g}) by the "
-        f"{record['accountant'].upper()} accountant (RDP: {record['epsilons']['rdp']:.2f}, PRV: "
-        f"{record['epsilons']['prv']:.2f}); target epsilon {record['target_epsilon']:g}. delta is below "
-        f"1/N = {1 / n:.3g}.",
+        f"{record['accountant'].upper()} accountant ({by_accountant}); target epsilon "
+        f"{record['target_epsilon']:g}. delta is below 1/N = {1 / n:.3g}.",
         f"Meaning: any outcome of this training is at most e^epsilon = {math.exp(record['epsilon']):.3g} times as "
         f"likely with any one review in the data as without it (and the other way round), up to probability delta.",
     ]

@@ -714,15 +714,6 @@ def load_synthetic(path: str | os.PathLike) -> datasets.Dataset:
 # --------------------------------------------------------------------------- the stage
 
 
-def _upstream_state(run: RunDir) -> dict[str, Any]:
-    """Identity of the prepare and finetune results this stage sampled from (their markers)."""
-    state = {}
-    for stage in ("prepare", "finetune"):
-        marker = read_json(run.marker(stage))
-        state[stage] = {"fingerprint": marker.get("fingerprint"), "finished_at": marker.get("finished_at")}
-    return state
-
-
 def _data_description(manifest: dict[str, Any]) -> str:
     source = manifest.get("source", "unknown source")
     n_train = manifest.get("n_train")
@@ -759,14 +750,7 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
     """
     run.require_stage("prepare")
     run.require_stage("finetune")
-    upstream = _upstream_state(run)
-    if not force and run.is_complete(STAGE):
-        recorded = read_json(run.marker(STAGE)).get("upstream")
-        if recorded is not None and recorded != upstream:
-            raise DpnbError(
-                f"prepare or finetune in {run.path} was rerun after its samples were drawn; rerun generate "
-                f"with force=True (dpnb run --force) to sample the new model"
-            )
+    # should_run also refuses samples drawn before prepare or finetune was rerun (rundir.DEPENDS_ON)
     if not run.should_run(STAGE, cfg, force):
         return read_summary(run, cfg)
     started = time.time()
@@ -809,7 +793,7 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
         if run.zero_shot.exists():
             print(f"removing {run.zero_shot}: an earlier zero-shot set no longer matches this config")
             shutil.rmtree(run.zero_shot)
-    run.mark_complete(STAGE, cfg, started, upstream=upstream)
+    run.mark_complete(STAGE, cfg, started)
     return summary
 
 

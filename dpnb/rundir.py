@@ -11,9 +11,10 @@ One experiment is one directory, `runs/<name>/` by default:
     train_log.jsonl           02 finetune: one line per logical (noise-adding) step
     privacy.json              02 finetune: the privacy guarantee of the run
     checkpoints/              02 finetune: the latest resumable state
-    synthetic/, zero_shot/    03 generate: labelled synthetic data sets with a dataset card
-    metrics.json              04 evaluate
-    audit.json                06 audit
+    synthetic/, zero_shot/    03 generate: labelled synthetic data sets with a dataset card; shards/
+                              holds the samples written so far, so an interrupted run resumes
+    metrics.json              04 evaluate (evaluate/ holds finished sources while it runs)
+    audit.json, audit/        06 audit: the summary, and the DP and non-DP twins it trained
     figures/                  every stage's figures
 
 A stage is complete when its marker exists; the marker is written last, atomically, so a crash
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -83,6 +85,17 @@ def to_json(obj: Any) -> str:
     return json.dumps(_reject_non_finite(plain), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created_normally(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) entries; give them the permissions open() would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` to `path` through a temporary file and a rename: readers see old or new, never half."""
     path = Path(path)
@@ -93,6 +106,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        _as_if_created_normally(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -150,6 +164,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    _as_if_created_normally(staging, directory=True)
     try:
         yield staging
         if final.exists():
@@ -229,12 +244,17 @@ class RunDir:
         return read_json(self.marker(stage))["config"] if self.is_complete(stage) else None
 
     def fingerprint(self, stage: str, config: Any) -> str:
-        """Hash of the stage's config and of the completed stages it reads (their fingerprints)."""
-        upstream = {
-            dep: read_json(self.marker(dep)).get("fingerprint")
-            for dep in DEPENDS_ON.get(stage, ())
-            if self.is_complete(dep)
-        }
+        """Hash of the stage's config and of the completed stages it reads.
+
+        An upstream stage is identified by its fingerprint and the time it finished: a forced rerun
+        with the same config may still produce other outputs (another machine's arithmetic), so
+        whatever read the old outputs is stale too.
+        """
+        upstream = {}
+        for dep in DEPENDS_ON.get(stage, ()):
+            if self.is_complete(dep):
+                marker = read_json(self.marker(dep))
+                upstream[dep] = [marker.get("fingerprint"), marker.get("finished_at")]
         return config_fingerprint({"config": config, "inputs": upstream})
 
     def should_run(self, stage: str, config: Any, force: bool = False) -> bool:
@@ -267,7 +287,7 @@ class RunDir:
                 "stage": stage,
                 "fingerprint": self.fingerprint(stage, config),
                 "config": _plain(config),
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "finished_at": datetime.datetime.now().astimezone().isoformat(timespec="microseconds"),
                 "wall_time_s": round(time.time() - started_at, 2),
                 "versions": library_versions(),
                 **extra,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from scipy import optimize, stats
 
 from dpnb import audit
+from dpnb.errors import DpnbError
 
 # --------------------------------------------------------------------------- exposure
 
@@ -182,3 +184,131 @@ def test_ngram_probabilities_sum_to_one():
     for context in ([1, 2], [5, 5], [3, 3]):
         total = sum(math.exp(model.token_log_probs(context + [w])[-1]) for w in range(6))
         assert total == pytest.approx(1.0)
+
+
+def test_a_lower_bound_above_the_claim_stops_the_audit(tmp_path):
+    one_run = audit.one_run_audit(np.r_[np.ones(50), np.zeros(50)], np.r_[np.ones(50), np.zeros(50)] > 0)
+    result = {"claim": {"epsilon": one_run["epsilon_lower_bound"] / 2, "delta": 1e-5},
+              "canaries": {"one_run": one_run}}
+    with pytest.raises(DpnbError, match="privacy audit failed"):
+        audit.check_lower_bound(result, tmp_path / "audit.json")
+    result["claim"]["epsilon"] = one_run["epsilon_lower_bound"] * 2
+    audit.check_lower_bound(result, tmp_path / "audit.json")  # below the claim: fine
+    audit.check_lower_bound({"claim": None, "canaries": {"one_run": one_run}}, tmp_path / "audit.json")
+
+
+# --------------------------------------------------------------------------- on tiny models
+
+# A 2-layer random Llama over SmolLM2's vocabulary, fully fine-tuned (its LM head must move to memorise
+# random words). The RDP accountant is much faster than PRV at these sizes. Canary suffixes of 3 random
+# words, each inserted canary 4 times; 10 steps, each with about half the records.
+TINY_FINETUNE = dict(mode="full", lr=1e-2, epochs=5, logical_batch_size=32, physical_batch_size=32, max_grad_norm=1.0,
+                     target_epsilon=0.5, accountant="rdp", checkpoint_every=1000, device="cpu", samples_before_after=0)
+TINY_AUDIT = dict(n_canaries=20, canary_repeats=4, canary_prefix_tokens=3, canary_suffix_tokens=3, n_reference=40,
+                  n_mia=8, synthetic_per_label=0, batch_size=32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(toy_data_dir):
+    """16 training and 40 held-out toy reviews, tokenised for tiny-llama (label | review, 16 tokens)."""
+    from dpnb import data
+    from dpnb.config import PrepareConfig
+
+    prepared = data.prepare_data(PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=16, n_test=40,
+                                               max_length=16))
+    return data.to_dataset(prepared.train), data.to_dataset(prepared.test), prepared.manifest
+
+
+def test_canaries_are_shaped_like_training_records(tiny_prepared):
+    from dpnb.config import AuditConfig
+    from dpnb.data import PromptFormat
+    from dpnb.models import load_tokenizer
+
+    train, test, manifest = tiny_prepared
+    tokenizer = load_tokenizer("tiny-llama")
+    fmt = PromptFormat.from_dict(manifest["prompt"])
+    cfg = AuditConfig(**TINY_AUDIT)
+    plan = audit.plan_audit(train, test, manifest["label_names"], tokenizer, fmt, 16, cfg)
+    assert len(plan.canaries) == 20 and len(plan.references) == 40
+    for canary in plan.canaries + plan.references:
+        ids = canary["input_ids"]
+        assert ids == fmt.encode(canary["label_name"], canary["text"], tokenizer, 16)[0]
+        assert ids[: canary["prompt_length"]] == fmt.prompt_ids(canary["label_name"], tokenizer)
+        assert ids[canary["suffix_start"]: canary["suffix_end"]] == canary["suffix_ids"]
+        assert canary["suffix_end"] == len(ids) - 1 and ids[-1] == tokenizer.eos_token_id
+        assert canary["text"].startswith(canary["prefix"]) and len(canary["suffix"].split()) == 3
+    assert plan.prefix_reuse  # 32 held-out openings for 60 canaries and references
+    openings = {c["test_index"] for c in plan.canaries + plan.references}
+    assert not openings & set(plan.non_members)  # a non-member never lends its opening to a canary
+    assert len(plan.members) == len(plan.non_members) == 8
+    augmented = audit.with_canaries(train, plan.canaries, plan.inserted, repeats=3)
+    assert len(augmented) == len(train) + 3 * int(plan.inserted.sum())
+    assert augmented.features == train.features
+
+
+def test_synthetic_text_that_echoes_canaries_gives_them_away(tiny_prepared):
+    """Released text containing the inserted canaries (a generator that regurgitates): AUC 1."""
+    from dpnb.config import AuditConfig
+    from dpnb.data import PromptFormat
+    from dpnb.models import load_tokenizer
+
+    train, test, manifest = tiny_prepared
+    tokenizer = load_tokenizer("tiny-llama")
+    plan = audit.plan_audit(train, test, manifest["label_names"], tokenizer,
+                            PromptFormat.from_dict(manifest["prompt"]), 16, AuditConfig(**TINY_AUDIT))
+    released = list(train["text"]) + [c["text"] for c in plan.canaries if c["inserted"]]
+    echoed = audit.synthetic_attack(released, plan.canaries, plan.inserted, tokenizer, order=3, smoothing=0.01)
+    assert echoed["roc"]["auc"] == 1.0
+    silent = audit.synthetic_attack(list(train["text"]), plan.canaries, plan.inserted, tokenizer, order=3,
+                                    smoothing=0.01)
+    assert silent["roc"]["auc"] < 1.0
+
+
+def test_batched_losses_match_one_sequence_at_a_time():
+    import torch
+
+    from dpnb.models import load_causal_lm
+
+    model = load_causal_lm("tiny-llama")
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, 49152, size=n).tolist() for n in (5, 9, 3, 12)]
+    batched = audit.token_losses(model, sequences, batch_size=3)
+    for ids, got in zip(sequences, batched, strict=True):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        want = [-torch.log_softmax(logits[t - 1], -1)[ids[t]].item() for t in range(1, len(ids))]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    spans = audit.span_losses(model, sequences, [(1, 5), (3, 9), (2, 3), (6, 12)], batch_size=2)
+    assert spans[1] == pytest.approx(np.mean(batched[1][2:8]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_audit_finds_memorised_canaries_without_dp_and_none_with_dp(tiny_prepared, tmp_path):
+    """Canaries repeated 4 times: the non-DP twin memorises them, the strongly DP twin (eps 0.5) does not."""
+    from dpnb.config import AuditConfig, FinetuneConfig
+
+    train, test, manifest = tiny_prepared
+    cfg = AuditConfig(**TINY_AUDIT)
+    summary = audit.run_audit("tiny-llama", train, test, manifest, FinetuneConfig(**TINY_FINETUNE), cfg, tmp_path)
+    dp, nodp = summary["twins"]["dp"], summary["twins"]["nodp"]
+    top = math.log2(cfg.n_reference + 1)
+
+    assert nodp["privacy"]["epsilon"] is None
+    assert nodp["canaries"]["exposure"]["inserted"]["mean"] > 0.9 * top  # near the largest measurable
+    assert nodp["canaries"]["roc"]["auc"] == 1.0
+    assert nodp["canaries"]["one_run_pure"]["epsilon_lower_bound"] > 0
+
+    record_epsilon = dp["privacy"]["epsilon"]
+    assert record_epsilon == pytest.approx(0.5, rel=0.05)
+    assert dp["privacy"]["dataset_size"] == summary["n_train_with_canaries"]  # canaries count in N
+    assert dp["canaries"]["exposure"]["inserted"]["mean"] < 0.5 * top
+    assert dp["canaries"]["roc"]["auc"] < 0.9
+    assert dp["canaries"]["one_run"]["epsilon_lower_bound"] <= dp["claim"]["epsilon"]
+    assert dp["canaries"]["one_run_pure"]["epsilon_lower_bound"] < record_epsilon
+
+    details = json.loads((tmp_path / "nodp" / "audit.json").read_text())
+    assert len(details["canaries"]["per_canary"]["exposure"]) == cfg.n_canaries
+    saved = json.loads((tmp_path / "canaries.json").read_text())
+    n_inserted = sum(c["inserted"] for c in saved["canaries"])
+    assert n_inserted == summary["canaries"]["n_inserted"]
+    assert summary["n_train_with_canaries"] == len(train) + cfg.canary_repeats * n_inserted

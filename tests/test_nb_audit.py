@@ -1,0 +1,46 @@
+"""notebooks/06_audit.ipynb runs on a tiny run directory (real prepare and finetune stages, tiny-llama)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from nbtools import execute_notebook, nbval_check
+from test_audit import TINY_AUDIT, TINY_FINETUNE
+
+from dpnb import data, finetune
+from dpnb.config import FinetuneConfig, PrepareConfig
+from dpnb.rundir import RunDir
+
+
+def checked_outputs(executed) -> list[str]:
+    cells = json.loads(executed.read_text())["cells"]
+    return ["".join("".join(output.get("text", "")) for output in cell["outputs"]) for cell in cells
+            if "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT")]
+
+
+@pytest.mark.slow
+def test_audit_notebook(toy_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = RunDir(tmp_path / "run")
+    data.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=16, n_test=40,
+                                      max_length=16))
+    main = {**TINY_FINETUNE, "max_steps": 1, "logical_batch_size": 16, "physical_batch_size": 16}
+    finetune.run_stage(run, FinetuneConfig(**main))
+    # the twins train on 16 records + canaries, 2 steps; a few samples exercise the synthetic-data attack
+    overrides = {"max_steps": 2, "logical_batch_size": 32, "physical_batch_size": 32}
+    config = {**TINY_AUDIT, "finetune_overrides": overrides, "synthetic_per_label": 2, "synthetic_max_new_tokens": 8}
+    executed = execute_notebook("06_audit.ipynb", tmp_path / "executed", run_dir=str(run.path), config=config)
+
+    counts, privacy = checked_outputs(executed)
+    summary = json.loads(run.audit.read_text())
+    n_inserted = summary["canaries"]["n_inserted"]
+    assert f"canaries: 20 ({n_inserted} inserted, each 4 time(s)); 40 reference canaries never inserted" in counts
+    assert f"training records: 16 real + canaries = {16 + 4 * n_inserted}" in counts
+    assert "nodp: no DP" in privacy and "dp: DP-SGD" in privacy
+    assert run.is_complete("audit")
+    for twin in ("dp", "nodp"):
+        assert (run.path / "audit" / twin / "audit.json").exists()
+        assert summary["twins"][twin]["synthetic"]["n_texts"] == 4
+    assert (run.figures / "audit_roc.png").exists() and (run.figures / "audit_exposure.png").exists()
+    nbval_check(executed)  # re-executes: the completed stage is read back, the checked cells must match
