@@ -15,11 +15,14 @@ with its executed notebook kept, and the next `dpnb run` resumes from it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +113,46 @@ def _in_hub_cache(repo_id: str) -> bool:
 # --------------------------------------------------------------------------- run
 
 
+def _child_pids() -> list[int]:
+    """Processes this one started (the notebook kernels), read from /proc; empty where there is none."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid():
+            children.append(int(stat.parent.name))
+    return children
+
+
+@contextlib.contextmanager
+def forward_interrupts() -> Iterator[None]:
+    """Pass the first Ctrl-C (or SIGTERM) on to the running kernel, which checkpoints and stops.
+
+    Kernels run in their own session, so a terminal's Ctrl-C never reaches them; without this, the
+    fine-tuning stage could not save its state before the run ends. A second Ctrl-C stops at once.
+    """
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("\ninterrupt: the running stage stops at its next safe point and keeps its progress "
+              "(Ctrl-C again to stop at once)", flush=True)
+        for pid in _child_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def execute_stage(stage: str, run_dir: Path, config: dict[str, Any], force: bool, log_output: bool) -> None:
     """Execute one stage's notebook with papermill into the run directory."""
     import papermill
@@ -118,11 +161,12 @@ def execute_stage(stage: str, run_dir: Path, config: dict[str, Any], force: bool
     out = run_dir / "notebooks" / NOTEBOOKS[stage]
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(
-            str(notebook_dir() / NOTEBOOKS[stage]), str(out),
-            parameters={"run_dir": str(run_dir), "config": config, "force": force},
-            kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False, log_output=log_output,
-        )
+        with forward_interrupts():
+            papermill.execute_notebook(
+                str(notebook_dir() / NOTEBOOKS[stage]), str(out),
+                parameters={"run_dir": str(run_dir), "config": config, "force": force},
+                kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False, log_output=log_output,
+            )
     except PapermillExecutionError as exc:
         raise DpnbError(
             f"stage '{stage}' failed: {exc.ename}: {exc.evalue}. The executed notebook is kept at {out}; "

@@ -291,7 +291,7 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path, one_thread):
         evaluate.run_stage(run, build(EvaluateConfig, {**TINY, "seed": 1}))
     # generate rerun after the evaluation: the stale metrics are refused
     run.mark_complete("generate", GenerateConfig(n_per_label=7), time.time())
-    with pytest.raises(DpnbError, match="rerun evaluate with force=True"):
+    with pytest.raises(DpnbError, match="inputs that have since changed.*force=True"):
         evaluate.run_stage(run, cfg)
 
 
