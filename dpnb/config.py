@@ -221,6 +221,11 @@ class FinetuneConfig:
             _positive(self.lora_top_layers, "finetune.lora_top_layers")
             require(0 <= self.lora_dropout < 1, f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
             require(len(self.lora_targets) > 0, "finetune.lora_targets must name at least one module")
+            # The output head shares its weight with the input embedding in SmolLM2, GPT-2 and the tiny
+            # models: merging an adapter on it would change the embedding too (a silently wrong model).
+            tied = sorted(set(self.lora_targets) & {"lm_head", "embed_tokens", "wte", "wpe"})
+            require(not tied, f"finetune.lora_targets {tied} would put adapters on tied embedding weights, which "
+                              f"merging corrupts; target attention or MLP projections (e.g. q_proj, v_proj)")
 
 
 @dataclass
