@@ -11,6 +11,19 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from threads, and on a busy machine two OpenMP threads crawl (10-20x slower
+# generation was measured here). Notebook kernels started by the tests inherit the variable.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 POSITIVE = ["a wonderful film", "great acting and a moving story", "I loved every minute", "brilliant and funny",
             "a beautiful, touching movie", "superb direction, excellent cast"]

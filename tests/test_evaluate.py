@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import toy_reviews, write_csv
 
 from dpnb import evaluate
@@ -24,15 +23,6 @@ LONG_REVIEW = (
     "about barometers, the villain collects seashells, and the final storm is staged with umbrellas and a "
     "single trombone that nobody in the audience will ever forget."
 )
-
-
-@pytest.fixture
-def one_thread():
-    """Torch with one thread: on a shared two-core machine a second thread only waits for the first."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------- metrics by hand
@@ -186,7 +176,7 @@ def texts_labels(rows: list[dict]) -> tuple[list[str], list[int]]:
     return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
-def test_classifier_learns_an_easy_task(one_thread):
+def test_classifier_learns_an_easy_task():
     # 64 toy reviews whose words give the label away; 4 steps of batch 16 with a high learning rate
     cfg = EvaluateConfig(epochs=1, lr=3e-4, batch_size=16, max_length=32)
     train_texts, train_labels = texts_labels(toy_reviews(64, seed=1))
@@ -251,7 +241,7 @@ def build_run(root: Path, zero_shot: bool = True, generate: bool = True) -> RunD
 TINY = {"epochs": 1, "lr": 3e-4, "batch_size": 16, "max_length": 24, "memorisation_threshold": 30}
 
 
-def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path, one_thread):
+def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     run = build_run(tmp_path)
     cfg = build(EvaluateConfig, TINY)
     metrics = evaluate.run_stage(run, cfg)
@@ -295,7 +285,7 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path, one_thread):
         evaluate.run_stage(run, cfg)
 
 
-def test_sources_need_their_inputs(tmp_path, one_thread):
+def test_sources_need_their_inputs(tmp_path):
     run = build_run(tmp_path, generate=False)
     with pytest.raises(DpnbError, match="generate stage has not completed"):
         evaluate.run_stage(run, build(EvaluateConfig, TINY))
@@ -304,7 +294,7 @@ def test_sources_need_their_inputs(tmp_path, one_thread):
     assert evaluate.evaluated_sources(metrics) == ["real"] and metrics["meta"]["real_reference"] is None
 
 
-def test_missing_zero_shot_is_skipped_with_a_note_and_an_interrupted_run_resumes(tmp_path, one_thread,
+def test_missing_zero_shot_is_skipped_with_a_note_and_an_interrupted_run_resumes(tmp_path,
                                                                                    monkeypatch):
     run = build_run(tmp_path, zero_shot=False)
     cfg = build(EvaluateConfig, TINY)  # lists zero_shot, which generate did not make

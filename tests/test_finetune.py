@@ -25,15 +25,6 @@ from dpnb.models import load_causal_lm, load_tokenizer
 LABELS = ("negative", "positive")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two OpenMP threads crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("tiny-llama")

@@ -15,7 +15,6 @@ def checked_outputs(executed) -> list[str]:
 
 
 def test_evaluate_notebook(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: two threads crawl on a busy machine
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = build_run(tmp_path)
     # force=True: nbval's re-execution trains every classifier again, so the checked accuracy and F1

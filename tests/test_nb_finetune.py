@@ -14,7 +14,6 @@ from dpnb.rundir import RunDir
 def test_finetune_notebook(tmp_path, toy_data_dir, monkeypatch):
     from dpnb import data
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: tiny models crawl with 2 busy threads
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = RunDir(tmp_path / "run")
     data.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=40, n_test=20,
