@@ -151,6 +151,8 @@ def forward_interrupts() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if received:  # the stage may have finished its last step anyway: do not start the next one
+        raise KeyboardInterrupt
 
 
 def execute_stage(stage: str, run_dir: Path, config: dict[str, Any], force: bool, log_output: bool) -> None:
