@@ -1087,11 +1087,12 @@ def load_base(model_name: str, cfg: FinetuneConfig, device: str) -> PreTrainedMo
     """
     from dpnb.models import load_causal_lm
 
-    if cfg.mode == "qlora":
-        model = load_causal_lm(model_name, dtype=cfg.dtype, quantize_4bit=True, device=device, seed=cfg.seed)
-        model = model if device == "cuda" else model.dequantize()
-    else:
-        model = load_causal_lm(model_name, dtype=cfg.dtype, seed=cfg.seed)
+    with quiet_progress():
+        if cfg.mode == "qlora":
+            model = load_causal_lm(model_name, dtype=cfg.dtype, quantize_4bit=True, device=device, seed=cfg.seed)
+            model = model if device == "cuda" else model.dequantize()
+        else:
+            model = load_causal_lm(model_name, dtype=cfg.dtype, seed=cfg.seed)
     return model.to(device).eval()
 
 
