@@ -53,6 +53,7 @@ import numpy as np
 
 from dpnb.config import EvaluateConfig
 from dpnb.errors import DpnbError, require
+from dpnb.models import release_memory
 from dpnb.rundir import RunDir, read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -588,17 +589,6 @@ def predict(classifier: TrainedClassifier, texts: Sequence[str], max_length: int
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _free(classifier: TrainedClassifier | None) -> None:
-    import gc
-
-    import torch
-
-    del classifier
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # --------------------------------------------------------------------------- 6. one training source
 
 
@@ -649,7 +639,8 @@ def train_and_test(
              "train_wall_s": round(classifier.wall_s, 1), "notes": _training_notes(source.labels, label_names)}
     if keep_model:
         return entry, classifier
-    _free(classifier)
+    del classifier
+    release_memory()
     return entry, None
 
 
@@ -769,7 +760,8 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
                     continue
                 predicted = predict(classifier, source.texts, cfg.max_length, 2 * cfg.batch_size, device)
                 fidelity[name] = label_fidelity(source.labels, predicted, label_names)
-            _free(classifier)
+            del classifier
+            release_memory()
             return {**entry, "fidelity_of": fidelity}
 
         metrics["real"] = _cached(partial_dir, "real", key, evaluate_real)

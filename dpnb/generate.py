@@ -32,7 +32,6 @@ Outputs, in `run.synthetic` and `run.zero_shot` (each built aside and moved into
 from __future__ import annotations
 
 import csv
-import gc
 import hashlib
 import io
 import json
@@ -730,15 +729,6 @@ def read_summary(run: RunDir, cfg: GenerateConfig) -> dict[str, Any]:
     }
 
 
-def _free(model: Any) -> None:
-    import torch
-
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str, Any]:
     """Sample the synthetic set from the fine-tuned model (and the zero-shot set from its base model).
 
@@ -757,7 +747,7 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
 
     from dpnb.data import PromptFormat
     from dpnb.finetune import load_trained
-    from dpnb.models import load_causal_lm, load_tokenizer, resolve_device
+    from dpnb.models import load_causal_lm, load_tokenizer, release_memory, resolve_device
 
     manifest = read_json(run.data / "manifest.json")
     privacy = read_json(run.privacy)
@@ -775,7 +765,8 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
         "synthetic": sample_labelled(model, tokenizer, prompt_format, label_names, cfg, run.synthetic,
                                      provenance=provenance, overwrite=True)
     }
-    _free(model)
+    del model
+    release_memory()
 
     if cfg.zero_shot:
         # the base that fine-tuning started from (its seed matters only for the random test models);
@@ -787,7 +778,8 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
             base, load_tokenizer(base_name), prompt_format, label_names, cfg, run.zero_shot,
             provenance=Provenance("zero_shot", base_name, data), overwrite=True,
         )
-        _free(base)
+        del base
+        release_memory()
     else:
         summary["zero_shot"] = None
         if run.zero_shot.exists():

@@ -248,6 +248,18 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def release_memory() -> None:
+    """Hand back the memory of models the caller has deleted (`del model` first: a reference kept
+    anywhere keeps the tensors alive): collect reference cycles, and empty CUDA's cache on a GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
