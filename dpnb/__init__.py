@@ -14,4 +14,9 @@ Shared ground: `config` (one typed config per stage), `models` (presets and load
 (the run directory, atomic writes, stage completion), `errors` (one-line errors with a fix).
 """
 
+import warnings
+
+# tqdm warns in every notebook that ipywidgets is missing; its plain-text bars work without it
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 __version__ = "0.1.0"

@@ -39,12 +39,11 @@ and is skipped with a note in `meta.skipped` when generate ran with `zero_shot: 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,7 +52,7 @@ import numpy as np
 
 from dpnb.config import EvaluateConfig
 from dpnb.errors import DpnbError, require
-from dpnb.models import release_memory
+from dpnb.models import quiet_transformers, release_memory
 from dpnb.rundir import RunDir, read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -483,23 +482,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """Hide transformers' weight-loading bar and its report that the new classification head is
-    untrained (expected here: training it is the point), so notebooks show results, not noise."""
-    from transformers.utils import logging
-
-    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bar:
-            logging.enable_progress_bar()
-
-
 @dataclass
 class TrainedClassifier:
     """A fine-tuned classifier in eval mode, with its tokenizer, the optimizer steps taken, the mean
@@ -528,7 +510,7 @@ def train_classifier(
 
     started = time.time()
     seed_everything(cfg.seed)
-    with _quiet_loading():
+    with quiet_transformers(errors_only=True):
         model, tokenizer = load_classifier(cfg.classifier, num_labels)
     model.to(device).train()
     encoded = tokenizer(list(texts), truncation=True, max_length=cfg.max_length)["input_ids"]

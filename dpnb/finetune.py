@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 from dpnb import privacy
 from dpnb.config import FinetuneConfig
 from dpnb.errors import DpnbError, require
+from dpnb.models import quiet_transformers
 from dpnb.rundir import (
     RunDir,
     append_jsonl,
@@ -478,20 +479,6 @@ def quiet_warnings() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def quiet_progress() -> Iterator[None]:
-    """Hide transformers' weight loading/saving progress bars (noise in a notebook's output)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 @dataclass(frozen=True)
 class StepResult:
     loss: float | None  # mean loss over the logical batch; None when Poisson sampling drew no record
@@ -751,7 +738,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     import torch
 
     torch.manual_seed(cfg.seed)  # adapter initialisation
-    with quiet_progress():
+    with quiet_transformers():
         model, notes = build_model(model_name, cfg, device, base_model)
     say = print if verbose else (lambda *a, **k: None)
     for note in notes:
@@ -977,7 +964,7 @@ def model_card(model_name: str, cfg: FinetuneConfig, notes: Sequence[str]) -> di
 
 def save_trained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path, card: dict[str, Any]) -> None:
     """model/: the whole model (full) or the peft adapter (lora, qlora), the tokenizer and the card."""
-    with atomic_directory(target) as staging, quiet_progress():
+    with atomic_directory(target) as staging, quiet_transformers():
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / MODEL_CARD, card)
@@ -1001,7 +988,7 @@ def load_trained(model_dir: str | os.PathLike, device: str = "cpu",
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with quiet_progress():
+    with quiet_transformers():
         model = _load_model(path, card, device, dtype)
     return model.to(device).eval(), tokenizer
 
@@ -1087,12 +1074,11 @@ def load_base(model_name: str, cfg: FinetuneConfig, device: str) -> PreTrainedMo
     """
     from dpnb.models import load_causal_lm
 
-    with quiet_progress():
-        if cfg.mode == "qlora":
-            model = load_causal_lm(model_name, dtype=cfg.dtype, quantize_4bit=True, device=device, seed=cfg.seed)
-            model = model if device == "cuda" else model.dequantize()
-        else:
-            model = load_causal_lm(model_name, dtype=cfg.dtype, seed=cfg.seed)
+    if cfg.mode == "qlora":
+        model = load_causal_lm(model_name, dtype=cfg.dtype, quantize_4bit=True, device=device, seed=cfg.seed)
+        model = model if device == "cuda" else model.dequantize()
+    else:
+        model = load_causal_lm(model_name, dtype=cfg.dtype, seed=cfg.seed)
     return model.to(device).eval()
 
 

@@ -16,8 +16,10 @@ instead of showing a stack trace.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,15 +171,38 @@ def _hub_error(preset: ModelPreset, exc: BaseException) -> DpnbError:
     )
 
 
+@contextlib.contextmanager
+def quiet_transformers(errors_only: bool = False) -> Iterator[None]:
+    """Hide transformers' progress bars (loading, de-quantising, saving weights): noise in a notebook.
+
+    `errors_only` also hides its warnings, e.g. that a new classification head is untrained (expected
+    when training that head is the point).
+    """
+    from transformers.utils import logging
+
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    if errors_only:
+        logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
+
+
 def _from_pretrained(loader: Any, preset: ModelPreset, location: str | Path, **kwargs: Any) -> Any:
-    """Call a transformers `from_pretrained`, turning Hub failures into one clear error."""
+    """Call a transformers `from_pretrained` quietly, turning Hub failures into one clear error."""
     if preset.source != "hub":
-        return loader.from_pretrained(location, **kwargs)
+        with quiet_transformers():
+            return loader.from_pretrained(location, **kwargs)
     if hub_offline():
         _switch_hub_offline()
         kwargs["local_files_only"] = True  # the local Hugging Face cache may still hold it
     try:
-        return loader.from_pretrained(location, **kwargs)
+        with quiet_transformers():
+            return loader.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:  # transformers wraps every Hub/network failure in OSError
         raise _hub_error(preset, exc) from None
     except Exception as exc:
@@ -207,14 +232,24 @@ def _packaged_generator_dir(preset: ModelPreset) -> Path:
     gguf = source / (preset.gguf_file or "")
     if not gguf.exists():
         raise DpnbError(f"{gguf} is missing from the installed package; reinstall it with `make setup`")
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=preset.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=preset.gguf_file)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    with atomic_directory(target) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    import functools
+    from unittest import mock
+
+    import tqdm.auto
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    print(f"unpacking {preset.name} from {gguf.name} into {target} (once per machine)", flush=True)
+    # the GGUF reader draws its own tqdm bar, outside transformers' progress-bar switch
+    quiet_tqdm = functools.partial(tqdm.auto.tqdm, disable=True)
+    with quiet_transformers(), mock.patch.object(gguf_utils, "tqdm", quiet_tqdm):
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=preset.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=preset.gguf_file)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with atomic_directory(target) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return target
 
 
