@@ -24,7 +24,7 @@ from typing import Any
 from dpnb.rundir import read_json, read_jsonl, write_text_atomic
 
 SELECTION_WARNING = (
-    "Every run below spent its own privacy budget on the same private data: releasing the outputs of k "
+    "Every run in the table spent its own privacy budget on the same private data: releasing the outputs of k "
     "runs costs the composition of their k guarantees, not the largest one. Choosing the best run by "
     "looking at results computed on private data also spends privacy; select with public data or "
     "account for the selection."
@@ -157,6 +157,8 @@ def _format_value(value: Any) -> str:
     if isinstance(value, float):
         if math.isinf(value):
             return "inf (no DP)"
+        if value.is_integer() or abs(value) >= 100:  # counts (made floats by missing cells) and seconds
+            return f"{value:.0f}"
         return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.3f}"
     return str(value)
 
