@@ -906,27 +906,11 @@ def accounted_steps(session: Session, plan: TrainingPlan) -> int:
     return sum(count for _, _, count in history)
 
 
-def epsilons_by_accountant(sigma: float, rate: float, steps: int, delta: float, chosen: str) -> dict[str, float]:
-    """Epsilon by each guarantee-giving accountant, for comparison (`privacy.epsilons_all`, but tolerant).
-
-    PRV refuses settings whose grid would take gigabytes; when it is not the chosen accountant, it is
-    left out rather than failing a finished training.
-    """
-    epsilons = {}
-    for name in privacy.ACCOUNTANTS:
-        try:
-            epsilons[name] = privacy.epsilon_spent(sigma, rate, steps, delta, name)
-        except DpnbError:
-            if name == chosen:
-                raise
-    return epsilons
-
-
 def privacy_record(session: Session, plan: TrainingPlan, cfg: FinetuneConfig, position: Position,
                    trainable: int, train_sha256: str, identity: dict[str, Any]) -> dict[str, Any]:
     """privacy.json: the guarantee of the finished run, for the steps the accountant counted.
 
-    Epsilon is computed by `privacy.epsilon_spent`, the path `privacy.verify_privacy` retraces, so
+    Epsilon is computed by `privacy.privacy_fields`, the path `privacy.verify_privacy` retraces, so
     anyone can recompute it from (noise_multiplier, sample_rate, steps, delta, accountant).
     """
     common = {
@@ -943,11 +927,8 @@ def privacy_record(session: Session, plan: TrainingPlan, cfg: FinetuneConfig, po
     steps = accounted_steps(session, plan)
     if steps != position.step:
         raise RuntimeError(f"the accountant counted {steps} noise-adding steps, the loop {position.step}")
-    sigma, rate, delta = plan.noise_multiplier, plan.sample_rate, plan.delta
     return {
-        "epsilon": privacy.epsilon_spent(sigma, rate, steps, delta, cfg.accountant),
-        "epsilons": epsilons_by_accountant(sigma, rate, steps, delta, cfg.accountant),
-        "delta": delta, "noise_multiplier": sigma, "sample_rate": rate, "steps": steps, "accountant": cfg.accountant,
+        **privacy.privacy_fields(plan.noise_multiplier, plan.sample_rate, steps, plan.delta, cfg.accountant),
         "max_grad_norm": cfg.max_grad_norm, "grad_sample_mode": cfg.grad_sample_mode,
         "target_epsilon": cfg.target_epsilon,
         "secure_rng": False,  # a seeded torch generator (reproducible), not a cryptographic one

@@ -151,13 +151,17 @@ def plot_accuracy_vs_epsilon(table, ax) -> None:  # noqa: ANN001 - DataFrame, Ax
         ax.legend(fontsize=8)
 
 
-def _format_value(value: Any) -> str:
+# counts (pandas makes them floats where a row has no value) and whole seconds
+WHOLE_NUMBER_COLUMNS = ("steps", "n_train", "n_test", "wall_time_s", "runs")
+
+
+def _format_value(value: Any, whole: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
         if math.isinf(value):
             return "inf (no DP)"
-        if value.is_integer() or abs(value) >= 100:  # counts (made floats by missing cells) and seconds
+        if whole:
             return f"{value:.0f}"
         return f"{value:.3g}" if abs(value) < 1e-2 else f"{value:.3f}"
     return str(value)
@@ -166,7 +170,9 @@ def _format_value(value: Any) -> str:
 def markdown_table(table) -> str:  # noqa: ANN001 - DataFrame
     header = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "---|" * len(table.columns)
-    body = ["| " + " | ".join(_format_value(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    whole = [column in WHOLE_NUMBER_COLUMNS for column in table.columns]
+    body = ["| " + " | ".join(_format_value(v, w) for v, w in zip(row, whole, strict=True)) + " |"
+            for row in table.itertuples(index=False)]
     return "\n".join([header, rule, *body])
 
 

@@ -115,10 +115,19 @@ def test_epsilon_equals_what_an_opacus_accountant_reports_after_stepping(delta):
         assert accountant.get_epsilon(delta) == privacy.epsilon_spent(0.9, 0.05, 12, delta, accountant.mechanism())
 
 
-def test_epsilons_all_has_both_accountants():
-    both = privacy.epsilons_all(1.0, 0.04, 20, DELTA)
-    assert set(both) == {"rdp", "prv"}
-    assert both["prv"] == privacy.epsilon_spent(1.0, 0.04, 20, DELTA, "prv")
+def test_privacy_fields_has_both_accountants():
+    fields = privacy.privacy_fields(1.0, 0.04, 20, DELTA, "rdp")
+    assert set(fields["epsilons"]) == {"rdp", "prv"}
+    assert fields["epsilons"]["prv"] == privacy.epsilon_spent(1.0, 0.04, 20, DELTA, "prv")
+    assert fields["epsilon"] == fields["epsilons"]["rdp"] == privacy.epsilon_spent(1.0, 0.04, 20, DELTA, "rdp")
+
+
+def test_privacy_fields_leaves_out_a_refusing_comparison_accountant_but_not_the_chosen_one(monkeypatch):
+    monkeypatch.setattr(privacy, "MAX_PRV_GRID", 0)  # PRV now refuses every setting
+    fields = privacy.privacy_fields(1.0, 0.04, 20, DELTA, "rdp")
+    assert fields["epsilons"] == {"rdp": fields["epsilon"]}
+    with pytest.raises(DpnbError, match="PRV accountant needs a grid"):
+        privacy.privacy_fields(1.0, 0.04, 20, DELTA, "prv")
 
 
 @pytest.mark.parametrize("kwargs, match", [
