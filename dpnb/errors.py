@@ -1,7 +1,7 @@
 """One exception type for every problem a user can fix.
 
 A `DpnbError` message is one line that says what is wrong and how to fix it. The command line
-prints it without a traceback, and notebooks that call `dpnb.rundir.setup_notebook()` show it the
+prints it without a traceback, and notebooks that call `dpnb.notebook.setup_notebook()` show it the
 same way, so a bad parameter reads as an instruction, not as a stack trace.
 """
 

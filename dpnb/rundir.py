@@ -24,21 +24,24 @@ config, refused with a clear error when rerun with a different one, and redone o
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dpnb.errors import DpnbError
+from dpnb.io import (  # noqa: F401 - RENOVATION SHIM: re-exported until every caller imports dpnb.io
+    append_jsonl,
+    atomic_directory,
+    read_json,
+    read_jsonl,
+    to_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 STAGES = ("prepare", "finetune", "generate", "evaluate", "audit")
 
@@ -51,133 +54,6 @@ DEPENDS_ON: dict[str, tuple[str, ...]] = {
     "evaluate": ("prepare", "generate"),
     "audit": ("prepare", "finetune"),
 }
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _json_default(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def _reject_non_finite(value: Any) -> Any:
-    """JSON has no infinity or NaN; write them as null so every JSON reader accepts the file."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _reject_non_finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_reject_non_finite(v) for v in value]
-    return value
-
-
-def to_json(obj: Any) -> str:
-    """Strict JSON (no NaN/Infinity tokens) with dataclasses, paths and numpy scalars converted."""
-    plain = json.loads(json.dumps(obj, default=_json_default))
-    return json.dumps(_reject_non_finite(plain), indent=2, sort_keys=False, allow_nan=False) + "\n"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _as_if_created_normally(path: Path, directory: bool = False) -> None:
-    """mkstemp/mkdtemp make private (0600/0700) entries; give them the permissions open() would."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary file and a rename: readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _as_if_created_normally(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write `obj` as strict JSON (non-finite floats become null)."""
-    return write_text_atomic(path, to_json(obj))
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise DpnbError(f"{path} does not exist: run the stage that writes it first")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk, so a crash keeps every line written so far."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(_reject_non_finite(json.loads(json.dumps(record, default=_json_default))))
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSON-lines file, ignoring a torn last line left by a crash mid-write."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
-@contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory under a temporary name and move it into place only when the block succeeds.
-
-    An existing `final` is replaced only after the new one is complete, so an interrupted write
-    leaves the previous version intact.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    _as_if_created_normally(staging, directory=True)
-    try:
-        yield staging
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            os.replace(staging, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------- stage completion
@@ -301,30 +177,3 @@ class RunDir:
                 f"stage '{stage}' has not completed in {self.path}: run it first "
                 f"(dpnb run CONFIG, or its notebook with run_dir={str(self.path)!r})"
             )
-
-
-# --------------------------------------------------------------------------- notebooks
-
-
-def setup_notebook() -> None:
-    """Make a notebook show `DpnbError`s as one line, like the command line does.
-
-    Papermill still sees the cell fail (the error is re-raised for it), so a headless run stops
-    at the failing stage with its executed notebook kept for reading.
-    """
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is None:
-        return
-
-    def show_briefly(shell, etype, evalue, tb, tb_offset=None):  # noqa: ANN001 - IPython's signature
-        # An error output with a one-line "traceback": readers see the message, and papermill
-        # still reads the error's name and message to stop a headless run.
-        short = [f"{etype.__name__}: {evalue}"]
-        shell._showtraceback(etype, evalue, short)
-        return short
-
-    shell.set_custom_exc((DpnbError,), show_briefly)
