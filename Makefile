@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.dpnb-installed
 TORCH  ?= torch==2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint bench sweep report clean-demo
+.PHONY: setup demo test lab lint bench sweep report clean-demo
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# Read and rerun the notebooks: JupyterLab on notebooks/ with the project's kernel (LAB_ARGS=--no-browser on a server).
+LAB_ARGS ?=
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
 
 lint: setup
 	$(BIN)/ruff check dpnb tests benchmarks

@@ -1,8 +1,8 @@
-"""Seconds per physical step and peak memory of DP fine-tuning (dpnb.finetune) on this machine.
+"""Seconds per physical step and peak memory of DP fine-tuning (dpnb.dpsgd) on this machine.
 
-    .venv/bin/python benchmarks/bench_finetune.py                       # the default grid, CPU
-    .venv/bin/python benchmarks/bench_finetune.py --cases smollm2-135m:lora:hooks:float32 --steps 5
-    .venv/bin/python benchmarks/bench_finetune.py --batch 8 --tokens 128 --full-batch 2
+    .venv/bin/python benchmarks/bench_dpsgd.py                       # the default grid, CPU
+    .venv/bin/python benchmarks/bench_dpsgd.py --cases smollm2-135m:lora:hooks:float32 --steps 5
+    .venv/bin/python benchmarks/bench_dpsgd.py --batch 8 --tokens 128 --full-batch 2
 
 A case is MODEL:MODE:GRAD:DTYPE with MODEL a generator preset or `gpt2-small` (a GPT-2 of the
 paper's smallest size, 124M parameters, random weights over GPT-2's vocabulary: same cost as the real
@@ -67,8 +67,9 @@ def run_case(case: str, batch: int, tokens: int, steps: int, threads: int | None
     import datasets
     import torch
 
-    from dpnb import finetune, privacy
+    from dpnb import dpsgd, privacy
     from dpnb.config import FinetuneConfig
+    from dpnb.models import build_model, quiet_transformers
 
     if threads:
         torch.set_num_threads(threads)
@@ -79,30 +80,30 @@ def run_case(case: str, batch: int, tokens: int, steps: int, threads: int | None
                          logical_batch_size=batch, physical_batch_size=batch, max_grad_norm=1e-2, lr=1e-4,
                          lora_r=8, lora_targets=targets, max_steps=steps + 1)
     base = gpt2_small(dtype) if model_name == "gpt2-small" else None
-    model, notes = finetune.build_model(model_name, cfg, "cpu", base_model=base)
+    model, notes = build_model(model_name, cfg, "cpu", base_model=base)
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     n = batch * (steps + 1)
     ids = torch.randint(0, vocab, (n, tokens), generator=generator).tolist()
-    records = finetune.Records.from_dataset(datasets.Dataset.from_dict({"input_ids": ids}))
-    plan = finetune.plan_training(dataclasses.replace(cfg, dp=False), n)
+    records = dpsgd.Records.from_dataset(datasets.Dataset.from_dict({"input_ids": ids}))
+    plan = dpsgd.plan_training(dataclasses.replace(cfg, dp=False), n)
     if dp:  # one noise multiplier is as costly as another: skip the calibration
         plan = dataclasses.replace(plan, dp=True, noise_multiplier=1.0, delta=privacy.default_delta(n))
-    session = finetune.make_session(model, cfg, plan, "cpu")
+    session = dpsgd.make_session(model, cfg, plan, "cpu")
     times, cpu_times = [], []
-    with finetune.quiet_warnings():
+    with quiet_transformers():
         for step in range(steps + 1):
             indices = list(range(step * batch, (step + 1) * batch))
-            batch_tensors = finetune.collate(records, indices, pad_id=0)
+            batch_tensors = dpsgd.collate(records, indices, pad_id=0)
             started, cpu_started = time.perf_counter(), time.process_time()
             if dp:
-                _, to_backward = finetune._forward_losses(session, batch_tensors)
+                _, to_backward = dpsgd.forward_losses(session, batch_tensors)
                 to_backward.backward()
                 session.optimizer.pre_step()
                 session.adamw.step()
                 session.optimizer.zero_grad(set_to_none=True)
             else:
-                next(finetune.plain_logical_steps(session, iter([torch.tensor(indices)]), records, cfg, 0, "cpu"))
+                next(dpsgd.plain_logical_steps(session, iter([torch.tensor(indices)]), records, cfg, 0, "cpu"))
             if step:
                 times.append(time.perf_counter() - started)
                 cpu_times.append(time.process_time() - cpu_started)

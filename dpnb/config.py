@@ -1,21 +1,11 @@
-"""One typed config per stage, and the run config that holds them.
+"""One typed config per stage, built from plain dicts with unknown keys refused.
 
-A run is described by a YAML file with one section per stage:
-
-    name: demo                 # run directory name (under runs_dir)
-    runs_dir: runs
-    model: smollm2-135m        # the generator; prepare tokenises with it, finetune trains it
-    seed: 0                    # default seed of every stage that has one
-    stages: [prepare, finetune, generate, evaluate]
-    prepare:  {n_train: 800, max_length: 96, ...}      # PrepareConfig fields
-    finetune: {target_epsilon: 8, ...}                  # FinetuneConfig fields
-    generate: {n_per_label: 150, ...}                   # GenerateConfig fields
-    evaluate: {classifier: minilm-l6, ...}              # EvaluateConfig fields
-    audit:    {n_canaries: 1000, ...}                   # AuditConfig fields
-
-Unknown keys are errors that name the key and list the valid ones: a typo in a privacy
-parameter must never fall back silently to a default. Each config validates its own values
-when built, so a bad parameter fails before any data is read or any model is loaded.
+Each stage of the pipeline (`dpnb.registry.STAGES`) has one config class here; the run config that
+holds them all, read from YAML, is `dpnb.runconfig.RunConfig`. `build(cls, values)` makes a config
+from the plain values of YAML or papermill. Unknown keys are errors that name the key and list the
+valid ones: a typo in a privacy parameter must never fall back silently to a default. Each config
+validates its own values when built, so a bad parameter fails before any data is read or any model
+is loaded.
 """
 
 from __future__ import annotations
@@ -25,7 +15,6 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from dpnb.errors import DpnbError, require
@@ -343,106 +332,3 @@ class AuditConfig:
                              f"valid keys are FinetuneConfig fields: {', '.join(sorted(known))}")
         require("dp" not in self.finetune_overrides,
                 "audit.finetune_overrides must not set dp: the audit trains one twin with DP and one without")
-
-
-STAGE_CONFIGS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "finetune": FinetuneConfig,
-    "generate": GenerateConfig,
-    "evaluate": EvaluateConfig,
-    "audit": AuditConfig,
-}
-
-
-@dataclass
-class RunConfig:
-    """A whole experiment: where it lives, which stages run, and each stage's config."""
-
-    name: str = "demo"
-    runs_dir: str = "runs"
-    model: str = "smollm2-135m"
-    seed: int = 0
-    stages: tuple[str, ...] = ("prepare", "finetune", "generate", "evaluate")
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    requires_gpu: bool = False  # fail early with a clear message when no GPU is present
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
-
-    def stage(self, name: str) -> Any:
-        return getattr(self, name)
-
-
-def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunConfig:
-    """Build a RunConfig; the top-level `model` and `seed` fill stage fields the sections leave out."""
-    values = dict(values or {})
-    top_known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(values) - top_known)
-    if unknown:
-        raise DpnbError(
-            f"unknown key(s) {', '.join(unknown)} in {where}; valid top-level keys are: "
-            f"{', '.join(sorted(top_known))}"
-        )
-    top = {k: v for k, v in values.items() if k not in STAGE_CONFIGS}
-    run = build(RunConfig, top, where)
-    for stage in run.stages:
-        _one_of(stage, tuple(STAGE_CONFIGS), f"{where}.stages[]")
-    require("/" not in run.name and run.name not in ("", ".", ".."), f"{where}.name must be a plain name")
-    for stage, cls in STAGE_CONFIGS.items():
-        if not isinstance(values.get(stage) or {}, dict):
-            raise DpnbError(f"{where}.{stage} must be a mapping of {cls.__name__} fields")
-        section = dict(values.get(stage) or {})
-        stage_fields = {f.name for f in dataclasses.fields(cls)}
-        if "seed" in stage_fields:
-            section.setdefault("seed", run.seed)
-        if stage == "prepare":
-            section.setdefault("model", run.model)
-        setattr(run, stage, build(cls, section, f"{where}.{stage}"))
-    return run
-
-
-def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a run config from YAML. `overrides` are dotted keys, e.g. {"finetune.target_epsilon": 3}."""
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise DpnbError(f"config file {path} does not exist; see configs/ for examples")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise DpnbError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise DpnbError(f"{path} must hold a mapping of settings at the top level")
-    for dotted, value in (overrides or {}).items():
-        set_dotted(values, dotted, value)
-    return run_config_from_dict(values, where=str(path))
-
-
-def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `values["a"]["b"] = value` for `dotted = "a.b"`, creating sections as needed."""
-    *parents, last = dotted.split(".")
-    node = values
-    for key in parents:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise DpnbError(f"cannot set {dotted}: {key} is not a section")
-    node[last] = value
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """A config as plain YAML/JSON-ready values (tuples become lists)."""
-    return _plain(dataclasses.asdict(config))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

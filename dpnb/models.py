@@ -1,4 +1,4 @@
-"""Model presets and loading, in one place.
+"""Model presets and every model load, in one place.
 
 A model is named by a preset (`smollm2-135m`, `gpt2`, `llama-2-7b`, `minilm-l6`, ...), by a local
 directory holding a saved Hugging Face model, or by any other Hugging Face Hub id. Presets say where
@@ -12,23 +12,66 @@ the weights come from and what the model is for:
 
 The Hub loading code is real; when the Hub cannot be reached the error names the offline presets
 instead of showing a stack trace.
+
+Fine-tuning modes, and the one base loader (`load_base_model`) behind all of them:
+
+- `full`: every weight trains (the LM head is untied from the input embedding first when ghost
+  clipping needs it);
+- `lora`: peft adapters on a frozen base;
+- `qlora`: LoRA adapters on a base loaded in 4-bit NF4. Training sees the 4-bit weights; anything
+  that later rebuilds that base (samples before training, the trained model, the audit's twins)
+  loads the same 4-bit weights, dequantised and cast to the run's dtype off a GPU (4-bit kernels
+  are slow on a CPU), so it sees exactly the weights the adapter was trained against.
+
+A trained model is saved as `model/` (whole model, or the adapter) with `dpnb_model.json`, the card
+`load_trained` rebuilds it from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
+import importlib
 import importlib.util
 import os
-from collections.abc import Iterator
+import socket
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
+from unittest import mock
+from urllib.parse import urlparse
 
-from dpnb.errors import DpnbError
+import huggingface_hub.constants
+import torch
+import tqdm.auto
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GPT2Config,
+    LlamaConfig,
+)
+from transformers.utils import logging as hf_logging
+
+from dpnb.errors import DpnbError, require
+from dpnb.io import atomic_directory, read_json, write_json_atomic
 
 if TYPE_CHECKING:
-    import torch
+    from torch import nn
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from dpnb.config import FinetuneConfig
+
+MODEL_CARD = "dpnb_model.json"
+# Library warnings that say nothing to a user of this package: the seeded (non-cryptographic) noise
+# generator is recorded in privacy.json as "secure_rng": false; the backward-hook notice fires because
+# the input ids, being integers, carry no gradient; peft calls a transformers method deprecated in v5.
+_QUIET = ("Secure RNG turned off", "Full backward hook is firing", "`is_gradient_checkpointing` is deprecated")
 
 
 @dataclass(frozen=True)
@@ -131,9 +174,6 @@ def hub_offline() -> bool:
         if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             _HUB_OFFLINE = True
         else:
-            import socket
-            from urllib.parse import urlparse
-
             host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
             try:
                 socket.create_connection((host, 443), timeout=3).close()
@@ -149,12 +189,7 @@ _HUB_OFFLINE: bool | None = None
 def _switch_hub_offline() -> None:
     """Tell the Hub client it is offline, so it looks only in its cache and does not retry."""
     os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        import huggingface_hub.constants
-
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
-    except ImportError:
-        pass
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
 def _hub_error(preset: ModelPreset, exc: BaseException) -> DpnbError:
@@ -173,23 +208,25 @@ def _hub_error(preset: ModelPreset, exc: BaseException) -> DpnbError:
 
 @contextlib.contextmanager
 def quiet_transformers(errors_only: bool = False) -> Iterator[None]:
-    """Hide transformers' progress bars (loading, de-quantising, saving weights): noise in a notebook.
+    """Hide transformers' progress bars (loading, de-quantising, saving weights) and the library
+    warnings listed in `_QUIET` (and only those): noise in a notebook.
 
-    `errors_only` also hides its warnings, e.g. that a new classification head is untrained (expected
-    when training that head is the point).
+    `errors_only` also hides transformers' own warnings, e.g. that a new classification head is
+    untrained (expected when training that head is the point).
     """
-    from transformers.utils import logging
-
-    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     if errors_only:
-        logging.set_verbosity_error()
+        hf_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            for message in _QUIET:
+                warnings.filterwarnings("ignore", message=f".*{message}.*")
+            yield
     finally:
-        logging.set_verbosity(verbosity)
+        hf_logging.set_verbosity(verbosity)
         if bar:
-            logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()
 
 
 def _from_pretrained(loader: Any, preset: ModelPreset, location: str | Path, **kwargs: Any) -> Any:
@@ -221,10 +258,6 @@ def _packaged_generator_dir(preset: ModelPreset) -> Path:
     in about 2 s. transformers refuses to save a GGUF-loaded model until its quantizer marker is
     cleared, which is safe because the weights are already plain fp32 tensors.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dpnb.rundir import atomic_directory
-
     target = cache_dir() / preset.name
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
@@ -232,12 +265,8 @@ def _packaged_generator_dir(preset: ModelPreset) -> Path:
     gguf = source / (preset.gguf_file or "")
     if not gguf.exists():
         raise DpnbError(f"{gguf} is missing from the installed package; reinstall it with `make setup`")
-    import functools
-    from unittest import mock
-
-    import tqdm.auto
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
+    # imported here: it loads the GGUF reader (~2.5 s), needed once per machine
+    gguf_utils = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
     print(f"unpacking {preset.name} from {gguf.name} into {target} (once per machine)", flush=True)
     # the GGUF reader draws its own tqdm bar, outside transformers' progress-bar switch
     quiet_tqdm = functools.partial(tqdm.auto.tqdm, disable=True)
@@ -274,8 +303,6 @@ def generators() -> list[str]:
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """The tokenizer of generator `name`, with a pad token (EOS when the model has none)."""
-    from transformers import AutoTokenizer
-
     preset, location = generator_location(name)
     tokenizer = _from_pretrained(AutoTokenizer, preset, location)
     if tokenizer.pad_token is None:
@@ -286,25 +313,17 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 def release_memory() -> None:
     """Hand back the memory of models the caller has deleted (`del model` first: a reference kept
     anywhere keeps the tensors alive): collect reference cycles, and empty CUDA's cache on a GPU."""
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def resolve_device(device: str) -> str:
     """"auto" is CUDA when a GPU is present, else CPU; asking for CUDA without one is an error."""
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -320,17 +339,12 @@ def load_causal_lm(
     `quantize_4bit` loads the frozen base in bitsandbytes NF4 with double quantisation (QLoRA); on
     CPU the compute dtype is float32, on GPU bfloat16.
     """
-    from transformers import AutoModelForCausalLM
-
     preset, location = generator_location(name)
     if preset.source == "tiny":
         model = tiny_causal_lm(preset.location, seed=seed)
         return model.to(torch_dtype(dtype))
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype)}
     if quantize_4bit:
-        import torch
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -344,9 +358,6 @@ def load_causal_lm(
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, n_positions: int = 512) -> PreTrainedModel:
     """A 2-layer, 64-wide randomly initialised causal LM over SmolLM2's vocabulary, built offline."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
-
     tokenizer = load_tokenizer("smollm2-135m")
     vocab = len(tokenizer)
     if arch == "llama":
@@ -371,8 +382,6 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, n_positions: int = 512) -
 
 def load_classifier(name: str, num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence classifier with a fresh `num_labels`-way head, and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     preset = resolve(name)
     if preset.kind == "generator":
         raise DpnbError(f"'{name}' is a generator preset; choose a classifier (minilm-l6, distilbert-base-uncased)")
@@ -382,3 +391,198 @@ def load_classifier(name: str, num_labels: int) -> tuple[PreTrainedModel, PreTra
     tokenizer = _from_pretrained(AutoTokenizer, preset, location)
     model = _from_pretrained(AutoModelForSequenceClassification, preset, location, num_labels=num_labels)
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------- the base and the trainable model
+
+
+def _peft() -> ModuleType:
+    """peft, imported on first use: it imports bitsandbytes (~8 s, and a kernel warning on a CPU), which
+    only the LoRA and QLoRA modes need."""
+    return importlib.import_module("peft")
+
+
+def load_base_model(model_name: str, *, mode: str = "full", dtype: str = "float32", device: str = "cpu",
+                    seed: int = 0, for_training: bool = False) -> PreTrainedModel:
+    """The pre-trained base of fine-tuning `mode`: THE one way this package loads it.
+
+    qlora loads the base in 4-bit NF4. For training (`for_training`) it stays 4-bit (frozen weights
+    the adapters train against) and the model is returned as loaded, on `device`. Otherwise (samples
+    before training, rebuilding a trained adapter, the audit's twins) it is in eval mode on `device`,
+    and off CUDA a qlora base is dequantised and cast to `dtype`: the weights training saw, without
+    the slow 4-bit kernels. `seed` only matters for the tiny test presets (random weights).
+    """
+    quantize = mode == "qlora"
+    model = load_causal_lm(model_name, dtype=dtype, quantize_4bit=quantize, device=device, seed=seed)
+    if for_training:
+        return model if quantize else model.to(device)
+    if quantize and device != "cuda":
+        model = model.dequantize().to(torch_dtype(dtype))
+    elif quantize:
+        return model.eval()  # 4-bit on the GPU: device_map already put it there, and it cannot be moved
+    return model.to(device).eval()
+
+
+def embeddings_tied(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def untie_embeddings(model: PreTrainedModel) -> int:
+    """Give the LM head its own copy of the input embedding (ghost clipping refuses shared weights).
+
+    Returns the number of parameters this adds.
+    """
+    embedding = model.get_input_embeddings().weight
+    model.get_output_embeddings().weight = torch.nn.Parameter(embedding.detach().clone())
+    model.config.tie_word_embeddings = False
+    return embedding.numel()
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct leaf names of a model's linear layers (what LoRA can target)."""
+    kinds = ("Linear", "Conv1D", "Linear4bit", "Linear8bitLt")
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if type(module).__name__ in kinds and name})
+
+
+def lora_config(cfg: FinetuneConfig, model: PreTrainedModel) -> Any:
+    """The peft LoraConfig of `cfg`, checked against the model's module names and depth."""
+    available = linear_module_names(model)
+    missing = [t for t in cfg.lora_targets if t not in available]
+    require(not missing,
+            f"finetune.lora_targets {missing} are not modules of {type(model).__name__}; its linear layers "
+            f"are: {', '.join(available)} (GPT-2: c_attn, c_proj, c_fc; Llama: q_proj, k_proj, v_proj, o_proj)")
+    layers = None
+    if cfg.lora_top_layers is not None:
+        depth = int(model.config.num_hidden_layers)
+        require(cfg.lora_top_layers <= depth,
+                f"finetune.lora_top_layers = {cfg.lora_top_layers} but the model has {depth} layers; "
+                f"give at most {depth}")
+        layers = list(range(depth - cfg.lora_top_layers, depth))
+    # GPT-2's Conv1D layers store their weight transposed; peft must be told
+    conv1d = any(type(module).__name__ == "Conv1D" and name.rsplit(".", 1)[-1] in cfg.lora_targets
+                 for name, module in model.named_modules())
+    return _peft().LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=list(cfg.lora_targets), layers_to_transform=layers,
+                              fan_in_fan_out=conv1d, task_type="CAUSAL_LM")
+
+
+def is_quantized_4bit(model: nn.Module) -> bool:
+    return any(type(module).__name__ == "Linear4bit" for module in model.modules())
+
+
+def _cpu_packed(module: nn.Module) -> bool:
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def keep_4bit_weights_differentiable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking the frozen 4-bit weights for CPU inference.
+
+    On a CPU with AVX512-BF16, a bitsandbytes `Linear4bit` run in eval mode on an input that does not
+    require grad (the step-0 loss under `no_grad`, any evaluation) rewrites its weight, in place and
+    for good, into a CPU inference layout (absmax cast to bfloat16). From then on every forward goes
+    through `gemv_4bit`, an op with no autograd formula: back-propagation through the layer yields no
+    gradient for its input. The adapters reach the loss only through frozen 4-bit layers (q_proj and
+    v_proj only through o_proj), so their gradients vanish: Opacus's backward hook of a lora_B then
+    receives None, and without DP the adapters would silently get no update. The repacking also
+    changes the weights (bfloat16 absmax), so the base trained against would no longer be the one
+    `load_base_model` rebuilds.
+    """
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "support_avx512bf16_for_cpu")}
+    packed = [name for name, m in layers.items() if _cpu_packed(m)]
+    require(not packed,
+            f"the 4-bit base was already run for CPU inference ({', '.join(packed[:2])} repacked, which "
+            f"loses gradients and changes its weights); pass a freshly loaded base")
+    for module in layers.values():
+        module.support_avx512bf16_for_cpu = False  # an attribute bitsandbytes reads at each forward
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(model_name: str, cfg: FinetuneConfig, device: str,
+                base_model: PreTrainedModel | None = None) -> tuple[nn.Module, list[str]]:
+    """The model to train, with exactly the weights of `cfg.mode` trainable, and notes for the log.
+
+    full: every weight (untied from the input embedding first for ghost clipping). lora: peft
+    adapters on a frozen base. qlora: the base loaded in 4-bit NF4 (frozen) with LoRA adapters on
+    top. The base is moved to `device` before peft wraps it (opacus issue #820: with newer peft,
+    LoRA updates were silently corrupted when the model reached its device only after wrapping).
+    `base_model` (optional) is an already loaded base to use instead, modified in place.
+    """
+    notes: list[str] = []
+    model = base_model or load_base_model(model_name, mode=cfg.mode, dtype=cfg.dtype, device=device,
+                                          seed=cfg.seed, for_training=True)
+    if cfg.mode == "qlora":
+        require(is_quantized_4bit(model),
+                f"mode qlora needs a base that bitsandbytes can quantise, but {model_name} loaded unquantised "
+                f"(tiny test presets are built in memory: save one with save_pretrained and pass the directory)")
+        # casts the few unquantised weights (norms, embeddings) to float32 and freezes everything;
+        # gradient checkpointing stays off: Opacus's hooks need each layer's activations
+        model = _peft().prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_weights_differentiable(model)
+    else:
+        model = model.to(device)
+    if cfg.mode == "full":
+        model.requires_grad_(True)
+        if cfg.dp and cfg.grad_sample_mode == "ghost" and embeddings_tied(model):
+            added = untie_embeddings(model)
+            notes.append(f"ghost clipping does not support tied weights: the LM head was untied from the input "
+                         f"embedding, adding {added:,} trainable parameters")
+        return model, notes
+    with quiet_transformers():
+        model = _peft().get_peft_model(model, lora_config(cfg, model))
+    return model, notes
+
+
+# --------------------------------------------------------------------------- the trained model
+
+
+def model_card(model_name: str, cfg: FinetuneConfig, notes: Sequence[str]) -> dict[str, Any]:
+    """dpnb_model.json: what `load_trained` needs to rebuild the model."""
+    untied = any("untied" in note for note in notes)
+    return {"base": model_name, "mode": cfg.mode, "dtype": cfg.dtype, "base_seed": cfg.seed, "dp": cfg.dp,
+            "untied_embeddings": untied}
+
+
+def save_trained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path, card: dict[str, Any]) -> None:
+    """model/: the whole model (full) or the peft adapter (lora, qlora), the tokenizer and the card."""
+    with atomic_directory(target) as staging, quiet_transformers():
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / MODEL_CARD, card)
+
+
+def load_trained(model_dir: str | os.PathLike, device: str = "cpu",
+                 dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The fine-tuned model of `model_dir` (a run's model/) in eval mode, and its tokenizer.
+
+    LoRA adapters are merged into the base (plain weights, fastest to sample). A QLoRA adapter was
+    trained on the 4-bit base: on a GPU the base is loaded in 4-bit with the adapter on top; on the
+    CPU (where 4-bit kernels are slow) the 4-bit base is dequantised to `dtype`, which gives exactly
+    the weights the adapter was trained against, and the adapter is merged into it.
+    """
+    path = Path(model_dir)
+    require((path / MODEL_CARD).exists(),
+            f"{path} holds no fine-tuned model ({MODEL_CARD} is missing); run the finetune stage first")
+    card = read_json(path / MODEL_CARD)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with quiet_transformers():
+        model = _load_model(path, card, device, dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def _load_model(path: Path, card: dict[str, Any], device: str, dtype: str) -> PreTrainedModel:
+    mode = card["mode"]
+    if mode == "full":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    base = load_base_model(card["base"], mode=mode, dtype=dtype, device=device, seed=card.get("base_seed", 0))
+    model = _peft().PeftModel.from_pretrained(base, path)
+    if not (mode == "qlora" and device == "cuda"):
+        model = model.merge_and_unload()
+    return model

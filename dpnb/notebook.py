@@ -1,17 +1,29 @@
 """What every stage notebook does first: short errors, the stage's config, and its run directory.
 
-A stage notebook's parameters cell holds `run_dir`, `config` (a dict of the stage's config
-fields) and `force`; its next cell is
+A stage notebook's parameters cell holds `run_dir`, `config` and `force`; its next cell is
 
     run, cfg = open_stage("finetune", run_dir, config)
 
-which makes `DpnbError`s show as one line (as on the command line) and builds the stage's config
-object, refusing unknown keys.
+which makes `DpnbError`s show as one line (as on the command line), finds the run directory and
+builds the stage's config object, refusing unknown keys.
+
+Where a relative `run_dir` points. JupyterLab starts a notebook's kernel in the notebook's own
+folder (`notebooks/`), papermill in the folder `dpnb run` was started from; a path relative to
+the kernel's working directory would therefore mean two things. It is read relative to the
+project home instead: `$DPNB_HOME` when set (`dpnb run` sets it to its own working directory
+for the stages it executes), else the dpnb checkout the package was installed from (the folder
+holding `notebooks/` and `configs/`), else the working directory.
+
+What `config` means. A dict runs the stage with those settings (what `dpnb run` passes). `None`,
+the committed notebooks' default, reads the run as it is: the settings the stage completed with,
+so rerunning a committed notebook shows the run's results without recomputing anything (or the
+stage's defaults when it never ran).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from IPython import get_ipython
@@ -21,12 +33,43 @@ from dpnb.errors import DpnbError
 from dpnb.registry import stage
 from dpnb.rundir import RunDir
 
+HOME_ENV = "DPNB_HOME"
+CHECKOUT = Path(__file__).resolve().parent.parent  # the source tree of an editable install
+
+
+def project_home() -> Path:
+    """The folder relative run paths are read from: $DPNB_HOME, the dpnb checkout, or the working directory."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV]).expanduser().resolve()
+    if (CHECKOUT / "notebooks").is_dir() and (CHECKOUT / "configs").is_dir():
+        return CHECKOUT
+    return Path.cwd()
+
+
+def resolve_run_path(path: str | os.PathLike) -> Path:
+    """`path` as an absolute path: relative paths are taken from `project_home()`."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_home() / path
+
 
 def open_stage(name: str, run_dir: str | os.PathLike, config: dict[str, Any] | None) -> tuple[RunDir, Any]:
-    """The run directory and the validated config of stage `name`, for a stage notebook."""
+    """The run directory and the validated config of stage `name`, for a stage notebook.
+
+    `config=None` takes the config the stage completed with in this run (reading, not recomputing);
+    a stage that reads other stages' outputs and finds no run directory says where it looked.
+    """
     setup_notebook()
-    cfg = build(stage(name).config_class, config or {})
-    return RunDir(run_dir), cfg
+    spec = stage(name)
+    run = RunDir(resolve_run_path(run_dir))
+    if spec.upstream and not run.path.is_dir():
+        raise DpnbError(
+            f"no run directory at {run.path} (run_dir={str(run_dir)!r}, relative paths are read from "
+            f"{project_home()}); make the run first: `make demo` or `dpnb run configs/demo.yaml` (about 10 "
+            f"minutes on 2 CPU cores), or set run_dir to a completed run"
+        )
+    if config is None:
+        config = run.completed_config(name) or {}
+    return run, build(spec.config_class, config)
 
 
 def setup_notebook() -> None:

@@ -1,4 +1,5 @@
-"""How much privacy a DP-SGD run spends: sampling rate, step counts, noise calibration, accounting.
+"""How much privacy a DP-SGD run spends (sampling rate, step counts, noise calibration, accounting),
+and privacy.json, the record that states it: written, recomputed, verified, checked and displayed here.
 
 The mechanism
 -------------
@@ -70,9 +71,19 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+from opacus.accountants.utils import get_noise_multiplier
 
 from dpnb.errors import DpnbError, require
+from dpnb.rundir import library_versions
+
+if TYPE_CHECKING:
+    from dpnb.config import FinetuneConfig
+    from dpnb.dpsgd import TrainingPlan
 
 ACCOUNTANTS = ("rdp", "prv")  # accountants that may calibrate noise and report a guarantee
 ALL_ACCOUNTANTS = ("rdp", "prv", "gdp")  # gdp only for comparison: it can under-estimate epsilon
@@ -178,8 +189,6 @@ def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: int, de
 
 def new_accountant(name: str):
     """A fresh Opacus accountant ("rdp", "prv" or "gdp"; gdp's experimental-warning silenced)."""
-    from opacus.accountants import create_accountant
-
     require(name in ALL_ACCOUNTANTS, f"unknown accountant {name!r}; use one of {', '.join(ALL_ACCOUNTANTS)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GaussianAccountant warns on construction; the docs say why
@@ -192,9 +201,6 @@ def prv_grid_size(noise_multiplier: float, sample_rate: float, steps: int, delta
     Uses the accountant's own domain computation, so the figure is exact, at the cost of two RDP
     evaluations (~0.3 s).
     """
-    from opacus.accountants import PRVAccountant
-    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha" hint
         domain = PRVAccountant()._get_domain(
@@ -316,8 +322,6 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 
 
 def _calibrate_rdp(target_epsilon: float, delta: float, sample_rate: float, steps: int, tolerance: float) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -439,9 +443,6 @@ class EpsilonTracker:
 
     def _rdp_epsilon(self, steps: int) -> float:
         """RDPAccountant's epsilon for `steps` steps, from the cached one-step RDP (the same arithmetic)."""
-        from opacus.accountants import RDPAccountant
-        from opacus.accountants.analysis import rdp as rdp_analysis
-
         orders = RDPAccountant.DEFAULT_ALPHAS
         if self._rdp_one_step is None:
             self._rdp_one_step = rdp_analysis.compute_rdp(
@@ -507,6 +508,34 @@ def privacy_fields(noise_multiplier: float, sample_rate: float, steps: int, delt
     }
 
 
+def privacy_record(cfg: FinetuneConfig, plan: TrainingPlan, steps: int, trainable: int, train_sha256: str,
+                   identity: dict[str, Any]) -> dict[str, Any]:
+    """privacy.json: the guarantee of a finished fine-tuning run that took `steps` noise-adding steps.
+
+    Under DP `steps` must be what the accountant counted. Epsilon is computed by `privacy_fields`,
+    the path `verify_privacy` retraces, so anyone can recompute it from (noise_multiplier,
+    sample_rate, steps, delta, accountant). A run without DP has a null epsilon.
+    """
+    common = {
+        "dp": cfg.dp, "mode": cfg.mode, "dataset_size": plan.dataset_size,
+        "logical_batch_size": plan.logical_batch_size, "physical_batch_size": plan.physical_batch_size,
+        "expected_batch_size": plan.expected_batch_size, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "planned_steps": plan.steps, "trainable_parameters": trainable, "train_sha256": train_sha256,
+        "versions": library_versions(), "identity": identity,
+    }
+    if not cfg.dp:
+        return {"epsilon": None, "epsilons": None, "delta": None, "noise_multiplier": None,
+                "sample_rate": plan.sample_rate, "steps": steps, "accountant": None, "max_grad_norm": None,
+                "grad_sample_mode": None, "target_epsilon": None, "secure_rng": None, **common}
+    return {
+        **privacy_fields(plan.noise_multiplier, plan.sample_rate, steps, plan.delta, cfg.accountant),
+        "max_grad_norm": cfg.max_grad_norm, "grad_sample_mode": cfg.grad_sample_mode,
+        "target_epsilon": cfg.target_epsilon,
+        "secure_rng": False,  # a seeded torch generator (reproducible), not a cryptographic one
+        **common,
+    }
+
+
 def recompute_epsilon(privacy: dict[str, Any]) -> float:
     """Epsilon of a privacy.json record, recomputed from its noise_multiplier, sample_rate, steps, delta, accountant."""
     require(privacy.get("dp", True), "this run was trained without DP: it has no epsilon to recompute")
@@ -541,4 +570,26 @@ def _require_close(saved: float, recomputed: float, rel_tol: float, what: str) -
         math.isclose(saved, recomputed, rel_tol=rel_tol, abs_tol=1e-12),
         f"privacy record's {what} = {saved!r} but its noise multiplier, sample rate, steps and delta give "
         f"{recomputed!r}: the record is inconsistent; rerun the finetune stage (do not publish this epsilon)",
+    )
+
+
+# --------------------------------------------------------------------------- display and checks of privacy.json
+
+
+def round_up(value: float, significant: int = 3) -> float:
+    """`value` rounded UP to `significant` digits: a privacy parameter is never shown smaller than it is."""
+    if value <= 0 or not math.isfinite(value):
+        return value
+    scale = 10 ** (significant - 1 - math.floor(math.log10(value)))
+    return math.ceil(value * scale - 1e-9) / scale  # the tolerance keeps 3.21 from becoming 3.22
+
+
+def check_privacy_record(privacy: dict[str, Any]) -> None:
+    """A DP run's privacy.json must state a finite epsilon and a delta: never describe a missing guarantee."""
+    epsilon, delta = privacy.get("epsilon"), privacy.get("delta")
+    require(
+        isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0
+        and isinstance(delta, (int, float)) and 0 <= delta < 1,
+        f"privacy.json says dp is true but has no finite epsilon and delta (epsilon={epsilon!r}, "
+        f"delta={delta!r}); rerun the finetune stage",
     )

@@ -1,8 +1,9 @@
 """The run directory: where every stage reads its inputs and writes its outputs.
 
-One experiment is one directory, `runs/<name>/` by default:
+One experiment is one directory, `runs/<name>/` by default; `RunDir` names every path in it:
 
     config.yaml               the resolved configuration of the run (written by `dpnb run`)
+    sweep-config.yaml         the same, for a run started by `dpnb sweep`; dpnb-run.log its output
     notebooks/NN_stage.ipynb  each stage's executed notebook (kept on failure too)
     stages/<stage>.json       completion marker: the stage's config, library versions, wall time
     data/                     01 prepare:  train/ and test/ (datasets `save_to_disk`), manifest.json
@@ -10,16 +11,19 @@ One experiment is one directory, `runs/<name>/` by default:
     model/                    02 finetune: the trained model or adapter, with its tokenizer
     train_log.jsonl           02 finetune: one line per logical (noise-adding) step
     privacy.json              02 finetune: the privacy guarantee of the run
-    checkpoints/              02 finetune: the latest resumable state
+    checkpoints/latest.pt     02 finetune: the latest resumable state
     synthetic/, zero_shot/    03 generate: labelled synthetic data sets with a dataset card; shards/
                               holds the samples written so far, so an interrupted run resumes
     metrics.json              04 evaluate (evaluate/ holds finished sources while it runs)
-    audit.json, audit/        06 audit: the summary, and the DP and non-DP twins it trained
+    audit.json, audit/        06 audit: the summary, and the DP and non-DP twins it trained (each
+                              twin directory is laid out like a run: model/, privacy.json, ...)
     figures/                  every stage's figures
 
 A stage is complete when its marker exists; the marker is written last, atomically, so a crash
-never leaves a stage that looks complete. A completed stage is skipped when rerun with the same
-config, refused with a clear error when rerun with a different one, and redone only when forced.
+never leaves a stage that looks complete. A completed stage is current when it finished with the
+same config and the same upstream results (`is_current`); a current stage is skipped when rerun, a
+completed stage that is not current is refused with a clear error, and redone only when forced
+(`should_run`).
 """
 
 from __future__ import annotations
@@ -28,32 +32,18 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dpnb import registry
 from dpnb.errors import DpnbError
-from dpnb.io import (  # noqa: F401 - RENOVATION SHIM: re-exported until every caller imports dpnb.io
-    append_jsonl,
-    atomic_directory,
-    read_json,
-    read_jsonl,
-    to_json,
-    write_json_atomic,
-    write_text_atomic,
-)
+from dpnb.io import read_json, to_json, write_json_atomic
 
-STAGES = ("prepare", "finetune", "generate", "evaluate", "audit")
-
-# What each stage reads. A stage's fingerprint covers its own config and the fingerprints of the
-# completed stages it reads, so rerunning an upstream stage makes downstream results stale.
-DEPENDS_ON: dict[str, tuple[str, ...]] = {
-    "prepare": (),
-    "finetune": ("prepare",),
-    "generate": ("prepare", "finetune"),
-    "evaluate": ("prepare", "generate"),
-    "audit": ("prepare", "finetune"),
-}
+CHECKPOINT_FILE = "latest.pt"  # the one resumable training state in checkpoints/
+TWINS_DIR = "audit"  # the audit's twins, each a run-like directory
 
 
 # --------------------------------------------------------------------------- stage completion
@@ -71,8 +61,6 @@ def config_fingerprint(config: Any) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour the results depend on."""
-    from importlib import metadata
-
     versions = {}
     for name in ("dpnb", "torch", "transformers", "opacus", "peft", "datasets", "bitsandbytes"):
         try:
@@ -92,16 +80,22 @@ class RunDir:
         return f"RunDir({str(self.path)!r})"
 
     # paths, one per file contract (see the module docstring)
+    config_file = property(lambda self: self.path / "config.yaml")
+    sweep_config = property(lambda self: self.path / "sweep-config.yaml")
+    run_log = property(lambda self: self.path / "dpnb-run.log")
     data = property(lambda self: self.path / "data")
+    manifest = property(lambda self: self.path / "data" / "manifest.json")
     data_stats = property(lambda self: self.path / "data_stats.json")
     model = property(lambda self: self.path / "model")
     train_log = property(lambda self: self.path / "train_log.jsonl")
     privacy = property(lambda self: self.path / "privacy.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
+    checkpoint = property(lambda self: self.path / "checkpoints" / CHECKPOINT_FILE)
     synthetic = property(lambda self: self.path / "synthetic")
     zero_shot = property(lambda self: self.path / "zero_shot")
     metrics = property(lambda self: self.path / "metrics.json")
     audit = property(lambda self: self.path / "audit.json")
+    audit_dir = property(lambda self: self.path / TWINS_DIR)
     figures = property(lambda self: self.path / "figures")
     notebooks = property(lambda self: self.path / "notebooks")
     stages = property(lambda self: self.path / "stages")
@@ -109,6 +103,26 @@ class RunDir:
     def figure(self, name: str) -> Path:
         self.figures.mkdir(parents=True, exist_ok=True)
         return self.figures / name
+
+    def partial(self, stage: str) -> Path:
+        """Where `stage` keeps the pieces it has finished while it runs (e.g. evaluate/), for resuming."""
+        return self.path / registry.stage(stage).name
+
+    def twin(self, name: str) -> RunDir:
+        """The audit's twin `name` ("dp", "nodp"): a directory laid out like a run (model/, privacy.json...)."""
+        return RunDir(self.audit_dir / name)
+
+    def executed_notebook(self, stage: str) -> Path:
+        """Where `dpnb run` keeps the executed notebook of `stage`."""
+        return self.notebooks / registry.stage(stage).notebook
+
+    def clear_training(self) -> None:
+        """Remove earlier fine-tuning outputs before a fresh start, so none can be taken for the new run's."""
+        self.privacy.unlink(missing_ok=True)
+        self.train_log.unlink(missing_ok=True)
+        self.checkpoint.unlink(missing_ok=True)
+        if self.model.exists():
+            shutil.rmtree(self.model)
 
     def marker(self, stage: str) -> Path:
         return self.stages / f"{stage}.json"
@@ -120,40 +134,48 @@ class RunDir:
         return read_json(self.marker(stage))["config"] if self.is_complete(stage) else None
 
     def fingerprint(self, stage: str, config: Any) -> str:
-        """Hash of the stage's config and of the completed stages it reads.
+        """Hash of the stage's config and of the completed upstream stages it reads (`registry`).
 
         An upstream stage is identified by its fingerprint and the time it finished: a forced rerun
         with the same config may still produce other outputs (another machine's arithmetic), so
         whatever read the old outputs is stale too.
         """
         upstream = {}
-        for dep in DEPENDS_ON.get(stage, ()):
+        for dep in registry.stage(stage).upstream:
             if self.is_complete(dep):
                 marker = read_json(self.marker(dep))
                 upstream[dep] = [marker.get("fingerprint"), marker.get("finished_at")]
         return config_fingerprint({"config": config, "inputs": upstream})
 
-    def should_run(self, stage: str, config: Any, force: bool = False) -> bool:
-        """Decide whether `stage` must run, refusing to overwrite different results silently.
+    def is_current(self, stage: str, config: Any) -> bool:
+        """Whether `stage` completed with this config and the upstream results it sees now.
 
-        True when the stage has not completed, or when `force` is set (its marker is then removed
-        first, so a forced run that fails does not leave the old marker over new partial outputs).
-        False when it completed with the same config. A completed stage with a different config is
-        an error: its outputs would be replaced without anyone asking.
+        False when it has not completed. A completed stage with a different config, or whose
+        upstream stages have since been rerun, is an error: its outputs would be replaced without
+        anyone asking (`should_run(..., force=True)` replaces them).
         """
-        if force:
-            self.marker(stage).unlink(missing_ok=True)
-            return True
         if not self.is_complete(stage):
-            return True
+            return False
         saved = read_json(self.marker(stage))
         if saved.get("fingerprint") == self.fingerprint(stage, config):
-            return False
+            return True
         what = "a different config" if saved.get("config") != _plain(config) else "inputs that have since changed"
         raise DpnbError(
             f"stage '{stage}' in {self.path} already finished with {what}; "
             f"rerun with force=True (dpnb run --force) to replace its results, or use a new run name"
         )
+
+    def should_run(self, stage: str, config: Any, force: bool = False) -> bool:
+        """Decide whether `stage` must run, refusing to overwrite different results silently.
+
+        True when the stage is not current (`is_current`), or when `force` is set (its marker is then
+        removed first, so a forced run that fails does not leave the old marker over new partial
+        outputs). False when it completed with the same config and inputs.
+        """
+        if force:
+            self.marker(stage).unlink(missing_ok=True)
+            return True
+        return not self.is_current(stage, config)
 
     def mark_complete(self, stage: str, config: Any, started_at: float, **extra: Any) -> Path:
         """Write the stage's completion marker: the last thing a stage does."""

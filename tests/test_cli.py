@@ -1,4 +1,4 @@
-"""The command line and the report: sweeps expand as documented, reports read what runs wrote."""
+"""The command line, the pipeline and the report: sweeps expand as documented, reports read what runs wrote."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import math
 import time
 
 import pytest
+import torch
 import yaml
 
-from dpnb import cli, report
+from dpnb import cli, models, pipeline, sweep
 from dpnb.config import EvaluateConfig, FinetuneConfig, PrepareConfig
 from dpnb.errors import DpnbError
-from dpnb.rundir import RunDir, append_jsonl, write_json_atomic
+from dpnb.io import append_jsonl, write_json_atomic
+from dpnb.rundir import RunDir
+from dpnb.stages import report
 
 
 def test_overrides_are_typed_like_yaml():
@@ -29,7 +32,7 @@ def test_sweep_expands_grid_then_explicit_runs(tmp_path):
                   "grid": {"finetune.target_epsilon": [1, 8], "seed": [0, 1]},
                   "runs": [{"finetune.dp": False, "name": "nodp"}]},
     }))
-    runs, base = cli.expand_sweep(str(path))
+    runs, base = sweep.expand_sweep(str(path))
     assert [r["name"] for r in runs] == ["eps1-s0", "eps1-s1", "eps8-s0", "eps8-s1", "nodp"]
     assert runs[2] == {"finetune.target_epsilon": 8, "seed": 0, "name": "eps8-s0"}
     assert "sweep" not in base
@@ -39,7 +42,7 @@ def test_sweep_refuses_runs_that_would_share_a_directory(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({"sweep": {"name": "same", "grid": {"seed": [0, 1]}}}))
     with pytest.raises(DpnbError, match="same name"):
-        cli.expand_sweep(str(path))
+        sweep.expand_sweep(str(path))
 
 
 def test_sweep_validates_every_run_before_starting_any(tmp_path):
@@ -47,24 +50,20 @@ def test_sweep_validates_every_run_before_starting_any(tmp_path):
     path.write_text(yaml.safe_dump({"runs_dir": str(tmp_path / "runs"),
                                     "sweep": {"runs": [{"name": "a"}, {"name": "b", "finetune.target_epsilon": -1}]}}))
     with pytest.raises(DpnbError, match=r"\(b\).*target_epsilon must be a positive number"):
-        cli.run_sweep(str(path))
+        sweep.run_sweep(str(path))
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_gpu_config_fails_early_without_a_gpu(tmp_path, monkeypatch):
-    import torch
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = tmp_path / "gpu.yaml"
     path.write_text(yaml.safe_dump({"name": "g", "runs_dir": str(tmp_path), "requires_gpu": True}))
     with pytest.raises(DpnbError, match="needs a GPU"):
-        cli.run_pipeline(str(path), {})
+        pipeline.run_pipeline(str(path), {})
     assert not (tmp_path / "g").exists()
 
 
 def test_a_hub_model_offline_fails_before_any_stage(tmp_path, monkeypatch):
-    from dpnb import models
-
     monkeypatch.setattr(models, "_HUB_OFFLINE", True)
     path = tmp_path / "hub.yaml"
     path.write_text(yaml.safe_dump({"name": "h", "runs_dir": str(tmp_path), "model": "gpt2"}))

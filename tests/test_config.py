@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import copy
 
-from dpnb.config import FinetuneConfig, PrepareConfig, build, load_run_config, run_config_from_dict
+import pytest
+from nbtools import REPO
+
+from dpnb.config import FinetuneConfig, PrepareConfig, build
 from dpnb.errors import DpnbError
+from dpnb.runconfig import load_run_config, run_config_from_dict, set_dotted
+from dpnb.sweep import expand_sweep
 
 
 def test_unknown_key_is_named_with_the_valid_ones():
@@ -72,10 +77,6 @@ def test_load_run_config_with_dotted_overrides(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo.yaml", "sweep-eps.yaml", "paper.yaml"])
 def test_shipped_configs_are_valid(name):
-    from nbtools import REPO
-
-    from dpnb.cli import expand_sweep
-
     path = REPO / "configs" / name
     if name == "demo.yaml":
         load_run_config(path)
@@ -86,10 +87,6 @@ def test_shipped_configs_are_valid(name):
 
 
 def load_run_config_from(base, overrides):
-    import copy
-
-    from dpnb.config import set_dotted
-
     values = copy.deepcopy(base)
     for key, value in overrides.items():
         set_dotted(values, key, value)

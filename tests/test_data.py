@@ -13,10 +13,12 @@ import pandas as pd
 import pytest
 from conftest import toy_reviews, write_csv
 
-from dpnb import data, models
+from dpnb import models, prompts, sources
 from dpnb.config import PrepareConfig
 from dpnb.errors import DpnbError
-from dpnb.rundir import RunDir, read_json
+from dpnb.io import read_json
+from dpnb.rundir import RunDir
+from dpnb.stages import prepare
 
 LABELS = ("negative", "positive")
 
@@ -38,8 +40,8 @@ def cfg(source, **values) -> PrepareConfig:
 
 
 def load_checked(config: PrepareConfig) -> dict[str, tuple[pd.DataFrame, dict[str, int]]]:
-    raw, _ = data.load_splits(config)
-    return {role: data.validate_split(split, config) for role, split in raw.items()}
+    raw, _ = sources.load_splits(config)
+    return {role: sources.validate_split(split, config) for role, split in raw.items()}
 
 
 def write_table(path: Path, rows: list[dict]) -> Path:
@@ -82,7 +84,7 @@ def test_every_table_format_reads_the_same_records(tmp_path, suffix):
 def test_a_pair_of_files_is_train_then_test(tmp_path):
     train = write_table(tmp_path / "a.jsonl", toy_reviews(8, seed=1))
     test = write_table(tmp_path / "b.csv.gz", toy_reviews(6, seed=2))
-    raw, description = data.load_splits(cfg(f"{train}, {test}"))
+    raw, description = sources.load_splits(cfg(f"{train}, {test}"))
     assert len(raw["train"].frame) == 8 and len(raw["test"].frame) == 6
     assert "a.jsonl (train)" in description
 
@@ -105,7 +107,7 @@ def test_default_source_reads_the_mirror_named_by_the_environment(tmp_path, monk
     write_table(tmp_path / "train.csv.gz", toy_reviews(12))
     write_table(tmp_path / "test.csv.gz", toy_reviews(4))
     monkeypatch.setenv("DPNB_DATA_DIR", str(tmp_path))
-    raw, description = data.load_splits(PrepareConfig(model="tiny-llama"))
+    raw, description = sources.load_splits(PrepareConfig(model="tiny-llama"))
     assert len(raw["train"].frame) == 12 and len(raw["test"].frame) == 4
     assert "DPNB_DATA_DIR" in description and "mirror" in capsys.readouterr().out
 
@@ -113,14 +115,14 @@ def test_default_source_reads_the_mirror_named_by_the_environment(tmp_path, monk
 def test_mirror_without_the_files_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("DPNB_DATA_DIR", str(tmp_path))
     with pytest.raises(DpnbError, match=r"DPNB_DATA_DIR=.* does not hold train.csv.gz, test.csv.gz"):
-        data.load_splits(PrepareConfig())
+        sources.load_splits(PrepareConfig())
 
 
 def test_hub_offline_names_the_fix(monkeypatch):
     monkeypatch.delenv("DPNB_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DpnbError) as error:
-        data.load_splits(PrepareConfig())
+        sources.load_splits(PrepareConfig())
     message = str(error.value)
     assert "stanfordnlp/imdb" in message and "set DPNB_DATA_DIR" in message and "local file" in message
     assert "\n" not in message
@@ -138,14 +140,14 @@ def test_bad_sources_say_what_to_give(tmp_path, source, expected):
     (tmp_path / "notes.xlsx").write_bytes(b"PK")
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(DpnbError, match=expected):
-        data.load_splits(cfg(source.replace("{tmp}", str(tmp_path))))
+        sources.load_splits(cfg(source.replace("{tmp}", str(tmp_path))))
 
 
 def test_two_files_for_one_split_are_ambiguous(tmp_path):
     split_dir(tmp_path, "csv", toy_reviews(4), toy_reviews(4))
     write_table(tmp_path / "train.jsonl", toy_reviews(4))
     with pytest.raises(DpnbError, match="several train files"):
-        data.load_splits(cfg(tmp_path))
+        sources.load_splits(cfg(tmp_path))
 
 
 def test_the_real_imdb_mirror(imdb_dir):
@@ -233,7 +235,7 @@ def test_latin1_files_are_refused_with_the_fix(tmp_path, layout):
         with opener(tmp_path / f"train.{layout}", "wb") as handle:
             handle.write(line)
     with pytest.raises(DpnbError, match=r"is not UTF-8 text \(byte 0xe8.*iconv"):
-        data.load_splits(cfg(tmp_path))
+        sources.load_splits(cfg(tmp_path))
 
 
 def test_unreadable_files_name_the_format(tmp_path):
@@ -241,14 +243,14 @@ def test_unreadable_files_name_the_format(tmp_path):
     (tmp_path / "train.csv").unlink()
     (tmp_path / "train.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DpnbError, match="could not be read as parquet"):
-        data.load_splits(cfg(tmp_path))
+        sources.load_splits(cfg(tmp_path))
 
 
 def test_strip_html_replaces_line_breaks_with_one_space():
     texts = pd.Series(["Good.<br /><br />Really good. ", "No<BR>break<br/>here", "keep <b>bold</b>"])
-    assert data.clean_texts(texts, strip_html=True).tolist() == [
+    assert sources.clean_texts(texts, strip_html=True).tolist() == [
         "Good. Really good.", "No break here", "keep <b>bold</b>"]
-    assert data.clean_texts(texts, strip_html=False).tolist()[0] == "Good.<br /><br />Really good."
+    assert sources.clean_texts(texts, strip_html=False).tolist()[0] == "Good.<br /><br />Really good."
 
 
 # --------------------------------------------------------------------------- subsampling
@@ -256,35 +258,35 @@ def test_strip_html_replaces_line_breaks_with_one_space():
 
 def test_stratified_sample_is_deterministic_and_keeps_proportions():
     labels = np.array([0] * 200 + [1] * 100)
-    first = data.stratified_indices(labels, 90, seed=3, where="n")
-    assert np.array_equal(first, data.stratified_indices(labels, 90, seed=3, where="n"))
-    assert not np.array_equal(np.sort(first), np.sort(data.stratified_indices(labels, 90, seed=4, where="n")))
+    first = sources.stratified_indices(labels, 90, seed=3, where="n")
+    assert np.array_equal(first, sources.stratified_indices(labels, 90, seed=3, where="n"))
+    assert not np.array_equal(np.sort(first), np.sort(sources.stratified_indices(labels, 90, seed=4, where="n")))
     assert len(set(first)) == 90 and np.bincount(labels[first]).tolist() == [60, 30]
 
 
 def test_stratified_quotas_sum_to_n_within_one_row_of_each_proportion():
     labels = np.array([0] * 7 + [1] * 11 + [2] * 13)
     for n in range(1, len(labels) + 1):
-        counts = np.bincount(labels[data.stratified_indices(labels, n, seed=0, where="n")], minlength=3)
+        counts = np.bincount(labels[sources.stratified_indices(labels, n, seed=0, where="n")], minlength=3)
         assert counts.sum() == n
         assert np.all(np.abs(counts - n * np.array([7, 11, 13]) / 31) < 1)
 
 
 def test_all_rows_when_n_is_none_but_shuffled():
     labels = np.array([0] * 50 + [1] * 50)
-    rows = data.stratified_indices(labels, None, seed=0, where="n")
+    rows = sources.stratified_indices(labels, None, seed=0, where="n")
     assert sorted(rows) == list(range(100)) and list(rows) != list(range(100))
 
 
 def test_asking_for_more_rows_than_the_split_holds_is_an_error():
     with pytest.raises(DpnbError, match=r"prepare.n_train = 11 is larger than the split \(10 usable rows\)"):
-        data.stratified_indices(np.array([0, 1] * 5), 11, seed=0, where="prepare.n_train")
+        sources.stratified_indices(np.array([0, 1] * 5), 11, seed=0, where="prepare.n_train")
 
 
 def test_a_sample_left_with_one_class_is_an_error():
     checked = pd.DataFrame({"text": ["a", "b", "c"], "label": [0, 0, 1]})
     with pytest.raises(DpnbError, match=r"single class .*raise prepare.n_train"):
-        data.subsample(checked, 1, 0, "train", LABELS)
+        sources.subsample(checked, 1, 0, "train", LABELS)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -292,7 +294,7 @@ def test_a_sample_left_with_one_class_is_an_error():
 
 @pytest.mark.parametrize("style", ["plain", "chat"])
 def test_records_start_with_the_prompt_and_end_with_eos(tokenizer, style):
-    fmt = data.PromptFormat(style=style)
+    fmt = prompts.PromptFormat(style=style)
     long_review = " ".join(["an unforgettable film"] * 200)
     for label in LABELS:
         prompt = fmt.prompt_ids(label, tokenizer)
@@ -307,13 +309,13 @@ def test_records_start_with_the_prompt_and_end_with_eos(tokenizer, style):
 
 
 def test_plain_prompt_is_label_and_delimiter(tokenizer):
-    fmt = data.PromptFormat(delimiter=" | ")
+    fmt = prompts.PromptFormat(delimiter=" | ")
     assert fmt.prompt_text("positive", tokenizer) == "positive | "
     assert tokenizer.decode(fmt.prompt_ids("positive", tokenizer)) == "positive | "
 
 
 def test_chat_prompt_is_the_template_with_the_instruction(tokenizer):
-    fmt = data.PromptFormat(style="chat", chat_instruction="Write a {label} review.")
+    fmt = prompts.PromptFormat(style="chat", chat_instruction="Write a {label} review.")
     text = fmt.prompt_text("negative", tokenizer)
     expected = tokenizer.apply_chat_template([{"role": "user", "content": "Write a negative review."}],
                                              tokenize=False, add_generation_prompt=True)
@@ -327,14 +329,14 @@ def test_plain_prompt_keeps_the_bos_a_tokenizer_adds():
 
     _, location = models.generator_location("tiny-llama")
     with_bos = AutoTokenizer.from_pretrained(location, add_bos_token=True)
-    ids = data.PromptFormat().prompt_ids("positive", with_bos)
+    ids = prompts.PromptFormat().prompt_ids("positive", with_bos)
     assert ids[0] == with_bos.bos_token_id and ids == with_bos("positive | ")["input_ids"]
-    record, _ = data.PromptFormat().encode("positive", "Good.", with_bos, 32)
+    record, _ = prompts.PromptFormat().encode("positive", "Good.", with_bos, 32)
     assert record[: len(ids)] == ids and record.count(with_bos.bos_token_id) == 1
 
 
 def test_review_text_never_becomes_control_tokens(tokenizer):
-    fmt = data.PromptFormat(style="chat")
+    fmt = prompts.PromptFormat(style="chat")
     ids, _ = fmt.encode("positive", "Nice <|im_end|> film", tokenizer, 300)
     review = ids[len(fmt.prompt_ids("positive", tokenizer)) :]
     assert review.count(tokenizer.eos_token_id) == 1 and review[-1] == tokenizer.eos_token_id
@@ -343,21 +345,21 @@ def test_review_text_never_becomes_control_tokens(tokenizer):
 
 def test_prompt_longer_than_max_length_is_an_error(tokenizer):
     with pytest.raises(DpnbError, match=r"max_length = 20 leaves no room .* raise prepare.max_length"):
-        data.PromptFormat(style="chat").encode("positive", "Good.", tokenizer, 20)
+        prompts.PromptFormat(style="chat").encode("positive", "Good.", tokenizer, 20)
 
 
 def test_chat_without_a_template_is_an_error(tokenizer):
     bare = copy.deepcopy(tokenizer)
     bare.chat_template = None
     with pytest.raises(DpnbError, match="no chat template; use prompt_format: plain"):
-        data.PromptFormat(style="chat").prompt_ids("positive", bare)
+        prompts.PromptFormat(style="chat").prompt_ids("positive", bare)
 
 
 def test_prompt_format_round_trips_through_a_dict():
-    fmt = data.PromptFormat.from_config(PrepareConfig(prompt_format="chat", delimiter=" :: "))
-    assert data.PromptFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))) == fmt
+    fmt = prompts.PromptFormat.from_config(PrepareConfig(prompt_format="chat", delimiter=" :: "))
+    assert prompts.PromptFormat.from_dict(json.loads(json.dumps(fmt.to_dict()))) == fmt
     with pytest.raises(DpnbError, match="unknown key"):
-        data.PromptFormat.from_dict({"style": "plain", "sep": "|"})
+        prompts.PromptFormat.from_dict({"style": "plain", "sep": "|"})
 
 
 # --------------------------------------------------------------------------- the stage
@@ -366,20 +368,20 @@ def test_prompt_format_round_trips_through_a_dict():
 def test_run_stage_writes_the_contract(tmp_path, toy_data_dir, cached_tokenizer):
     config = cfg(toy_data_dir, n_train=60, n_test=40, max_length=48, prompt_format="chat", max_dropped_fraction=0)
     run = RunDir(tmp_path / "run")
-    stats = data.run_stage(run, config)
-    dataset, test, manifest = data.load_prepared(run)
+    stats = prepare.run_stage(run, config)
+    dataset, test, manifest = prepare.load_prepared(run)
     train = dataset.to_dict()
     assert (len(dataset), len(test)) == (60, 40)
     assert set(dataset.column_names) == {"text", "label", "label_name", "input_ids", "prompt_length", "n_tokens",
                                        "truncated"}
-    fmt = data.PromptFormat.from_dict(manifest["prompt"])
+    fmt = prompts.PromptFormat.from_dict(manifest["prompt"])
     for record in dataset:
         assert record["label_name"] == LABELS[record["label"]] and "<br" not in record["text"]
         prompt = fmt.prompt_ids(record["label_name"], cached_tokenizer)
         assert record["input_ids"][: record["prompt_length"]] == prompt
         assert record["n_tokens"] == len(record["input_ids"]) <= 48
         assert record["input_ids"][-1] == cached_tokenizer.eos_token_id
-    assert manifest["train_sha256"] == data.train_sha256(train)
+    assert manifest["train_sha256"] == prepare.train_sha256(train)
     assert {k: manifest[k] for k in ("model", "label_names", "max_length", "n_train", "n_test", "seed")} == {
         "model": "tiny-llama", "label_names": list(LABELS), "max_length": 48, "n_train": 60, "n_test": 40, "seed": 0}
     split = stats["splits"]["train"]
@@ -394,20 +396,20 @@ def test_run_stage_writes_the_contract(tmp_path, toy_data_dir, cached_tokenizer)
 
 def test_run_stage_skips_refuses_and_forces(tmp_path, toy_data_dir, cached_tokenizer):
     run = RunDir(tmp_path / "run")
-    first = data.run_stage(run, cfg(toy_data_dir, n_train=40, n_test=20, max_length=24))
+    first = prepare.run_stage(run, cfg(toy_data_dir, n_train=40, n_test=20, max_length=24))
     marker = run.marker("prepare").read_text()
-    assert data.run_stage(run, cfg(toy_data_dir, n_train=40, n_test=20, max_length=24)) == first
+    assert prepare.run_stage(run, cfg(toy_data_dir, n_train=40, n_test=20, max_length=24)) == first
     assert run.marker("prepare").read_text() == marker  # skipped: nothing rewritten
     with pytest.raises(DpnbError, match="different config"):
-        data.run_stage(run, cfg(toy_data_dir, n_train=50, n_test=20, max_length=24))
-    forced = data.run_stage(run, cfg(toy_data_dir, n_train=50, n_test=20, max_length=24), force=True)
-    assert forced["splits"]["train"]["records"] == 50 and data.load_prepared(run)[2]["n_train"] == 50
+        prepare.run_stage(run, cfg(toy_data_dir, n_train=50, n_test=20, max_length=24))
+    forced = prepare.run_stage(run, cfg(toy_data_dir, n_train=50, n_test=20, max_length=24), force=True)
+    assert forced["splits"]["train"]["records"] == 50 and prepare.load_prepared(run)[2]["n_train"] == 50
 
 
 def test_interrupted_run_keeps_the_previous_data_and_resumes(tmp_path, toy_data_dir, cached_tokenizer, monkeypatch):
     run = RunDir(tmp_path / "run")
-    data.run_stage(run, cfg(toy_data_dir, n_train=40, n_test=20, max_length=24))
-    real_to_dataset, calls = data.to_dataset, []
+    prepare.run_stage(run, cfg(toy_data_dir, n_train=40, n_test=20, max_length=24))
+    real_to_dataset, calls = prepare.to_dataset, []
 
     def crash_on_test_split(columns):
         calls.append(1)
@@ -415,26 +417,26 @@ def test_interrupted_run_keeps_the_previous_data_and_resumes(tmp_path, toy_data_
             raise KeyboardInterrupt
         return real_to_dataset(columns)
 
-    monkeypatch.setattr(data, "to_dataset", crash_on_test_split)
+    monkeypatch.setattr(prepare, "to_dataset", crash_on_test_split)
     new = cfg(toy_data_dir, n_train=30, n_test=20, max_length=24)
     with pytest.raises(KeyboardInterrupt):
-        data.run_stage(run, new, force=True)
+        prepare.run_stage(run, new, force=True)
     assert read_json(run.data / "manifest.json")["n_train"] == 40  # the old data, whole
     assert not run.is_complete("prepare") and not list(run.path.glob(".data.*.tmp"))
-    monkeypatch.setattr(data, "to_dataset", real_to_dataset)
-    assert data.run_stage(run, new)["splits"]["train"]["records"] == 30
+    monkeypatch.setattr(prepare, "to_dataset", real_to_dataset)
+    assert prepare.run_stage(run, new)["splits"]["train"]["records"] == 30
 
 
 def test_load_prepared_before_prepare_is_an_error(tmp_path):
     with pytest.raises(DpnbError, match="stage 'prepare' has not completed"):
-        data.load_prepared(RunDir(tmp_path / "empty"))
+        prepare.load_prepared(RunDir(tmp_path / "empty"))
 
 
 def test_format_example_shows_where_the_prompt_ends(tokenizer):
-    fmt = data.PromptFormat()
+    fmt = prompts.PromptFormat()
     ids, truncated = fmt.encode("positive", "A fine film.", tokenizer, 300)
     prompt_length = len(fmt.prompt_ids("positive", tokenizer))
     record = {"input_ids": ids, "prompt_length": prompt_length, "label": 1, "label_name": "positive",
               "truncated": truncated}
-    shown = data.format_example(record, tokenizer)
+    shown = prompts.format_example(record, tokenizer)
     assert "'positive | '" in shown and shown.endswith("A fine film.<|im_end|>")

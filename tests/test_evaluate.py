@@ -1,5 +1,6 @@
-"""04 evaluate: metrics checked by hand, the memorisation screen against brute force, the classifier on
-an easy task, and the stage on a tiny run directory (sources, skip, stale inputs, resume)."""
+"""04 evaluate: metrics checked by hand, the classifier on an easy task, and the stage on a tiny run
+directory (sources, skip, stale inputs, resume). The screen is in test_memorisation, the text
+statistics in test_textstats."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import numpy as np
 import pytest
 from conftest import toy_reviews, write_csv
 
-from dpnb import evaluate
+from dpnb import classifier, memorisation
 from dpnb.config import EvaluateConfig, GenerateConfig, PrepareConfig, build
 from dpnb.errors import DpnbError
 from dpnb.models import load_tokenizer
 from dpnb.rundir import RunDir
+from dpnb.stages import evaluate
 
 # A review unlike the toy ones, long enough to stand out when copied verbatim.
 LONG_REVIEW = (
@@ -35,7 +37,7 @@ def test_binary_metrics_match_hand_computation():
     # confusion rows = true label: [[5 TN, 1 FP], [1 FN, 3 TP]].
     y_true = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
     y_pred = [1, 1, 1, 0, 1, 0, 0, 0, 0, 0]
-    m = evaluate.classification_metrics(y_true, y_pred, num_labels=2)
+    m = classifier.classification_metrics(y_true, y_pred, num_labels=2)
     assert m["accuracy"] == pytest.approx(0.8)
     assert m["f1"] == pytest.approx(0.75)
     assert m["f1_average"] == "binary"
@@ -47,7 +49,7 @@ def test_macro_f1_for_three_labels():
     # class 1: TP 2, FP 1 (second), FN 0          -> P 2/3, R 1,   F1 0.8
     # class 2: TP 1, FP 0, FN 1 (last)            -> P 1,   R 1/2, F1 2/3
     # macro F1 = (0.5 + 0.8 + 2/3) / 3; accuracy = 4/6
-    m = evaluate.classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], num_labels=3)
+    m = classifier.classification_metrics([0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0], num_labels=3)
     assert m["f1_average"] == "macro"
     assert m["f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert m["accuracy"] == pytest.approx(4 / 6)
@@ -56,117 +58,10 @@ def test_macro_f1_for_three_labels():
 
 def test_label_fidelity_overall_and_per_label():
     # prompted negative twice (one agrees), positive three times (two agree): 3/5 overall
-    fidelity = evaluate.label_fidelity([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], ["negative", "positive"])
+    fidelity = classifier.label_fidelity([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], ["negative", "positive"])
     assert fidelity["overall"] == pytest.approx(3 / 5)
     assert fidelity["per_label"] == {"negative": pytest.approx(1 / 2), "positive": pytest.approx(2 / 3)}
     assert fidelity["n"] == 5
-
-
-# --------------------------------------------------------------------------- diversity
-
-
-def test_distinct_n_on_a_tiny_corpus():
-    # words: [the cat sat] [the cat ran] [hi]
-    # unigrams: 7 in all, unique {the, cat, sat, ran, hi} = 5        -> distinct-1 = 5/7
-    # bigrams: (the cat) (cat sat) (the cat) (cat ran): 4, unique 3  -> distinct-2 = 3/4
-    # ("hi" has no bigram, and none runs across texts)
-    texts = ["the cat sat", "The cat ran", "hi"]
-    assert evaluate.distinct_n(texts, 1) == pytest.approx(5 / 7)
-    assert evaluate.distinct_n(texts, 2) == pytest.approx(3 / 4)
-    assert evaluate.distinct_n(["hi"], 2) is None
-
-
-def test_duplicate_share_ignores_case_and_spacing():
-    # "a b", "A  b" and "a b" are one text written three ways: 2 unique of 4 -> 1 - 2/4
-    assert evaluate.duplicate_share(["a b", "A  b", "c", "a b"]) == pytest.approx(0.5)
-    assert evaluate.duplicate_share(["x", "y"]) == 0
-    assert evaluate.duplicate_share([]) is None
-
-
-def test_length_summary_histogram():
-    summary = evaluate.length_summary([3, 1, 3, 0])
-    assert summary["counts"] == [1, 1, 0, 2]
-    assert summary["mean"] == pytest.approx(7 / 4)
-    assert summary["max"] == 3
-
-
-def test_review_token_ids_drop_the_prompt_and_the_final_eos():
-    from datasets import Dataset
-
-    eos = 2
-    records = Dataset.from_dict({"input_ids": [[7, 8, 30, 31, eos], [9, 40, 41], [7, 8, 50, eos]],
-                                 "prompt_length": [2, 1, 2]})
-    reviews = evaluate.review_token_ids(records, eos)
-    assert [r.tolist() for r in reviews] == [[30, 31], [40, 41], [50]]  # the second was cut: no EOS
-    assert [r.tolist() for r in evaluate.review_token_ids(records.select([2, 0]), eos)] == [[50], [30, 31]]
-
-
-# --------------------------------------------------------------------------- memorisation screen
-
-
-def brute_force_longest_shared(reference: list[list[int]], query: list[int]) -> int:
-    """Longest common substring of `query` with any reference, by dynamic programming."""
-    best = 0
-    for ref in reference:
-        previous = [0] * (len(ref) + 1)
-        for token in query:
-            current = [0] * (len(ref) + 1)
-            for j, other in enumerate(ref):
-                if token == other:
-                    current[j + 1] = previous[j] + 1
-                    best = max(best, current[j + 1])
-            previous = current
-    return best
-
-
-def test_screen_finds_a_planted_copy_with_its_length_and_row():
-    rng = np.random.default_rng(0)
-    reference = [rng.integers(0, 49_152, rng.integers(80, 200)).tolist() for _ in range(40)]
-    queries = [rng.integers(0, 49_152, rng.integers(20, 120)).tolist() for _ in range(30)]
-    copied = reference[13][20:77]  # 57 tokens
-    queries[4] = [1, 2, 3, 4, 5, 6, 7, 8, 9] + copied + [10, 11, 12]
-    # the tokens around the copy differ from those around it in the reference, so it cannot extend
-    assert reference[13][19] != 9 and reference[13][77] != 10
-    runs = evaluate.longest_shared_runs(reference, queries)
-    assert runs.length[4] == 57
-    assert (runs.reference_row[4], runs.reference_offset[4], runs.query_offset[4]) == (13, 20, 9)
-    others = np.delete(runs.length, 4)
-    assert others.max() < 5  # random 16-bit tokens share at most a couple by chance
-
-    summary = evaluate.memorisation_summary(runs, threshold=50)
-    assert summary["max"] == 57 and summary["n_flagged"] == 1
-    assert summary["flagged"] == [{"sample": 4, "length": 57, "train_row": 13, "train_offset": 20,
-                                   "sample_offset": 9}]
-    assert sum(summary["counts"]) == len(queries) and summary["counts"][57] == 1
-
-
-@pytest.mark.parametrize("alphabet", [1, 2, 3, 7, 10**9])
-def test_screen_agrees_with_brute_force(alphabet):
-    rng = np.random.default_rng(alphabet)
-    for _ in range(40):
-        reference = [rng.integers(0, alphabet, rng.integers(0, 25)).tolist() for _ in range(rng.integers(1, 6))]
-        queries = [rng.integers(0, alphabet, rng.integers(0, 25)).tolist() for _ in range(rng.integers(1, 6))]
-        if reference[0] and queries[0]:  # often plant part of a reference text, to get long runs too
-            queries[0] = queries[0][:3] + reference[0][2:20] + queries[0][3:]
-        runs = evaluate.longest_shared_runs(reference, queries)
-        for q, query in enumerate(queries):
-            length = int(runs.length[q])
-            assert length == brute_force_longest_shared(reference, query)
-            if length:
-                row, ref_at, query_at = runs.reference_row[q], runs.reference_offset[q], runs.query_offset[q]
-                assert reference[row][ref_at : ref_at + length] == query[query_at : query_at + length]
-            else:
-                assert runs.reference_row[q] == -1
-
-
-def test_screen_edge_cases():
-    assert evaluate.longest_shared_runs([[1, 2]], []).length.tolist() == []
-    assert evaluate.longest_shared_runs([[]], [[1, 2]]).length.tolist() == [0]
-    runs = evaluate.longest_shared_runs([[5, 6, 7], [6, 7, 8, 9]], [[], [6, 7, 8], [7]])
-    assert runs.length.tolist() == [0, 3, 1]
-    assert runs.reference_row[1] == 1
-    with pytest.raises(DpnbError, match="non-negative"):
-        evaluate.longest_shared_runs([[1, -3]], [[1]])
 
 
 # --------------------------------------------------------------------------- the classifier
@@ -181,26 +76,26 @@ def test_classifier_learns_an_easy_task():
     cfg = EvaluateConfig(epochs=1, lr=3e-4, batch_size=16, max_length=32)
     train_texts, train_labels = texts_labels(toy_reviews(64, seed=1))
     test_texts, test_labels = texts_labels(toy_reviews(60, seed=2))
-    classifier = evaluate.train_classifier(train_texts, train_labels, 2, cfg, "cpu")
-    assert classifier.steps == 4
-    predicted = evaluate.predict(classifier, test_texts, cfg.max_length, 32, "cpu")
-    metrics = evaluate.classification_metrics(test_labels, predicted.tolist(), 2)
+    trained = classifier.train_classifier(train_texts, train_labels, 2, cfg, "cpu")
+    assert trained.steps == 4
+    predicted = classifier.predict(trained, test_texts, cfg.max_length, 32, "cpu")
+    metrics = classifier.classification_metrics(test_labels, predicted.tolist(), 2)
     assert metrics["accuracy"] >= 0.85  # chance is 0.5
 
 
 def test_sets_the_classifier_cannot_learn_from_are_reported_not_fatal():
     cfg = EvaluateConfig()
-    test = evaluate.Source("test", ["good", "bad", "fine"], [1, 0, 1])
-    entry, model = evaluate.train_and_test(evaluate.Source("synthetic", [], []), test, ["neg", "pos"], cfg, "cpu")
+    test = classifier.Source("test", ["good", "bad", "fine"], [1, 0, 1])
+    entry, model = classifier.train_and_test(classifier.Source("synthetic", [], []), test, ["neg", "pos"], cfg, "cpu")
     assert entry["accuracy"] is None and entry["trained"] is False and "no texts" in entry["notes"][0]
-    entry, model = evaluate.train_and_test(
-        evaluate.Source("synthetic", ["great", "superb"], [1, 1]), test, ["neg", "pos"], cfg, "cpu")
+    entry, model = classifier.train_and_test(
+        classifier.Source("synthetic", ["great", "superb"], [1, 1]), test, ["neg", "pos"], cfg, "cpu")
     # predicting "pos" for all three test texts: 2 right of 3; F1 of pos: P 2/3, R 1 -> 0.8
     assert entry["trained"] is False and "only label 'pos'" in entry["notes"][0]
     assert entry["accuracy"] == pytest.approx(2 / 3) and entry["f1"] == pytest.approx(0.8)
     assert model is None
     # the quality figures of an empty set are empty, not errors
-    quality = evaluate.synthetic_quality(evaluate.Source("synthetic", [], []), [], [np.arange(5)], ["a b c"],
+    quality = evaluate.synthetic_quality(classifier.Source("synthetic", [], []), [], [np.arange(5)], ["a b c"],
                                          ["neg", "pos"], cfg)
     assert quality["memorisation"]["max"] == 0 and quality["memorisation"]["n_flagged"] == 0
     assert quality["diversity"]["distinct_1"] is None and quality["length"]["n"] == 0
@@ -217,13 +112,13 @@ def build_run(root: Path, zero_shot: bool = True, generate: bool = True) -> RunD
     """
     from datasets import Dataset
 
-    from dpnb import data
+    from dpnb.stages import prepare
 
     source = root / "source"
     write_csv(source / "train.csv", toy_reviews(31, seed=1) + [{"id": 999, "label": 1, "text": LONG_REVIEW}])
     write_csv(source / "test.csv", toy_reviews(20, seed=2))
     run = RunDir(root / "run")
-    data.run_stage(run, PrepareConfig(source=str(source), model="tiny-llama", max_length=128))
+    prepare.run_stage(run, PrepareConfig(source=str(source), model="tiny-llama", max_length=128))
     if not generate:
         return run
     names = ["negative", "positive"]
@@ -258,7 +153,7 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     train = __import__("datasets").load_from_disk(str(run.data / "train"))
     row = train["text"].index(LONG_REVIEW)
     eos = load_tokenizer("tiny-llama").eos_token_id
-    review_tokens = evaluate.review_token_ids(train.select([row]), eos)[0]
+    review_tokens = memorisation.review_token_ids(train.select([row]), eos)[0]
     flagged = synthetic["memorisation"]["flagged"]
     assert [f["sample"] for f in flagged] == [15] and flagged[0]["train_row"] == row
     assert flagged[0]["length"] == len(review_tokens) > 30  # the whole review, copied

@@ -17,10 +17,22 @@ import torch
 from conftest import toy_reviews
 from safetensors.torch import load_file
 
-from dpnb import finetune, privacy
+from dpnb import dpsgd, privacy
+from dpnb.checkpoints import TrainingInterrupted
 from dpnb.config import FinetuneConfig
 from dpnb.errors import DpnbError
-from dpnb.models import load_causal_lm, load_tokenizer
+from dpnb.models import (
+    MODEL_CARD,
+    build_model,
+    embeddings_tied,
+    is_quantized_4bit,
+    load_causal_lm,
+    load_tokenizer,
+    load_trained,
+    quiet_transformers,
+)
+from dpnb.rundir import CHECKPOINT_FILE
+from dpnb.stages import finetune
 
 LABELS = ("negative", "positive")
 
@@ -62,15 +74,15 @@ def run(model_name, data, cfg, out, tokenizer, **kwargs):
 
 def test_padding_is_masked_by_length_not_by_token_id(tokenizer):
     eos = tokenizer.eos_token_id
-    records = finetune.Records([[5, 6, 7, eos], [5, 6, 8, 9, 10, eos]], [2, 2])
-    batch = finetune.collate(records, [0, 1], pad_id=eos)
+    records = dpsgd.Records([[5, 6, 7, eos], [5, 6, 8, 9, 10, eos]], [2, 2])
+    batch = dpsgd.collate(records, [0, 1], pad_id=eos)
     assert batch.input_ids.tolist()[0] == [5, 6, 7, eos, eos, eos]
     assert batch.attention_mask.tolist()[0] == [1, 1, 1, 1, 0, 0]
     # targets: tokens 1..T-1; record 0 learns 7 and its EOS (not the prompt's 6, not the two pads)
     assert batch.targets.tolist()[0] == [6, 7, eos, eos, eos]
     assert batch.target_mask.tolist()[0] == [0, 1, 1, 0, 0]
     assert batch.target_mask.tolist()[1] == [0, 1, 1, 1, 1]
-    with_prompt = finetune.collate(records, [0, 1], pad_id=eos, loss_on_prompt=True)
+    with_prompt = dpsgd.collate(records, [0, 1], pad_id=eos, loss_on_prompt=True)
     assert with_prompt.target_mask.tolist()[0] == [1, 1, 1, 0, 0]
     # one real row per record (not an expanded view): GPT-2's per-record position gradients need it
     assert batch.position_ids.shape == (2, 6) and batch.position_ids.stride(0) == 6
@@ -80,13 +92,13 @@ def test_padding_is_masked_by_length_not_by_token_id(tokenizer):
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
 def test_a_records_loss_does_not_depend_on_its_batch(arch, toy, tokenizer):
     model = load_causal_lm(arch).eval()
-    records = finetune.Records.from_dataset(toy)
+    records = dpsgd.Records.from_dataset(toy)
     pad = tokenizer.pad_token_id
 
     def losses(indices):
-        batch = finetune.collate(records, indices, pad)
+        batch = dpsgd.collate(records, indices, pad)
         logits = model(**batch.model_inputs()).logits[:, :-1]
-        return finetune.per_record_loss(logits, batch.targets, batch.target_mask)
+        return dpsgd.per_record_loss(logits, batch.targets, batch.target_mask)
 
     longest = max(range(len(records)), key=lambda i: len(records.input_ids[i]))
     shortest = min(range(len(records)), key=lambda i: len(records.input_ids[i]))
@@ -100,9 +112,9 @@ def test_a_records_loss_does_not_depend_on_its_batch(arch, toy, tokenizer):
 # --------------------------------------------------------------------------- clipping and noise
 
 
-def fixed_noise_plan(cfg: FinetuneConfig, n: int, sigma: float) -> finetune.TrainingPlan:
+def fixed_noise_plan(cfg: FinetuneConfig, n: int, sigma: float) -> dpsgd.TrainingPlan:
     """The run's plan with a chosen noise multiplier (skips calibrating one: these tests take one step)."""
-    plan = finetune.plan_training(dataclasses.replace(cfg, dp=False), n)
+    plan = dpsgd.plan_training(dataclasses.replace(cfg, dp=False), n)
     return dataclasses.replace(plan, dp=True, noise_multiplier=sigma, delta=privacy.default_delta(n))
 
 
@@ -113,9 +125,9 @@ def clipped_sum_by_brute_force(model, records, indices, pad_id, clip):
     norms = []
     for i in indices:
         model.zero_grad()
-        batch = finetune.collate(records, [i], pad_id)
+        batch = dpsgd.collate(records, [i], pad_id)
         logits = model(**batch.model_inputs()).logits[:, :-1]
-        finetune.per_record_loss(logits, batch.targets, batch.target_mask).sum().backward()
+        dpsgd.per_record_loss(logits, batch.targets, batch.target_mask).sum().backward()
         grads = [p.grad.detach().clone() for p in params]
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         norms.append(float(norm))
@@ -124,18 +136,18 @@ def clipped_sum_by_brute_force(model, records, indices, pad_id, clip):
     return total, norms
 
 
-def one_dp_step(arch: str, cfg: FinetuneConfig, records: finetune.Records, indices: list[int], sigma: float,
+def one_dp_step(arch: str, cfg: FinetuneConfig, records: dpsgd.Records, indices: list[int], sigma: float,
                 pad_id: int):
     """Build the model and take one DP step on `indices` (one physical batch = the logical batch).
 
     Returns the model holding the step's gradient, its copy from before the step, the session and the notes.
     """
     torch.manual_seed(0)
-    model, notes = finetune.build_model(arch, cfg, "cpu")
+    model, notes = build_model(arch, cfg, "cpu")
     reference = copy.deepcopy(model)
-    session = finetune.make_session(model, cfg, fixed_noise_plan(cfg, len(records), sigma), "cpu")
-    with finetune.quiet_warnings():
-        _, to_backward = finetune._forward_losses(session, finetune.collate(records, indices, pad_id))
+    session = dpsgd.make_session(model, cfg, fixed_noise_plan(cfg, len(records), sigma), "cpu")
+    with quiet_transformers():
+        _, to_backward = dpsgd.forward_losses(session, dpsgd.collate(records, indices, pad_id))
         to_backward.backward()
         assert session.optimizer.pre_step()  # the end of a logical batch: clip, noise, scale, account
     return model, reference, session, notes
@@ -150,9 +162,9 @@ def one_dp_step(arch: str, cfg: FinetuneConfig, records: finetune.Records, indic
 def test_dp_gradient_is_the_clipped_sum_over_the_expected_batch(arch, mode, grad_sample_mode, toy, tokenizer):
     clip, indices = 1e-2, [0, 3, 5, 6]
     cfg = config(mode=mode, grad_sample_mode=grad_sample_mode, max_grad_norm=clip, lora_r=4)
-    records = finetune.Records.from_dataset(toy)
+    records = dpsgd.Records.from_dataset(toy)
     model, reference, session, notes = one_dp_step(arch, cfg, records, indices, 0.0, tokenizer.pad_token_id)
-    assert bool(notes) == (grad_sample_mode == "ghost") and not (notes and finetune.embeddings_tied(model))
+    assert bool(notes) == (grad_sample_mode == "ghost") and not (notes and embeddings_tied(model))
 
     expected, norms = clipped_sum_by_brute_force(reference, records, indices, tokenizer.pad_token_id, clip)
     assert min(norms) > 2 * clip  # every record is clipped: the comparison is about clipping
@@ -169,7 +181,7 @@ def test_dp_gradient_is_the_clipped_sum_over_the_expected_batch(arch, mode, grad
 def test_dp_noise_is_gaussian_with_std_sigma_times_clip(toy, tokenizer):
     clip, sigma, indices = 1e-2, 0.7, [1, 2, 4]
     cfg = config(max_grad_norm=clip)
-    records = finetune.Records.from_dataset(toy)
+    records = dpsgd.Records.from_dataset(toy)
     model, reference, session, _ = one_dp_step("tiny-llama", cfg, records, indices, sigma, tokenizer.pad_token_id)
     expected, _ = clipped_sum_by_brute_force(reference, records, indices, tokenizer.pad_token_id, clip)
     noise = torch.cat([(p.grad * session.optimizer.expected_batch_size - clipped_sum).reshape(-1)
@@ -183,20 +195,20 @@ def test_dp_noise_is_gaussian_with_std_sigma_times_clip(toy, tokenizer):
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 def test_without_dp_the_gradient_is_the_plain_mean_over_the_logical_batch(toy, tokenizer):
     cfg = config(dp=False, physical_batch_size=2)
-    model, _ = finetune.build_model("tiny-llama", cfg, "cpu")
+    model, _ = build_model("tiny-llama", cfg, "cpu")
     reference = copy.deepcopy(model)
-    records = finetune.Records.from_dataset(toy)
-    session = finetune.make_session(model, cfg, finetune.plan_training(cfg, len(records)), "cpu")
+    records = dpsgd.Records.from_dataset(toy)
+    session = dpsgd.make_session(model, cfg, dpsgd.plan_training(cfg, len(records)), "cpu")
     assert session.engine is None
     session.adamw.step = lambda: None  # keep the accumulated gradient for inspection
     session.adamw.zero_grad = lambda set_to_none=True: None
     indices = [0, 1, 2, 7, 9]
-    result = next(finetune.plain_logical_steps(session, iter([torch.tensor(indices)]), records, cfg,
+    result = next(dpsgd.plain_logical_steps(session, iter([torch.tensor(indices)]), records, cfg,
                                                tokenizer.pad_token_id, "cpu"))
     # physical batches of 2, 2 and 1 give the gradient of one mean over all 5 records: no clipping, no noise
-    batch = finetune.collate(records, indices, tokenizer.pad_token_id)
+    batch = dpsgd.collate(records, indices, tokenizer.pad_token_id)
     logits = reference(**batch.model_inputs()).logits[:, :-1]
-    losses = finetune.per_record_loss(logits, batch.targets, batch.target_mask)
+    losses = dpsgd.per_record_loss(logits, batch.targets, batch.target_mask)
     losses.mean().backward()
     assert result.batch_size == 5 and math.isclose(result.loss, float(losses.mean().detach()), rel_tol=1e-5)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
@@ -231,8 +243,8 @@ def test_training_lowers_the_loss_without_and_with_dp(toy, tokenizer, tmp_path):
                     "physical_batch_size", "epochs", "mode", "grad_sample_mode", "trainable_parameters",
                     "versions", "train_sha256", "target_epsilon"):
             assert key in record
-        assert (tmp_path / "True" / "model" / finetune.MODEL_CARD).exists()
-        assert not (tmp_path / "True" / "checkpoints" / finetune.CHECKPOINT_FILE).exists()
+        assert (tmp_path / "True" / "model" / MODEL_CARD).exists()
+        assert not (tmp_path / "True" / "checkpoints" / CHECKPOINT_FILE).exists()
 
 
 def test_lora_trains_the_adapter_and_leaves_the_base_alone(toy, tokenizer, tmp_path):
@@ -250,7 +262,7 @@ def test_lora_trains_the_adapter_and_leaves_the_base_alone(toy, tokenizer, tmp_p
         torch.testing.assert_close(value, before[original], rtol=0, atol=0)
     saved = load_file(tmp_path / "model" / "adapter_model.safetensors")
     assert saved and all("lora_" in k for k in saved)
-    merged, _ = finetune.load_trained(tmp_path / "model")
+    merged, _ = load_trained(tmp_path / "model")
     fresh = load_causal_lm("tiny-llama").state_dict()
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, fresh[k])}
     assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
@@ -263,12 +275,55 @@ def test_qlora_trains_adapters_on_a_4bit_base_on_the_cpu(toy, tokenizer, tmp_pat
     cfg = config(mode="qlora", lora_r=4, max_steps=2)
     record = run(str(directory), toy, cfg, tmp_path / "out", tokenizer)
     assert record["mode"] == "qlora" and record["steps"] == 2 and record["trainable_parameters"] < 10_000
-    model, _ = finetune.load_trained(tmp_path / "out" / "model")  # CPU: dequantised base, adapter merged
-    assert not finetune.is_quantized_4bit(model)
+    model, _ = load_trained(tmp_path / "out" / "model")  # CPU: dequantised base, adapter merged
+    assert not is_quantized_4bit(model)
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
     with pytest.raises(DpnbError, match="unquantised"):
         run("tiny-llama", toy, cfg, tmp_path / "tiny", tokenizer)
+
+
+def test_qlora_dp_gradient_is_the_clipped_sum_of_per_record_gradients(toy, tokenizer, tmp_path):
+    """QLoRA on the CPU: Opacus's per-record gradients and their clipped sum over a physical batch of 3
+    equal a loop over the records (each alone, plain autograd on the same model, clip to C, sum)."""
+    directory = tmp_path / "tiny-base"
+    load_causal_lm("tiny-llama").save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    clip, indices, pad = 1e-2, [1, 2, 4], tokenizer.pad_token_id
+    cfg = config(mode="qlora", lora_r=4, max_grad_norm=clip)
+    records = dpsgd.Records.from_dataset(toy)
+    torch.manual_seed(0)
+    with quiet_transformers():
+        model, _ = build_model(str(directory), cfg, "cpu")
+    assert is_quantized_4bit(model)
+    # the finetune stage's step-0 loss (eval mode, no grad): on a CPU with AVX512-BF16 bitsandbytes used to
+    # repack the 4-bit weights for inference here, after which they passed no gradient back
+    dpsgd.initial_loss(model, records, cfg, pad, "cpu")
+    model.train()
+    with torch.no_grad():  # B starts at zero, which would leave every gradient of A at zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    expected, norms = clipped_sum_by_brute_force(model, records, indices, pad, clip)
+    model.zero_grad(set_to_none=True)
+    assert min(norms) > 2 * clip  # every record is clipped
+    session = dpsgd.make_session(model, cfg, fixed_noise_plan(cfg, len(records), 0.0), "cpu")
+    with quiet_transformers():
+        _, to_backward = dpsgd.forward_losses(session, dpsgd.collate(records, indices, pad))
+        to_backward.backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.grad_sample.shape[0] == len(indices) for p in trainable)
+        per_record = torch.sqrt(sum(p.grad_sample.flatten(1).pow(2).sum(1) for p in trainable))
+        assert session.optimizer.pre_step()  # one logical batch = this physical batch: clip, (zero) noise, scale
+    # fp32 throughout (4-bit weights dequantised to fp32 compute): agreement to 1e-4 relative
+    torch.testing.assert_close(per_record, torch.tensor(norms), rtol=1e-4, atol=0)
+    divisor = session.optimizer.expected_batch_size
+    got = torch.cat([(p.grad * divisor).reshape(-1) for p in trainable])
+    want = torch.cat([g.reshape(-1) for g in expected])
+    assert float(want.norm()) > 0 and all(float(g.abs().sum()) > 0 for g in expected)
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    for p, clipped_sum in zip(trainable, expected, strict=True):
+        torch.testing.assert_close(p.grad * divisor, clipped_sum, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
 def test_empty_poisson_batches_add_noise_and_count_as_steps(tokenizer, tmp_path):
@@ -307,10 +362,10 @@ def test_an_interrupted_run_resumes_to_the_same_result(mode, dp, stop_at, how, t
         return True
 
     handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(finetune.TrainingInterrupted, match=f"step {stop_at} of 6"):
+    with pytest.raises(TrainingInterrupted, match=f"step {stop_at} of 6"):
         run("tiny-llama", toy, cfg, tmp_path / "parts", tokenizer, should_stop=stop)
     assert signal.getsignal(signal.SIGINT) is handler  # the run's handler is gone again
-    assert (tmp_path / "parts" / "checkpoints" / finetune.CHECKPOINT_FILE).exists()
+    assert (tmp_path / "parts" / "checkpoints" / CHECKPOINT_FILE).exists()
     assert not (tmp_path / "parts" / "privacy.json").exists()
     assert len(finetune.read_train_log(tmp_path / "parts")) == stop_at + 1
     resumed = run("tiny-llama", toy, cfg, tmp_path / "parts", tokenizer)
@@ -328,7 +383,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(mode, dp, stop_at, how, t
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(toy, tokenizer, tmp_path):
     cfg = config(mode="lora", lora_r=2, max_steps=3)
-    with pytest.raises(finetune.TrainingInterrupted):
+    with pytest.raises(TrainingInterrupted):
         run("tiny-llama", toy, cfg, tmp_path, tokenizer, should_stop=lambda step: step == 1)
     with pytest.raises(DpnbError, match="another training setup"):
         run("tiny-llama", toy, dataclasses.replace(cfg, target_epsilon=20.0), tmp_path, tokenizer)
@@ -365,10 +420,30 @@ def test_bad_settings_are_refused_when_the_config_is_built(values, message):
 
 def test_lora_adapters_go_where_asked():
     with pytest.raises(DpnbError, match="c_attn"):
-        finetune.build_model("tiny-gpt2", config(mode="lora"), "cpu")
+        build_model("tiny-gpt2", config(mode="lora"), "cpu")
     with pytest.raises(DpnbError, match="at most 2"):
-        finetune.build_model("tiny-gpt2", config(mode="lora", lora_targets=("c_attn",), lora_top_layers=3), "cpu")
-    model, _ = finetune.build_model("tiny-gpt2", config(mode="lora", lora_targets=("c_attn",), lora_top_layers=1),
+        build_model("tiny-gpt2", config(mode="lora", lora_targets=("c_attn",), lora_top_layers=3), "cpu")
+    model, _ = build_model("tiny-gpt2", config(mode="lora", lora_targets=("c_attn",), lora_top_layers=1),
                                     "cpu")
     adapted = {name.split(".lora_")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert adapted == {"base_model.model.transformer.h.1.attn.c_attn"}  # the top block only
+
+
+# --------------------------------------------------------------------------- views
+
+
+def test_one_loss_figure_serves_a_run_and_a_report():
+    dp_log = [{"step": 0, "epsilon": 0.0, "loss": 4.0}, {"step": 1, "epsilon": 1.0, "loss": None},
+              {"step": 2, "epsilon": 2.0, "loss": 3.5}]
+    plain_log = [{"step": 0, "epsilon": None, "loss": 4.0}, {"step": 1, "epsilon": None, "loss": 3.0}]
+    figure = finetune.plot_loss_vs_epsilon(dp_log, title="one run")
+    (axis,) = figure.axes
+    assert axis.get_title() == "one run" and axis.get_xlabel() == "epsilon spent"
+    assert list(axis.lines[0].get_xdata()) == [0.0, 2.0]  # the step that drew no record is left out
+    axis = finetune.plot_loss_vs_epsilon(plain_log).axes[0]
+    assert list(axis.lines[0].get_xdata()) == [0, 1] and "no DP" in axis.get_xlabel()
+    report_axis = finetune.plot_loss_vs_epsilon(plain_log).axes[0]
+    finetune.plot_loss_vs_epsilon({"eps1": dp_log, "nodp": plain_log, "empty": []}, ax=report_axis)
+    labels = [line.get_label() for line in report_axis.lines[1:]]
+    assert labels == ["eps1"]  # beside DP runs, a run without an epsilon has no place on the axis
+    assert report_axis.get_legend() is not None

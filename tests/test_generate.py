@@ -8,25 +8,25 @@ from pathlib import Path
 import pytest
 
 from dpnb.config import GenerateConfig
-from dpnb.data import PromptFormat
+from dpnb.dataset_card import Provenance, dataset_card
 from dpnb.errors import DpnbError
-from dpnb.generate import (
-    Provenance,
+from dpnb.models import load_causal_lm, load_tokenizer
+from dpnb.privacy import round_up
+from dpnb.prompts import PromptFormat
+from dpnb.sampling import (
     clean_text,
-    dataset_card,
     degeneracy_reason,
     end_of_turn_id,
     load_synthetic,
     model_fingerprint,
     most_frequent_share,
     plan_shards,
-    round_up,
     sample_labelled,
     shard_seed,
     stop_token_ids,
     strip_prompt_and_cut,
 )
-from dpnb.models import load_causal_lm, load_tokenizer
+from dpnb.stages import generate
 
 LABELS = ("negative", "positive")
 
@@ -228,13 +228,13 @@ def test_a_dp_provenance_without_an_epsilon_is_refused():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory, toy_data_dir):
     """A run directory after the real prepare stage (tiny-llama's tokenizer, 40 toy reviews)."""
-    from dpnb import data
     from dpnb.config import PrepareConfig
     from dpnb.rundir import RunDir
+    from dpnb.stages import prepare
 
     run = RunDir(tmp_path_factory.mktemp("prepared") / "run")
-    data.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=40, n_test=20,
-                                      max_length=32))
+    prepare.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=40, n_test=20,
+                                         max_length=32))
     return run
 
 
@@ -247,7 +247,8 @@ def fake_finetune(prepared, target: Path, privacy: dict):
     import shutil
     import time
 
-    from dpnb.rundir import RunDir, write_json_atomic
+    from dpnb.io import write_json_atomic
+    from dpnb.rundir import RunDir
 
     shutil.copytree(prepared.path, target)
     run = RunDir(target)
@@ -266,8 +267,6 @@ def stage_config(**overrides) -> GenerateConfig:
 
 
 def test_run_stage_writes_both_sets_with_their_guarantees_and_then_skips(prepared, tmp_path):
-    from dpnb import generate
-
     run = fake_finetune(prepared, tmp_path / "run", fake_privacy())
     summary = generate.run_stage(run, stage_config())
     assert run.is_complete("generate")
@@ -282,6 +281,7 @@ def test_run_stage_writes_both_sets_with_their_guarantees_and_then_skips(prepare
     assert "No private data was used" in (run.zero_shot / "README.md").read_text()
     # base (seed 0) and "fine-tuned" (seed 1) weights differ, so the two sets were sampled apart
     assert summary["synthetic"]["model_fingerprint"] != summary["zero_shot"]["model_fingerprint"]
+    assert run.figure(generate.LENGTHS_FIGURE).stat().st_size > 0  # written by the stage, not the notebook
 
     marker = run.marker("generate").read_text()
     assert generate.run_stage(run, stage_config()) == summary  # skipped: read back from the files
@@ -291,8 +291,6 @@ def test_run_stage_writes_both_sets_with_their_guarantees_and_then_skips(prepare
 
 
 def test_run_stage_without_dp_says_there_is_no_guarantee(prepared, tmp_path):
-    from dpnb import generate
-
     privacy = fake_privacy(dp=False, epsilon=None, epsilons=None, delta=None, noise_multiplier=None)
     run = fake_finetune(prepared, tmp_path / "run", privacy)
     summary = generate.run_stage(run, stage_config(zero_shot=False))
@@ -302,8 +300,6 @@ def test_run_stage_without_dp_says_there_is_no_guarantee(prepared, tmp_path):
 
 
 def test_run_stage_refuses_samples_of_a_model_trained_again(prepared, tmp_path):
-    from dpnb import generate
-
     run = fake_finetune(prepared, tmp_path / "run", fake_privacy())
     generate.run_stage(run, stage_config(zero_shot=False))
     run.mark_complete("finetune", {"fake": "trained again"}, 0.0)
@@ -312,7 +308,5 @@ def test_run_stage_refuses_samples_of_a_model_trained_again(prepared, tmp_path):
 
 
 def test_run_stage_needs_finetune(prepared):
-    from dpnb import generate
-
     with pytest.raises(DpnbError, match="'finetune' has not completed"):
         generate.run_stage(prepared, stage_config())

@@ -52,3 +52,15 @@ def test_packaged_generator_and_classifier_load_offline():
     model, clf_tokenizer = models.load_classifier("minilm-l6", num_labels=2)
     assert model.config.num_labels == 2
     assert clf_tokenizer("a film")["input_ids"][0] == clf_tokenizer.cls_token_id
+
+
+def test_one_base_loader_gives_the_pretrained_weights_for_training_and_for_sampling():
+    import torch
+
+    fresh = models.load_causal_lm("tiny-llama", seed=2)
+    for_sampling = models.load_base_model("tiny-llama", mode="lora", seed=2)
+    for_training = models.load_base_model("tiny-llama", mode="full", seed=2, for_training=True)
+    assert not for_sampling.training
+    for model in (for_sampling, for_training):
+        state = model.state_dict()
+        assert all(torch.equal(value, state[name]) for name, value in fresh.state_dict().items())

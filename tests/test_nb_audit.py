@@ -8,9 +8,9 @@ import pytest
 from nbtools import execute_notebook, nbval_check
 from test_audit import TINY_AUDIT, TINY_FINETUNE
 
-from dpnb import data, finetune
 from dpnb.config import FinetuneConfig, PrepareConfig
 from dpnb.rundir import RunDir
+from dpnb.stages import finetune, prepare
 
 
 def checked_outputs(executed) -> list[str]:
@@ -23,7 +23,7 @@ def checked_outputs(executed) -> list[str]:
 def test_audit_notebook(toy_data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = RunDir(tmp_path / "run")
-    data.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=16, n_test=40,
+    prepare.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=16, n_test=40,
                                       max_length=16))
     main = {**TINY_FINETUNE, "max_steps": 1, "logical_batch_size": 16, "physical_batch_size": 16}
     finetune.run_stage(run, FinetuneConfig(**main))

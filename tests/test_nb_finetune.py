@@ -9,14 +9,13 @@ from nbtools import execute_notebook, nbval_check
 from dpnb import privacy
 from dpnb.config import PrepareConfig
 from dpnb.rundir import RunDir
+from dpnb.stages import prepare
 
 
 def test_finetune_notebook(tmp_path, toy_data_dir, monkeypatch):
-    from dpnb import data
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = RunDir(tmp_path / "run")
-    data.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=40, n_test=20,
+    prepare.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=40, n_test=20,
                                       max_length=32))
     config = {"mode": "lora", "lora_r": 2, "target_epsilon": 8, "accountant": "rdp", "max_steps": 3,
               "logical_batch_size": 8, "physical_batch_size": 8, "device": "cpu", "samples_before_after": 1}

@@ -9,14 +9,13 @@ from nbtools import execute_notebook, nbval_check
 
 from dpnb.config import FinetuneConfig, PrepareConfig
 from dpnb.rundir import RunDir
+from dpnb.stages import finetune, prepare
 
 
 def test_generate_notebook(tmp_path, toy_data_dir, monkeypatch):
-    from dpnb import data, finetune
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = RunDir(tmp_path / "run")
-    data.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=40, n_test=20,
+    prepare.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=40, n_test=20,
                                       max_length=32))
     finetune.run_stage(run, FinetuneConfig(mode="full", target_epsilon=8, epochs=1, max_steps=1,
                                            logical_batch_size=8, physical_batch_size=8, device="cpu",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import nbformat
 from nbtools import execute_notebook, nbval_check
 
-from dpnb.rundir import read_json
+from dpnb.io import read_json
 
 
 def test_prepare_notebook_executes_and_reproduces(tmp_path, toy_data_dir):

@@ -8,9 +8,12 @@ import math
 import pytest
 import yaml
 
-from dpnb import cli, privacy
+from dpnb import pipeline, privacy
 from dpnb.errors import DpnbError
-from dpnb.rundir import RunDir, read_json, read_jsonl
+from dpnb.io import read_json, read_jsonl
+from dpnb.registry import STAGES
+from dpnb.rundir import RunDir
+from dpnb.sweep import run_sweep
 
 
 def tiny_config(toy_data_dir, runs_dir, **changes) -> dict:
@@ -41,11 +44,11 @@ def write(path, config):
 @pytest.mark.slow
 def test_whole_pipeline_skip_refuse_force(tmp_path, toy_data_dir, capsys):
     config = write(tmp_path / "tiny.yaml", tiny_config(toy_data_dir, tmp_path / "runs"))
-    run = RunDir(cli.run_pipeline(config, {}))
+    run = RunDir(pipeline.run_pipeline(config, {}))
 
     for stage in ("prepare", "finetune", "generate", "evaluate"):
         assert run.is_complete(stage)
-        assert (run.notebooks / cli.NOTEBOOKS[stage]).exists()  # executed notebooks are kept
+        assert (run.notebooks / STAGES[stage].notebook).exists()  # executed notebooks are kept
     record = read_json(run.privacy)
     assert record["dp"] is True and 0 < record["epsilon"] <= 8
     privacy.verify_privacy(record)  # Opacus recomputes the saved epsilon
@@ -60,17 +63,17 @@ def test_whole_pipeline_skip_refuse_force(tmp_path, toy_data_dir, capsys):
 
     # Rerun: every stage is complete with the same config, so nothing runs.
     capsys.readouterr()
-    cli.run_pipeline(config, {})
+    pipeline.run_pipeline(config, {})
     out = capsys.readouterr().out
     assert out.count("skipped") == 4
 
     # A different privacy setting for the same run directory is refused, not silently overwritten.
     with pytest.raises(DpnbError, match="different config"):
-        cli.run_pipeline(config, {"finetune.target_epsilon": 4})
+        pipeline.run_pipeline(config, {"finetune.target_epsilon": 4})
     assert read_json(run.privacy)["epsilon"] == record["epsilon"]
 
     # Forced, it reruns fine-tuning and everything after it.
-    cli.run_pipeline(config, {"finetune.target_epsilon": 4}, force=True, stages=["finetune", "generate"])
+    pipeline.run_pipeline(config, {"finetune.target_epsilon": 4}, force=True, stages=["finetune", "generate"])
     assert read_json(run.privacy)["epsilon"] <= 4
     assert "4.0" in str(run.completed_config("finetune")["target_epsilon"])
 
@@ -82,12 +85,12 @@ def test_sweep_of_two_runs_and_the_report(tmp_path, toy_data_dir):
     config["generate"]["zero_shot"] = False
     config["evaluate"]["sources"] = ["real", "synthetic"]
     config["sweep"] = {"name": "eps{finetune.target_epsilon}", "grid": {"finetune.target_epsilon": [2, 8]}}
-    names = cli.run_sweep(write(tmp_path / "sweep.yaml", config), jobs=1)
+    names = run_sweep(write(tmp_path / "sweep.yaml", config), jobs=1)
     assert names == ["eps2", "eps8"]
     epsilons = [read_json(RunDir(tmp_path / "runs" / n).privacy)["epsilon"] for n in names]
     assert epsilons[0] <= 2 < epsilons[1] <= 8
 
-    out = cli.run_report(str(tmp_path / "runs"))
+    out = pipeline.run_report(str(tmp_path / "runs"))
     table = (out / "table.csv").read_text().splitlines()
     assert table[0].startswith("source,run,model")
     assert sum(line.startswith("synthetic,") for line in table) == 2

@@ -10,7 +10,8 @@ import pytest
 
 from dpnb.config import FinetuneConfig, PrepareConfig
 from dpnb.errors import DpnbError
-from dpnb.rundir import RunDir, append_jsonl, atomic_directory, read_jsonl, write_json_atomic
+from dpnb.io import append_jsonl, atomic_directory, read_jsonl, write_json_atomic
+from dpnb.rundir import RunDir
 
 
 def test_json_is_strict_and_infinity_becomes_null(tmp_path):

@@ -1,24 +1,18 @@
-"""03 generate: label-prompted synthetic text from the fine-tuned model, and a zero-shot baseline.
+"""Label-prompted sampling from a causal language model, sharded, resumable and post-processed.
 
 For every label the model is fed the same prompt tokens that start that label's training records
-(`PromptFormat.prompt_ids`) and samples a continuation: a synthetic record of that label. Samples are
-written in shards as they complete, so an interrupted run resumes where it stopped; each shard is
-seeded from (seed, label, shard index) alone, so a resumed run gives exactly the samples of an
-uninterrupted one.
+(`PromptFormat.prompt_ids`) and samples a continuation: a synthetic record of that label. Sampling is
+plain ancestral sampling with temperature T, top-k and top-p (nucleus): at each step the next token
+is drawn from softmax(logits / T) restricted to the k most likely tokens and to the smallest set of
+tokens whose probability reaches p, renormalised. A sample ends at the first stop token (EOS, or the
+chat template's end of turn) or after `max_new_tokens`.
 
-Why the samples keep the model's guarantee: differential privacy is closed under post-processing.
-If the fine-tuned model M(D) is (epsilon, delta)-DP with respect to the training set D, then so is
-f(M(D)) for any function f that reads D only through M(D). Sampling from the model, cutting at EOS,
-stripping whitespace and dropping degenerate samples read nothing but the model and public settings
-(label names, prompt, sampling parameters, requested counts), so the released data set carries the
-same (epsilon, delta) however many samples are drawn. The counts per label are settings for this
-reason: copying the private label counts would release them outside the guarantee.
+Samples are written in shards as they complete, so an interrupted run resumes where it stopped; each
+shard is seeded from (seed, label, shard index) alone, so a resumed run gives exactly the samples of
+an uninterrupted one. Post-processing (decode, strip, drop degenerate samples) reads only the samples
+and public settings, which is why the set keeps the model's privacy guarantee (`dpnb.dataset_card`).
 
-The zero-shot set samples the base model, never fine-tuned, with the same prompts. It does not
-depend on the private data at all (epsilon = 0 with respect to it) and shows what DP fine-tuning
-adds over prompting alone.
-
-Outputs, in `run.synthetic` and `run.zero_shot` (each built aside and moved into place whole):
+Outputs of `sample_labelled`, in its `out_dir` (built aside and moved into place whole):
 
     shards/shard-00000.jsonl  raw samples (new token ids after the prompt, cut at the first stop token)
     shards/plan.json          what the shards were sampled with (model weights hash, prompts, settings)
@@ -35,7 +29,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import time
@@ -45,54 +38,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import datasets
+import torch
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from jinja2 import TemplateError
+from tqdm import tqdm  # not tqdm.auto: its notebook bars need ipywidgets, not a dependency
+from transformers import GenerationConfig
+
 from dpnb.config import GenerateConfig
+from dpnb.dataset_card import Provenance, dataset_card, guarantee_summary
 from dpnb.errors import DpnbError, require
-from dpnb.rundir import (
-    RunDir,
-    append_jsonl,
-    atomic_directory,
-    read_json,
-    read_jsonl,
-    to_json,
-    write_json_atomic,
-    write_text_atomic,
-)
+from dpnb.io import append_jsonl, atomic_directory, read_json, read_jsonl, to_json, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
-    import datasets
-    import pandas as pd
-    from matplotlib.figure import Figure
-    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-STAGE = "generate"
 DROP_REASONS = ("empty", "too_short", "repetitive")
 PLAN_VERSION = 1
 
 
 class LabelPrompt(Protocol):
-    """What sampling needs from `dpnb.data.PromptFormat`: the prompt tokens of a label."""
+    """What sampling needs from `dpnb.prompts.PromptFormat`: the prompt tokens of a label."""
 
     def prompt_ids(self, label_name: str, tokenizer: PreTrainedTokenizerBase) -> list[int]: ...
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """Where a sampled set's model came from, for its dataset card.
-
-    kind: "dp" (fine-tuned with DP-SGD; `privacy` holds privacy.json), "non_dp" (fine-tuned without
-    DP: no guarantee), "zero_shot" (the base model, no private data used) or "unspecified".
-    """
-
-    kind: str
-    model: str
-    data: str | None = None
-    privacy: dict[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        kinds = ("dp", "non_dp", "zero_shot", "unspecified")
-        require(self.kind in kinds, f"provenance kind {self.kind!r} is not one of {', '.join(kinds)}")
-        if self.kind == "dp":
-            check_privacy_record(self.privacy or {})
 
 
 @dataclass(frozen=True)
@@ -162,8 +130,6 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """
     if not getattr(tokenizer, "chat_template", None):
         return None
-    from jinja2 import TemplateError
-
     marker = "dpnb-end-of-turn-probe"
     conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": marker}]
     try:
@@ -216,8 +182,6 @@ def generation_config(cfg: GenerateConfig, stop_ids: Sequence[int], pad_id: int)
     Penalties and other processors a model's own generation_config.json may carry are switched off
     explicitly, so the settings recorded in the dataset card are the whole story.
     """
-    from transformers import GenerationConfig
-
     return GenerationConfig(
         do_sample=True, num_beams=1, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
         typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
@@ -247,8 +211,6 @@ def sample_batch(model: PreTrainedModel, prompt_ids: Sequence[int], n: int, gen_
     Every row of a batch holds the same label's prompt, so the rows have equal length and need no
     padding at all (hence no left padding and no attention-mask subtleties).
     """
-    import torch
-
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device).repeat(n, 1)
     with torch.inference_mode():
         output = model.generate(
@@ -333,9 +295,6 @@ def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list
                    cfg: GenerateConfig, stop_ids: list[int], pad_id: int, label_names: Sequence[str],
                    progress: bool, on_shard: Callable[[int], None] | None) -> None:
     """Sample every shard not on disk yet, writing each atomically as soon as it is complete."""
-    import torch
-    from tqdm import tqdm  # not tqdm.auto: its notebook bars need ipywidgets, not a dependency
-
     gen_config = generation_config(cfg, stop_ids, pad_id)
     missing = [spec for spec in specs if not (shards / spec.name).exists()]
     total = sum(spec.n for spec in specs)
@@ -377,162 +336,6 @@ def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list
         model.train(was_training)
 
 
-# --------------------------------------------------------------------------- outputs
-
-
-def round_up(value: float, significant: int = 3) -> float:
-    """`value` rounded UP to `significant` digits: a privacy parameter is never shown smaller than it is."""
-    if value <= 0 or not math.isfinite(value):
-        return value
-    scale = 10 ** (significant - 1 - math.floor(math.log10(value)))
-    return math.ceil(value * scale - 1e-9) / scale  # the tolerance keeps 3.21 from becoming 3.22
-
-
-def _fmt(value: float, significant: int = 3) -> str:
-    return f"{round_up(value, significant):#.{significant}g}"  # "#": keep trailing zeros (8.00)
-
-
-def check_privacy_record(privacy: dict[str, Any]) -> None:
-    """A DP run's privacy.json must state a finite epsilon and a delta: never describe a missing guarantee."""
-    epsilon, delta = privacy.get("epsilon"), privacy.get("delta")
-    require(
-        isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0
-        and isinstance(delta, (int, float)) and 0 <= delta < 1,
-        f"privacy.json says dp is true but has no finite epsilon and delta (epsilon={epsilon!r}, "
-        f"delta={delta!r}); rerun the finetune stage",
-    )
-
-
-def guarantee_summary(provenance: Provenance) -> dict[str, Any]:
-    """The privacy facts of a set, for generation.json (copied from privacy.json, never recomputed)."""
-    if provenance.kind == "dp":
-        keys = ("epsilon", "delta", "accountant", "epsilons", "noise_multiplier", "sample_rate", "steps",
-                "max_grad_norm", "dataset_size", "mode")
-        return {"kind": "dp", **{k: (provenance.privacy or {}).get(k) for k in keys}}
-    if provenance.kind == "zero_shot":
-        return {"kind": "zero_shot", "epsilon": 0.0, "note": "no private data used: base model and prompts"}
-    if provenance.kind == "non_dp":
-        return {"kind": "non_dp", "epsilon": None, "note": "fine-tuned without DP: no privacy guarantee"}
-    return {"kind": "unspecified", "epsilon": None, "note": "no privacy statement"}
-
-
-def _privacy_section(provenance: Provenance) -> list[str]:
-    data = provenance.data or "the private training data"
-    if provenance.kind == "dp":
-        p = provenance.privacy or {}
-        others = ", ".join(f"{name}: {value}" for name, value in (p.get("epsilons") or {}).items()
-                           if value is not None)
-        rows = [
-            ("epsilon", f"{p['epsilon']} ({p.get('accountant', '?')} accountant)"),
-            ("epsilon by each accountant", others or "-"),
-            ("delta", p["delta"]),
-            ("noise multiplier", p.get("noise_multiplier")),
-            ("sampling rate (expected batch / records)", p.get("sample_rate")),
-            ("noise-adding steps", p.get("steps")),
-            ("clipping norm", p.get("max_grad_norm")),
-            ("training records", p.get("dataset_size")),
-            ("fine-tuning", p.get("mode")),
-        ]
-        return [
-            f"**(ε = {_fmt(p['epsilon'])}, δ = {_fmt(p['delta'])})-differential privacy** for every record "
-            f"of {data}.",
-            "",
-            f"The model `{provenance.model}` was fine-tuned on the private data with DP-SGD (Opacus): each "
-            "example's gradient clipped, Gaussian noise added to every step, the privacy spent counted by "
-            "the accountant below over every noise-adding step. Sampling from the model and post-processing "
-            "the samples read only the model and public settings, so by the post-processing property of "
-            "differential privacy this data set carries the same guarantee, however many samples it holds. "
-            "(ε and δ above are rounded up; the table gives the accountant's values.)",
-            "",
-            "The guarantee is per training record (one text). Someone who contributed k records is "
-            "protected by the weaker group guarantee for k records.",
-            *([
-                "",
-                "The noise came from a seeded pseudo-random generator (reproducible runs), not a "
-                "cryptographically secure one; the guarantee assumes noise an attacker cannot predict.",
-            ] if p.get("secure_rng") is False else []),
-            "",
-            "| privacy parameter | value |",
-            "|---|---|",
-            *[f"| {name} | {value} |" for name, value in rows],
-        ]
-    if provenance.kind == "non_dp":
-        return [
-            "**No DP guarantee.** The model that wrote these samples was fine-tuned on the private data "
-            "WITHOUT differential privacy (privacy.json: `dp: false`). Nothing bounds what the samples "
-            f"reveal about {data}: they may reproduce training records verbatim. Treat this set as being "
-            "as sensitive as the private data itself; it exists as the non-private reference (ε = ∞).",
-        ]
-    if provenance.kind == "zero_shot":
-        return [
-            "**No private data was used.** These samples come from the base model "
-            f"`{provenance.model}`, prompted with the label prompts alone and never fine-tuned. With respect "
-            f"to {data} the set is (ε = 0)-differentially private: it does not depend on that data at all. "
-            "(What the base model learnt in pre-training, from public data, is outside this statement.)",
-            "",
-            "It is the baseline that shows what DP fine-tuning adds over prompting alone.",
-        ]
-    return [
-        "**No privacy statement.** This set was sampled with `dpnb.generate.sample_labelled` from a model "
-        "whose training this card does not describe; make no privacy claim for it.",
-    ]
-
-
-def dataset_card(summary: dict[str, Any], provenance: Provenance) -> str:
-    """The README.md of a sampled set: its privacy guarantee (or its absence) and how it was made."""
-    titles = {"dp": "DP synthetic data", "non_dp": "Synthetic data (no DP)",
-              "zero_shot": "Zero-shot synthetic data (base model, no private data)",
-              "unspecified": "Synthetic data"}
-    labels = summary["labels"]
-    sampling = summary["sampling"]
-    lines = [
-        "---",
-        "task_categories: [text-classification]",
-        f"tags: [synthetic, dpnb{', differential-privacy' if provenance.kind == 'dp' else ''}]",
-        "---",
-        "",
-        f"# {titles[provenance.kind]}",
-        "",
-        f"{summary['kept_total']} labelled texts sampled from `{provenance.model}` with dpnb "
-        f"(labels: {', '.join(labels)}).",
-        "",
-        "## Privacy",
-        "",
-        *_privacy_section(provenance),
-        "",
-        "## How it was made",
-        "",
-        f"- model: `{provenance.model}` on {summary['device']} ({summary['dtype']}), "
-        f"weights hash {summary['model_fingerprint']}",
-        f"- private data: {provenance.data or 'not stated'}",
-        "- prompts, one per label (the tokens that start that label's training records):",
-        *[f"  - {name}: `{json.dumps(summary['prompts'][name])[1:-1]}`" for name in labels],
-        "- sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items()),
-        "  (top_k 0 and top_p 1 mean off; the model's own generation defaults are not applied)",
-        "- post-processing: prompt removed, cut at the first stop token (EOS or end of turn), special tokens "
-        "and surrounding whitespace removed; samples dropped when empty, shorter than "
-        f"{summary['postprocessing']['min_words']} words, or when one token makes up more than "
-        f"{summary['postprocessing']['max_repeat_fraction']:.0%} of them.",
-        "",
-        "| label | requested | generated | kept |",
-        "|---|---|---|---|",
-        *[f"| {name} | {summary['requested'][name]} | {summary['generated'][name]} "
-          f"| {summary['kept'][name]} |" for name in labels],
-        "",
-        "Dropped: " + ", ".join(f"{reason} {n}" for reason, n in summary["dropped"].items())
-        + f"; {summary['hit_max_new_tokens']} kept samples ran to max_new_tokens without a stop token.",
-        "",
-        "## Files",
-        "",
-        "Columns `text`, `label` (int), `label_name`; rows grouped by label. "
-        "`datasets.load_from_disk(this_directory)` or `dpnb.generate.load_synthetic` loads it; "
-        "`samples.jsonl` and `samples.csv` hold the same rows; `generation.json` the counts and speed; "
-        "`shards/` the raw samples (token ids).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def _link_or_copy(source: str, target: str) -> None:
     """Hard-link a finished shard into the new directory (instant, no extra space), else copy it."""
     try:
@@ -544,9 +347,6 @@ def _link_or_copy(source: str, target: str) -> None:
 def _write_set(out_dir: Path, rows: dict[str, list[Any]], summary: dict[str, Any],
                provenance: Provenance) -> None:
     """Write the data set, its exports, card and generation.json, and move them into place at once."""
-    import datasets
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
     string, integer = datasets.Value("string"), datasets.Value("int64")
     features = datasets.Features({"text": string, "label": integer, "label_name": string})
     dataset = datasets.Dataset.from_dict(rows, features=features)
@@ -702,149 +502,7 @@ def _check_context_fits(model: PreTrainedModel, length: int) -> None:
 
 def load_synthetic(path: str | os.PathLike) -> datasets.Dataset:
     """The labelled set (`text`, `label`, `label_name`) that `sample_labelled` or `run_stage` wrote."""
-    import datasets
-
     path = Path(path)
     if not (path / "state.json").exists():
         raise DpnbError(f"{path} holds no sampled data set: run the generate stage (03_generate) first")
     return datasets.load_from_disk(str(path))
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def _data_description(manifest: dict[str, Any]) -> str:
-    source = manifest.get("source", "unknown source")
-    n_train = manifest.get("n_train")
-    if n_train:
-        return f"the private training set ({source}, {n_train} records)"
-    return f"the private data ({source})"
-
-
-def read_summary(run: RunDir, cfg: GenerateConfig) -> dict[str, Any]:
-    """The stage's summary read back from its files (what `run_stage` returns when it skips)."""
-    return {
-        "synthetic": read_json(run.synthetic / "generation.json"),
-        "zero_shot": read_json(run.zero_shot / "generation.json") if cfg.zero_shot else None,
-    }
-
-
-def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str, Any]:
-    """Sample the synthetic set from the fine-tuned model (and the zero-shot set from its base model).
-
-    Needs prepare and finetune complete. Skips when already done with this config, refuses a
-    different config unless `force`, resumes an interrupted run from its shards, and writes the
-    completion marker last. Shards whose plan still matches (same model weights, prompts and
-    settings) are reused even when forced: sampling them again would give the same samples.
-    Returns {"synthetic": generation.json, "zero_shot": generation.json or None}.
-    """
-    run.require_stage("prepare")
-    run.require_stage("finetune")
-    # should_run also refuses samples drawn before prepare or finetune was rerun (rundir.DEPENDS_ON)
-    if not run.should_run(STAGE, cfg, force):
-        return read_summary(run, cfg)
-    started = time.time()
-
-    from dpnb.data import PromptFormat
-    from dpnb.finetune import load_trained
-    from dpnb.models import load_causal_lm, load_tokenizer, release_memory, resolve_device
-
-    manifest = read_json(run.data / "manifest.json")
-    privacy = read_json(run.privacy)
-    if manifest.get("train_sha256") and privacy.get("train_sha256") not in (None, manifest["train_sha256"]):
-        raise DpnbError(f"privacy.json in {run.path} was written for other training data than data/; "
-                        f"rerun finetune with force=True")
-    prompt_format = PromptFormat.from_dict(manifest["prompt"])
-    label_names = list(manifest["label_names"])
-    data = _data_description(manifest)
-    device = resolve_device(cfg.device)
-
-    model, tokenizer = load_trained(run.model, device=device, dtype=cfg.dtype)
-    provenance = Provenance("dp" if privacy.get("dp") else "non_dp", manifest["model"], data, privacy)
-    summary: dict[str, Any] = {
-        "synthetic": sample_labelled(model, tokenizer, prompt_format, label_names, cfg, run.synthetic,
-                                     provenance=provenance, overwrite=True)
-    }
-    del model
-    release_memory()
-
-    if cfg.zero_shot:
-        # the base that fine-tuning started from (its seed matters only for the random test models);
-        # a QLoRA base is loaded unquantised: the baseline is the public model itself
-        card = read_json(run.model / "dpnb_model.json") if (run.model / "dpnb_model.json").exists() else {}
-        base_name = card.get("base", manifest["model"])
-        base = load_causal_lm(base_name, dtype=cfg.dtype, seed=card.get("base_seed", 0)).to(device)
-        summary["zero_shot"] = sample_labelled(
-            base, load_tokenizer(base_name), prompt_format, label_names, cfg, run.zero_shot,
-            provenance=Provenance("zero_shot", base_name, data), overwrite=True,
-        )
-        del base
-        release_memory()
-    else:
-        summary["zero_shot"] = None
-        if run.zero_shot.exists():
-            print(f"removing {run.zero_shot}: an earlier zero-shot set no longer matches this config")
-            shutil.rmtree(run.zero_shot)
-    run.mark_complete(STAGE, cfg, started)
-    return summary
-
-
-# --------------------------------------------------------------------------- for the notebook
-
-
-def counts_table(summaries: dict[str, dict[str, Any] | None]) -> pd.DataFrame:
-    """One row per (set, label): samples requested, generated, kept, and dropped by reason."""
-    import pandas as pd
-
-    rows = []
-    for set_name, summary in summaries.items():
-        if summary is None:
-            continue
-        for label in summary["labels"]:
-            rows.append({"set": set_name, "label": label, "requested": summary["requested"][label],
-                         "generated": summary["generated"][label], "kept": summary["kept"][label],
-                         **{f"dropped {reason}": n for reason, n in summary["dropped_by_label"][label].items()}})
-    return pd.DataFrame(rows)
-
-
-def privacy_statement(set_dir: str | os.PathLike) -> str:
-    """The "Privacy" section of a set's dataset card (markdown)."""
-    card = (Path(set_dir) / "README.md").read_text(encoding="utf-8")
-    section = card.split("## Privacy\n", 1)[1]
-    return section.split("\n## ", 1)[0].strip()
-
-
-def examples(set_dir: str | os.PathLike, per_label: int = 3, max_chars: int = 300) -> dict[str, list[str]]:
-    """The first `per_label` kept texts of each label (cut to `max_chars` for display)."""
-    shown: dict[str, list[str]] = {}
-    for row in load_synthetic(set_dir):
-        texts = shown.setdefault(row["label_name"], [])
-        if len(texts) < per_label:
-            text = row["text"]
-            texts.append(text if len(text) <= max_chars else text[:max_chars].rstrip() + " ...")
-    return shown
-
-
-def plot_lengths(set_dirs: dict[str, str | os.PathLike]) -> Figure:
-    """Histograms of kept samples' lengths in words, one panel per set, one colour per label."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    lengths: dict[str, dict[str, list[int]]] = {}
-    for set_name, set_dir in set_dirs.items():
-        dataset = load_synthetic(set_dir)
-        per_label = lengths.setdefault(set_name, {})
-        for text, label in zip(dataset["text"], dataset["label_name"], strict=True):
-            per_label.setdefault(label, []).append(len(text.split()))
-    every_length = [n for per_label in lengths.values() for counts in per_label.values() for n in counts]
-    bins = np.histogram_bin_edges(every_length or [0], bins=20)  # shared, so panels and labels compare
-    figure, axes = plt.subplots(1, len(set_dirs), figsize=(5 * len(set_dirs), 3.2), squeeze=False, sharey=True)
-    for axis, (set_name, per_label) in zip(axes[0], lengths.items(), strict=True):
-        for label, counts in per_label.items():
-            axis.hist(counts, bins=bins, alpha=0.6, label=f"{label} ({len(counts)})")
-        axis.set_title(set_name)
-        axis.set_xlabel("words per kept sample")
-        axis.legend()
-    axes[0][0].set_ylabel("samples")
-    figure.tight_layout()
-    return figure

@@ -18,10 +18,17 @@ itself made private or uses public validation data.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpnb.rundir import read_json, read_jsonl, write_text_atomic
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from dpnb.io import read_json, read_jsonl, save_figure, write_text_atomic
+from dpnb.rundir import RunDir
+from dpnb.stages.finetune import plot_loss_vs_epsilon
 
 SELECTION_WARNING = (
     "Every run in the table spent its own privacy budget on the same private data: releasing the outputs of k "
@@ -29,6 +36,7 @@ SELECTION_WARNING = (
     "looking at results computed on private data also spends privacy; select with public data or "
     "account for the selection."
 )
+LOSS_TITLE = "Training loss against privacy spent"
 
 
 def find_runs(runs_dir: str | Path) -> list[Path]:
@@ -39,10 +47,11 @@ def find_runs(runs_dir: str | Path) -> list[Path]:
 
 def summarise_run(path: Path) -> dict[str, Any]:
     """The facts of one run that the table and figures need, read from its files."""
-    stages = {p.stem: read_json(p) for p in sorted((path / "stages").glob("*.json"))}
-    privacy = read_json(path / "privacy.json") if (path / "privacy.json").exists() else None
-    metrics = read_json(path / "metrics.json") if (path / "metrics.json").exists() else {}
-    manifest = read_json(path / "data" / "manifest.json") if (path / "data" / "manifest.json").exists() else {}
+    run = RunDir(path)
+    stages = {p.stem: read_json(p) for p in sorted(run.stages.glob("*.json"))}
+    privacy = read_json(run.privacy) if run.privacy.exists() else None
+    metrics = read_json(run.metrics) if run.metrics.exists() else {}
+    manifest = read_json(run.manifest) if run.manifest.exists() else {}
     finetune = stages.get("finetune", {}).get("config", {})
     evaluate = stages.get("evaluate", {}).get("config", {})
     return {
@@ -56,7 +65,7 @@ def summarise_run(path: Path) -> dict[str, Any]:
         "classifier": evaluate.get("classifier"),
         "data_key": (manifest.get("train_sha256"), evaluate.get("classifier"), evaluate.get("n_real_train")),
         "wall_time_s": sum(s.get("wall_time_s", 0.0) for s in stages.values()),
-        "train_log": read_jsonl(path / "train_log.jsonl"),
+        "train_log": read_jsonl(run.train_log),
     }
 
 
@@ -81,10 +90,8 @@ def _metric_row(source: str, summary: dict[str, Any], metric: dict[str, Any]) ->
     }
 
 
-def paper_table(summaries: list[dict[str, Any]]):  # -> pandas.DataFrame
+def paper_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
     """The paper's table: real, zero-shot, then every fine-tuned model by epsilon (non-DP last)."""
-    import pandas as pd
-
     rows: list[dict[str, Any]] = []
     for summary in summaries:
         for source in ("real", "zero_shot", "synthetic"):
@@ -114,21 +121,12 @@ def paper_table(summaries: list[dict[str, Any]]):  # -> pandas.DataFrame
     return table[columns + ["runs"]]
 
 
-def plot_loss_vs_epsilon(summaries: list[dict[str, Any]], ax) -> None:  # noqa: ANN001 - matplotlib Axes
-    """Training loss against epsilon spent, one curve per DP run (the paper's figure)."""
-    for summary in summaries:
-        log = summary["train_log"]
-        if not log or not summary["dp"]:
-            continue
-        ax.plot([r["epsilon"] for r in log], [r["loss"] for r in log], marker=".", label=summary["run"])
-    ax.set_xlabel("epsilon spent")
-    ax.set_ylabel("training loss (nats per token)")
-    ax.set_title("Training loss against privacy spent")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+def dp_train_logs(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The training logs of the DP runs by run name: the curves of the paper's loss figure."""
+    return {s["run"]: s["train_log"] for s in summaries if s["train_log"] and s["dp"]}
 
 
-def plot_accuracy_vs_epsilon(table, ax) -> None:  # noqa: ANN001 - DataFrame, Axes
+def plot_accuracy_vs_epsilon(table: pd.DataFrame, ax: Axes) -> None:
     """Downstream accuracy against epsilon; non-DP runs at the right, references as lines."""
     synthetic = table[table.source == "synthetic"]
     finite = synthetic[synthetic.epsilon.apply(lambda e: e is not None and math.isfinite(e))]
@@ -167,7 +165,8 @@ def _format_value(value: Any, whole: bool = False) -> str:
     return str(value)
 
 
-def markdown_table(table) -> str:  # noqa: ANN001 - DataFrame
+def markdown_table(table: pd.DataFrame) -> str:
+    """The table as Markdown, numbers formatted for reading (counts whole, no DP as "inf (no DP)")."""
     header = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "---|" * len(table.columns)
     whole = [column in WHOLE_NUMBER_COLUMNS for column in table.columns]
@@ -178,25 +177,20 @@ def markdown_table(table) -> str:  # noqa: ANN001 - DataFrame
 
 def write_report(runs_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Write table.csv, report.md and the two figures for every run under `runs_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summaries = [summarise_run(p) for p in find_runs(runs_dir) if out_dir not in p.parents]
     table = paper_table(summaries)
     write_text_atomic(out_dir / "table.csv", table.to_csv(index=False))
+    plots: dict[str, Callable[[Axes], None]] = {
+        "loss_vs_epsilon.png": lambda ax: plot_loss_vs_epsilon(dp_train_logs(summaries), ax=ax, title=LOSS_TITLE),
+        "accuracy_vs_epsilon.png": lambda ax: plot_accuracy_vs_epsilon(table, ax),
+    }
     figures = {}
-    for name, plot in (("loss_vs_epsilon.png", lambda ax: plot_loss_vs_epsilon(summaries, ax)),
-                       ("accuracy_vs_epsilon.png", lambda ax: plot_accuracy_vs_epsilon(table, ax))):
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        plot(ax)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
-        figures[name] = str(out_dir / name)
+    for name, plot in plots.items():
+        figure = Figure(figsize=(6.5, 4), layout="tight")
+        plot(figure.add_subplot())
+        figures[name] = str(save_figure(figure, out_dir / name))
     text = "\n\n".join([
         f"# dpnb report: {len(summaries)} runs under {runs_dir}",
         markdown_table(table) if len(table) else "_No run has finished its evaluate stage yet._",

@@ -1,6 +1,4 @@
-"""01 prepare: labelled text in, training-ready token records out.
-
-The stage reads top to bottom, one section per step:
+"""Reading a labelled text data set: the train and test splits, checked and subsampled (stage 01's steps 1-3).
 
 1. **load** the train and test splits named by `prepare.source`, which is one of
    - a Hugging Face Hub data set id (default `stanfordnlp/imdb`), read with `datasets.load_dataset`.
@@ -18,50 +16,32 @@ The stage reads top to bottom, one section per step:
    (a whole number, written as a number or as text) or equal to one of the names; each split has
    at least two classes; files are UTF-8. Every problem is one `DpnbError` line with its fix.
 3. **subsample** each split to `n_train` / `n_test` records, stratified by label and seeded.
-4. **format and tokenise** each sampled record: `<br />` line breaks removed (`strip_html`), then
-   prompt + review + EOS with `PromptFormat`, cut to `max_length` tokens.
-5. **stats**: counts, dropped rows, token-length percentiles, truncation, duplicates; a figure.
-6. **write** `data/train`, `data/test`, `data/manifest.json`, `data_stats.json` and
-   `figures/token_lengths.png` into the run directory, atomically, then the completion marker.
-
-In DP fine-tuning the unit of privacy is one record: one review here. That is why duplicates are
-counted (a review present twice has twice the influence) and why every record is cut to the same
-token budget.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import gzip
-import hashlib
 import os
 import re
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
+import datasets
+import datasets.config
+import huggingface_hub.constants
 import numpy as np
 import pandas as pd
 
-from dpnb.config import PrepareConfig, build
+from dpnb.config import PrepareConfig
 from dpnb.errors import DpnbError, require
-from dpnb.rundir import RunDir, atomic_directory, read_json, write_json_atomic
+from dpnb.models import hub_offline
 
-if TYPE_CHECKING:
-    from datasets import Dataset
-    from matplotlib.figure import Figure
-    from transformers import PreTrainedTokenizerBase
-
-STAGE = "prepare"
 DEFAULT_SOURCE = "stanfordnlp/imdb"
 MIRROR_ENV = "DPNB_DATA_DIR"  # directory holding a local copy of DEFAULT_SOURCE as train.csv.gz, test.csv.gz
 TABLE_FORMATS = ("csv", "tsv", "jsonl", "parquet")
 ACLIMDB_LABELS = {"neg": 0, "pos": 1}
 ACLIMDB_UNLABELLED = "unsup"
-PERCENTILES = (5, 25, 50, 75, 95)
 # One or more HTML line breaks (IMDb writes paragraphs as "<br /><br />"), with the spaces around them.
 LINE_BREAKS = r"(?:\s*<br\s*/?\s*>\s*)+"
 
@@ -211,10 +191,6 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def read_hub(source: str, split_names: dict[str, str]) -> tuple[dict[str, RawSplit], str]:
     """A data set on the Hugging Face Hub (or in the local Hugging Face cache), via `datasets`."""
-    import datasets
-
-    from dpnb.models import hub_offline
-
     if hub_offline():
         _datasets_offline()  # look only in the local cache, with no network retries
     try:
@@ -246,9 +222,7 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _datasets_offline() -> None:
-    import datasets.config
-    import huggingface_hub.constants
-
+    """Tell `datasets` and the Hub client they are offline: look in the local cache, never retry."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     datasets.config.HF_HUB_OFFLINE = True
     huggingface_hub.constants.HF_HUB_OFFLINE = True
@@ -422,321 +396,3 @@ def subsample(
     require_two_classes(sample["label"].to_numpy(), label_names, f"the {role} sample (n_{role} = {n})",
                         f"raise prepare.n_{role}")
     return sample
-
-
-# --------------------------------------------------------------------------- 4. format and tokenise
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """How a label becomes the prompt that starts a record, and how the review follows it.
-
-    style "plain": the paper's `label + delimiter + review`, e.g. "positive | A great film...".
-    style "chat": the tokenizer's chat template with one user message, `chat_instruction` with
-    {label} filled in, followed by the review as the assistant's answer. Instruct models need it:
-    SmolLM2 continues a raw "positive | " with maths or code.
-
-    Prompt and review are tokenised separately and concatenated, so every record of a label starts
-    with exactly `prompt_ids(label)`, the ids the generate stage feeds the model. (For the plain
-    style the delimiter's trailing space becomes its own token; training and generation agree.)
-    """
-
-    style: str = "plain"
-    delimiter: str = " | "
-    chat_instruction: str = "Write a {label} movie review."
-
-    def __post_init__(self) -> None:
-        require(self.style in ("plain", "chat"), f"prompt style {self.style!r} is not 'plain' or 'chat'")
-
-    @classmethod
-    def from_config(cls, cfg: PrepareConfig) -> PromptFormat:
-        return cls(style=cfg.prompt_format, delimiter=cfg.delimiter, chat_instruction=cfg.chat_instruction)
-
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PromptFormat:
-        return build(cls, values, "PromptFormat")
-
-    def prompt_text(self, label_name: str, tokenizer: PreTrainedTokenizerBase) -> str:
-        """The text that starts every record of `label_name` (for the chat style, with its special tokens)."""
-        if self.style == "plain":
-            return label_name + self.delimiter
-        require(
-            getattr(tokenizer, "chat_template", None) is not None,
-            f"the tokenizer of {tokenizer.name_or_path} has no chat template; use prompt_format: plain",
-        )
-        message = {"role": "user", "content": self.chat_instruction.replace("{label}", label_name)}
-        return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
-
-    def prompt_ids(self, label_name: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        """The token ids that start every record of `label_name`, and that generation is prompted with.
-
-        The chat template's text already holds its special tokens; the plain prompt keeps the BOS
-        the tokenizer adds in front of a text, if it adds one (Llama-2 does, GPT-2 and SmolLM2 do not).
-        """
-        text = self.prompt_text(label_name, tokenizer)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids if self.style == "chat" else _leading_special_ids(tokenizer) + ids
-
-    def encode(
-        self, label_name: str, text: str, tokenizer: PreTrainedTokenizerBase, max_length: int
-    ) -> tuple[list[int], bool]:
-        """One record's ids (prompt + review + EOS, at most `max_length`) and whether the review was cut."""
-        ids, truncated = self.encode_batch([label_name], [text], tokenizer, max_length)
-        return ids[0], truncated[0]
-
-    def encode_batch(
-        self,
-        label_names: Sequence[str],
-        texts: Sequence[str],
-        tokenizer: PreTrainedTokenizerBase,
-        max_length: int,
-    ) -> tuple[list[list[int]], list[bool]]:
-        """`encode` for many records with one batched tokenizer call.
-
-        A record is prompt_ids + review[:room] + [EOS] with room = max_length - len(prompt_ids) - 1,
-        so it never exceeds max_length and always ends with EOS, which teaches the model to stop.
-        Review text is data: a literal "<|im_end|>" in a review is split into ordinary tokens.
-        """
-        eos = tokenizer.eos_token_id
-        require(
-            eos is not None, f"the tokenizer of {tokenizer.name_or_path} has no EOS token; use another model"
-        )
-        prompts = {name: self.prompt_ids(name, tokenizer) for name in dict.fromkeys(label_names)}
-        for name, prompt in prompts.items():
-            require(
-                max_length - len(prompt) - 1 >= 1,
-                f"max_length = {max_length} leaves no room for the review after the {len(prompt)}-token "
-                f"prompt of '{name}'; raise prepare.max_length",
-            )
-        if not texts:
-            return [], []
-        reviews = tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        ids, truncated = [], []
-        for name, review in zip(label_names, reviews, strict=True):
-            prompt = prompts[name]
-            room = max_length - len(prompt) - 1
-            ids.append(prompt + review[:room] + [eos])
-            truncated.append(len(review) > room)
-        return ids, truncated
-
-
-def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The special ids a tokenizer puts before a text when asked to add special tokens (e.g. [BOS])."""
-    with_special = tokenizer("a")["input_ids"]
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    for start in range(len(with_special) - len(bare) + 1):
-        if with_special[start : start + len(bare)] == bare:
-            return with_special[:start]
-    return []
-
-
-def encode_records(
-    sample: pd.DataFrame, fmt: PromptFormat, tokenizer: PreTrainedTokenizerBase, cfg: PrepareConfig
-) -> dict[str, list]:
-    """The columns of one split's records (the data/train and data/test contract), texts cleaned."""
-    label_names = [cfg.label_names[i] for i in sample["label"]]
-    texts = clean_texts(sample["text"], cfg.strip_html).tolist()
-    ids, truncated = fmt.encode_batch(label_names, texts, tokenizer, cfg.max_length)
-    prompt_length = {name: len(fmt.prompt_ids(name, tokenizer)) for name in cfg.label_names}
-    return {
-        "text": texts,
-        "label": [int(label) for label in sample["label"]],
-        "label_name": label_names,
-        "input_ids": ids,
-        "prompt_length": [prompt_length[name] for name in label_names],
-        "n_tokens": [len(record) for record in ids],
-        "truncated": truncated,
-    }
-
-
-def to_dataset(columns: dict[str, list]) -> Dataset:
-    from datasets import Dataset, Features, List, Value
-
-    features = Features({
-        "text": Value("string"), "label": Value("int64"), "label_name": Value("string"),
-        "input_ids": List(Value("int32")), "prompt_length": Value("int32"), "n_tokens": Value("int32"),
-        "truncated": Value("bool"),
-    })
-    return Dataset.from_dict(columns, features=features)
-
-
-# --------------------------------------------------------------------------- 5. stats
-
-
-def split_stats(columns: dict[str, list], label_names: Sequence[str], rows_read: int,
-                dropped: dict[str, int]) -> dict[str, Any]:
-    """Counts, dropped rows, token-length percentiles, truncation and duplicates of one split."""
-    lengths = np.asarray(columns["n_tokens"])
-    labels = np.asarray(columns["label"])
-    return {
-        "rows_read": rows_read,
-        "dropped": dropped,
-        "records": len(lengths),
-        "per_label": {name: int((labels == i).sum()) for i, name in enumerate(label_names)},
-        "token_length": {
-            **{f"p{q}": round(float(np.percentile(lengths, q)), 1) for q in PERCENTILES},
-            "max": int(lengths.max()),
-        },
-        "fraction_truncated": round(float(np.mean(columns["truncated"])), 4),
-        "duplicate_texts": len(columns["text"]) - len(set(columns["text"])),  # repeats beyond the first copy
-    }
-
-
-def train_sha256(columns: dict[str, list]) -> str:
-    """sha256 over the training records in order: for each, its label and its number of ids as
-    little-endian int64, then its ids as little-endian int32. Equal hashes mean equal training data."""
-    digest = hashlib.sha256()
-    for label, ids in zip(columns["label"], columns["input_ids"], strict=True):
-        digest.update(np.asarray([label, len(ids)], dtype="<i8").tobytes())
-        digest.update(np.asarray(ids, dtype="<i4").tobytes())
-    return digest.hexdigest()
-
-
-def plot_token_lengths(
-    splits: dict[str, dict[str, list]], label_names: Sequence[str], max_length: int
-) -> Figure:
-    """Histograms of tokens per record, one panel per split, one colour per label."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 3.6), layout="constrained")
-    axes = figure.subplots(1, len(splits), sharex=True)
-    bins = np.linspace(0, max_length, min(max_length, 60) + 1)
-    for ax, (role, columns) in zip(np.atleast_1d(axes), splits.items(), strict=True):
-        lengths = np.asarray(columns["n_tokens"])
-        labels = np.asarray(columns["label"])
-        for i, name in enumerate(label_names):
-            ax.hist(lengths[labels == i], bins=bins, alpha=0.55, label=name)
-        ax.axvline(max_length, color="black", linestyle="--", linewidth=1, label="max_length")
-        ax.set_title(f"{role}: {len(lengths)} records")
-        ax.set_xlabel("tokens per record (prompt + review + EOS)")
-        ax.set_ylabel("records")
-    np.atleast_1d(axes)[0].legend()
-    return figure
-
-
-def save_figure(figure: Figure, path: Path) -> Path:
-    """Save a figure through a temporary file and a rename, like every other output."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
-    os.replace(tmp, path)
-    return path
-
-
-def stats_table(stats: dict[str, Any]) -> pd.DataFrame:
-    """data_stats.json as one table: a row per figure, a column per split (for the notebook)."""
-    table = {}
-    for role, split in stats["splits"].items():
-        column = {"rows read": split["rows_read"]}
-        column.update({f"dropped: {reason.replace('_', ' ')}": n for reason, n in split["dropped"].items()})
-        column["records"] = split["records"]
-        column.update({f"label {name}": n for name, n in split["per_label"].items()})
-        column.update({f"tokens {q}": value for q, value in split["token_length"].items()})
-        column["truncated (%)"] = round(100 * split["fraction_truncated"], 1)
-        column["duplicate texts"] = split["duplicate_texts"]
-        table[role] = pd.Series(column, dtype=object)  # counts stay whole numbers beside the percentiles
-    return pd.DataFrame(table)
-
-
-def format_example(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> str:
-    """One record decoded in two parts, so it is visible where the prompt ends and the review starts."""
-    ids, cut = record["input_ids"], record["prompt_length"]
-    review = tokenizer.decode(ids[cut:])
-    return (
-        f"label {record['label']} ({record['label_name']}), {len(ids)} tokens, "
-        f"truncated: {record['truncated']}\n"
-        f"--- prompt: {cut} tokens, shown as a Python string so spaces and newlines are visible ---\n"
-        f"{tokenizer.decode(ids[:cut])!r}\n"
-        f"--- review: {len(ids) - cut} tokens, EOS last ---\n"
-        f"{review}"
-    )
-
-
-# --------------------------------------------------------------------------- 6. write
-
-
-class Prepared(NamedTuple):
-    train: dict[str, list]
-    test: dict[str, list]
-    manifest: dict[str, Any]
-    stats: dict[str, Any]
-
-
-def prepare_data(cfg: PrepareConfig) -> Prepared:
-    """Steps 1-5 in memory: load, validate, subsample, format and tokenise, and count."""
-    from dpnb.models import load_tokenizer
-
-    raw, description = load_splits(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    fmt = PromptFormat.from_config(cfg)
-    columns, stats = {}, {}
-    for role, n in (("train", cfg.n_train), ("test", cfg.n_test)):
-        checked, dropped = validate_split(raw[role], cfg)
-        sample = subsample(checked, n, cfg.seed, role, cfg.label_names)
-        columns[role] = encode_records(sample, fmt, tokenizer, cfg)
-        stats[role] = split_stats(columns[role], cfg.label_names, len(raw[role].frame), dropped)
-    train, test = columns["train"], columns["test"]
-    manifest = {
-        "model": cfg.model,
-        "prompt": fmt.to_dict(),
-        "label_names": list(cfg.label_names),
-        "max_length": cfg.max_length,
-        "n_train": len(train["label"]),
-        "n_test": len(test["label"]),
-        "source": cfg.source,
-        "source_read": description,
-        "seed": cfg.seed,
-        "train_sha256": train_sha256(train),
-    }
-    data_stats = {
-        "label_names": list(cfg.label_names),
-        "max_length": cfg.max_length,
-        "prompt_tokens": {name: len(fmt.prompt_ids(name, tokenizer)) for name in cfg.label_names},
-        "splits": stats,
-        "texts_in_both_splits": len(set(train["text"]) & set(test["text"])),
-    }
-    return Prepared(train, test, manifest, data_stats)
-
-
-def run_stage(run: RunDir, cfg: PrepareConfig, force: bool = False) -> dict[str, Any]:
-    """Prepare the data into `run` and return data_stats (read back from disk when already done)."""
-    if not run.should_run(STAGE, cfg, force):
-        return read_json(run.data_stats)
-    started = time.time()
-    prepared = prepare_data(cfg)
-    with _quiet_datasets(), atomic_directory(run.data) as staging:
-        to_dataset(prepared.train).save_to_disk(staging / "train")
-        to_dataset(prepared.test).save_to_disk(staging / "test")
-        write_json_atomic(staging / "manifest.json", prepared.manifest)
-    write_json_atomic(run.data_stats, prepared.stats)
-    splits = {"train": prepared.train, "test": prepared.test}
-    save_figure(plot_token_lengths(splits, cfg.label_names, cfg.max_length), run.figure("token_lengths.png"))
-    run.mark_complete(STAGE, cfg, started)
-    return read_json(run.data_stats)  # the same values a skipped run returns
-
-
-def load_prepared(run: RunDir) -> tuple[Dataset, Dataset, dict[str, Any]]:
-    """The prepared train and test records and the manifest, for the stages after prepare."""
-    from datasets import load_from_disk
-
-    run.require_stage(STAGE)
-    parts = (run.data / "train", run.data / "test", run.data / "manifest.json")
-    for path in parts:
-        require(path.exists(), f"{path} is missing although prepare completed; rerun prepare with force=True")
-    return load_from_disk(str(parts[0])), load_from_disk(str(parts[1])), read_json(parts[2])
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Hide the `datasets` progress bars while saving (they would clutter the notebook)."""
-    import datasets
-
-    was_disabled = datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            datasets.enable_progress_bars()

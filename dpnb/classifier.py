@@ -1,0 +1,232 @@
+"""The downstream classifier: train on one labelled set, test on the real test set, and label fidelity.
+
+**Recipe** (the paper's, as transformers' Trainer defaults give it): AdamW with weight decay 0, the
+learning rate decaying linearly from `lr` to 0 without warm-up, gradient norm clipped at 1, and
+ceil(epochs * ceil(n / batch_size)) steps over reshuffled epochs. Everything random (head
+initialisation, dropout, order) comes from one seed, so a run on the same machine repeats exactly.
+
+**Metrics** on a test set of n texts with true labels y and predictions p:
+
+    accuracy = (1/n) sum_i [p_i == y_i]
+    F1 = 2 P R / (P + R)
+
+with precision P and recall R of the positive class (label 1) for two labels ("binary"), or the
+unweighted mean of the per-class F1 for more ("macro"); a class never predicted has P = 0.
+
+**Label fidelity** of a synthetic set: the share of its texts that the classifier trained on real
+data assigns the label they were prompted with, mean_i [f(x_i) == prompted_i], overall and per label.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from dpnb.config import EvaluateConfig
+from dpnb.models import load_classifier, quiet_transformers, release_memory
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+FEW_PER_LABEL = 10  # fewer training texts of a label than this: the metrics carry a warning note
+MAX_GRAD_NORM = 1.0  # transformers Trainer's default, kept so the recipe matches the paper's
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def f1_average(num_labels: int) -> str:
+    """"binary" (F1 of the positive class, label 1) for two labels, else "macro" (mean over labels)."""
+    return "binary" if num_labels == 2 else "macro"
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> dict[str, Any]:
+    """Accuracy, F1 and the confusion matrix of predictions on a test set (sklearn).
+
+    accuracy = correct / n. F1 = 2 P R / (P + R) with precision P and recall R of the positive class
+    (binary) or averaged unweighted over the classes (macro); a class never predicted has P = 0.
+    confusion_matrix[i][j] counts texts of true label i predicted as j.
+    """
+    labels = list(range(num_labels))
+    average = f1_average(num_labels)
+    if average == "binary":
+        f1 = f1_score(y_true, y_pred, average="binary", pos_label=1, zero_division=0)
+    else:
+        f1 = f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1": float(f1),
+        "f1_average": average,
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def label_fidelity(prompted: Sequence[int], predicted: Sequence[int], label_names: Sequence[str]) -> dict[str, Any]:
+    """Share of synthetic texts that the real-data classifier assigns the label they were prompted with.
+
+    overall = mean(predicted == prompted); per_label[name] is the same mean over the texts prompted
+    with that label (null when there are none).
+    """
+    prompted, predicted = np.asarray(prompted), np.asarray(predicted)
+    agree = prompted == predicted
+    per_label = {
+        name: (float(agree[prompted == i].mean()) if (prompted == i).any() else None)
+        for i, name in enumerate(label_names)
+    }
+    return {"overall": float(agree.mean()) if len(agree) else None, "per_label": per_label, "n": int(len(agree))}
+
+
+
+# --------------------------------------------------------------------------- training and prediction
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and GPU): head initialisation, dropout and shuffling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainedClassifier:
+    """A fine-tuned classifier in eval mode, with its tokenizer, the optimizer steps taken, the mean
+    training loss of the last 10 steps, and the wall time of loading and training."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    steps: int
+    final_loss: float | None
+    wall_s: float
+
+
+def train_classifier(
+    texts: Sequence[str], labels: Sequence[int], num_labels: int, cfg: EvaluateConfig, device: str
+) -> TrainedClassifier:
+    """Fine-tune `cfg.classifier` on (texts, labels): the paper's recipe as a plain torch loop.
+
+    AdamW (weight decay 0), learning rate decaying linearly from `cfg.lr` to 0, no warm-up, gradient
+    norm clipped at 1, `ceil(epochs * n / batch_size)` steps over reshuffled epochs: the defaults of
+    transformers' Trainer, which the paper used. Everything random (head initialisation, dropout,
+    order) comes from `cfg.seed`, so a run on the same machine repeats exactly.
+    """
+    started = time.time()
+    seed_everything(cfg.seed)
+    with quiet_transformers(errors_only=True):
+        model, tokenizer = load_classifier(cfg.classifier, num_labels)
+    model.to(device).train()
+    encoded = tokenizer(list(texts), truncation=True, max_length=cfg.max_length)["input_ids"]
+    targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    n = len(encoded)
+    total_steps = max(1, math.ceil(cfg.epochs * math.ceil(n / cfg.batch_size)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
+    order_rng = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    step = 0
+    while step < total_steps:
+        order = torch.randperm(n, generator=order_rng).tolist()
+        for start in range(0, n, cfg.batch_size):
+            if step == total_steps:
+                break
+            rows = order[start : start + cfg.batch_size]
+            input_ids, attention_mask = _pad([encoded[i] for i in rows], tokenizer.pad_token_id)
+            loss = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         labels=targets[rows].to(device)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            step += 1
+    model.eval()
+    tail = losses[-10:]
+    return TrainedClassifier(model, tokenizer, step, sum(tail) / len(tail) if tail else None,
+                             time.time() - started)
+
+
+def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token ids to the longest in the batch; the mask marks the real tokens."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def predict(classifier: TrainedClassifier, texts: Sequence[str], max_length: int, batch_size: int,
+            device: str) -> np.ndarray:
+    """The most likely label of each text."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = classifier.tokenizer(list(texts[start : start + batch_size]), truncation=True,
+                                         max_length=max_length, padding=True, return_tensors="pt").to(device)
+            out.append(classifier.model(**batch).logits.argmax(-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+
+# --------------------------------------------------------------------------- one training set, tested on real data
+
+
+@dataclass
+class Source:
+    """One training set: its name, texts and labels."""
+
+    name: str
+    texts: list[str]
+    labels: list[int]
+
+
+def _training_notes(labels: Sequence[int], label_names: Sequence[str]) -> list[str]:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(label_names))
+    few = [f"{name} ({count})" for name, count in zip(label_names, counts, strict=True) if 0 < count < FEW_PER_LABEL]
+    if few:
+        return [f"few training texts for {', '.join(few)}: the metrics are noisy"]
+    return []
+
+
+def train_and_test(
+    source: Source, test: Source, label_names: Sequence[str], cfg: EvaluateConfig, device: str,
+    keep_model: bool = False,
+) -> tuple[dict[str, Any], TrainedClassifier | None]:
+    """Train the classifier on `source` and score it on `test`; a set it cannot learn from is reported.
+
+    An empty set yields no metrics, with a note. A set holding a single label yields the metrics of
+    predicting that label for every test text (all a classifier trained on it can learn), with a note.
+    """
+    num_labels = len(label_names)
+    base = {"n_train": len(source.texts), "n_test": len(test.texts), "f1_average": f1_average(num_labels),
+            "label_counts": {name: int(np.sum(np.asarray(source.labels) == i)) for i, name in enumerate(label_names)}}
+    if not source.texts:
+        return {**base, "accuracy": None, "f1": None, "confusion_matrix": None, "trained": False,
+                "notes": [f"{source.name} holds no texts: nothing to train on"]}, None
+    present = sorted(set(source.labels))
+    if len(present) == 1:
+        only = present[0]
+        metrics = classification_metrics(test.labels, [only] * len(test.labels), num_labels)
+        note = (f"{source.name} holds only label '{label_names[only]}': a classifier trained on it can only "
+                f"predict that label, so these are the metrics of predicting it for every test text")
+        return {**base, **metrics, "trained": False, "notes": [note]}, None
+    print(f"{source.name}: training {cfg.classifier} on {len(source.texts)} texts ...", flush=True)
+    classifier = train_classifier(source.texts, source.labels, num_labels, cfg, device)
+    predicted = predict(classifier, test.texts, cfg.max_length, 2 * cfg.batch_size, device)
+    entry = {**base, **classification_metrics(test.labels, predicted.tolist(), num_labels), "trained": True,
+             "steps": classifier.steps, "final_loss": classifier.final_loss,
+             "train_wall_s": round(classifier.wall_s, 1), "notes": _training_notes(source.labels, label_names)}
+    if keep_model:
+        return entry, classifier
+    del classifier
+    release_memory()
+    return entry, None

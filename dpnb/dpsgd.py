@@ -1,0 +1,448 @@
+"""The DP-SGD step with Opacus: records, batches, the per-record loss, the plan, the logical steps.
+
+One logical (noise-adding) step of DP-SGD on N records, as Opacus runs it here:
+
+1. Poisson sampling. Every record joins the step's logical batch B independently with probability
+   q = 1 / ceil(N / logical_batch_size) (Opacus's `DPDataLoader`), so |B| is random with mean N q.
+   The privacy analysis (amplification by subsampling) assumes exactly this.
+2. Per-record gradients g_i = grad l_i, where l_i is the record's own loss: the mean next-token
+   cross-entropy over its tokens (padding never counts).
+3. Clipping to C (`max_grad_norm`): g_i <- g_i * min(1, C / ||g_i||), so no record can move the
+   sum by more than C.
+4. Noise: G = (sum_{i in B} g_i + N(0, sigma^2 C^2 I)) / E. The divisor E is the *expected* batch
+   size (Opacus's `expected_batch_size` = int(N q)), a public constant; dividing by the drawn size
+   |B| would reveal how many records were sampled.
+5. An AdamW update with G.
+
+sigma (the noise multiplier) is fixed before training, calibrated so that the accountant (PRV or
+RDP, `dpnb.privacy`) reports the target epsilon after exactly the T steps the loop will take at
+exactly this q (`plan_training`).
+
+The logical batch is cut into physical batches (what fits in memory) by Opacus's
+`BatchMemoryManager`, which tells the optimizer which physical batch ends a logical one: only that
+one adds noise, updates the weights and counts one step in the accountant. A hand-written
+accumulation loop would make Opacus count every physical batch as a step at a wrong sampling rate.
+A logical batch that drew no record is still a step of the mechanism: its update is pure noise,
+and the accountant counts it.
+
+Loss reduction, precisely. Opacus's hooks assume the loss of a physical batch of n records is
+`mean_i l_i` (loss_reduction="mean") and multiply the back-propagated signal by n, which recovers
+g_i = grad l_i for each record, whatever n is; Poisson sampling makes n vary, and that is fine.
+The optimizer then divides the noisy sum by E, not by n. Ghost clipping gets the per-record losses
+from the same criterion (`reduction = "none"`). Records are padded on the right; padding is masked
+by each record's length, never by token id, because the pad token is EOS for SmolLM2 and the EOS
+closing each record must be learned. By default the prompt tokens are not in the loss
+(`loss_on_prompt`): the model learns the review given its label prompt, which is what generation
+asks of it.
+
+The non-DP baseline (`dp: false`) takes the same steps: the same Poisson-sampled logical batches
+(same q, same seed, same number of steps), cut into the same physical batches, with the plain
+gradient of the logical batch's mean loss; no PrivacyEngine, no clipping, no noise, epsilon null.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import math
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader
+
+from dpnb import privacy
+from dpnb.errors import require
+from dpnb.models import quiet_transformers
+
+if TYPE_CHECKING:
+    import datasets
+    from torch import nn
+
+    from dpnb.config import FinetuneConfig
+
+
+# =========================================================================== records and the loss
+
+
+@dataclass(frozen=True)
+class Records:
+    """The tokenised training records: ids (prompt + review + EOS) and each prompt's length."""
+
+    input_ids: list[list[int]]
+    prompt_lengths: list[int]
+
+    @classmethod
+    def from_dataset(cls, dataset: datasets.Dataset) -> Records:
+        require("input_ids" in dataset.column_names,
+                f"the training data has no input_ids column (columns: {', '.join(dataset.column_names)}); "
+                f"prepare it with the prepare stage (dpnb.data)")
+        ids = [[int(t) for t in row] for row in dataset["input_ids"]]
+        if "prompt_length" in dataset.column_names:
+            prompts = [int(n) for n in dataset["prompt_length"]]
+        else:
+            prompts = [0] * len(ids)
+        require(all(len(row) >= 2 for row in ids),
+                "every training record needs at least two tokens (one to predict from, one to predict)")
+        return cls(ids, prompts)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def fingerprint(self) -> str:
+        """A hash of the token ids and prompt lengths: a checkpoint resumes only on the same records."""
+        lengths = np.array([len(row) for row in self.input_ids], dtype=np.int64)
+        flat = np.fromiter((t for row in self.input_ids for t in row), dtype=np.int64, count=int(lengths.sum()))
+        digest = hashlib.sha256()
+        for array in (lengths, np.array(self.prompt_lengths, dtype=np.int64), flat):
+            digest.update(array.tobytes())
+        return digest.hexdigest()
+
+
+@dataclass
+class Batch:
+    """A right-padded physical batch, with the targets each position predicts and which of them count."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T], 1 on real tokens
+    position_ids: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, T-1], input_ids shifted left by one
+    target_mask: torch.Tensor  # [B, T-1], 1 where the target is a real token inside the loss
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: str | torch.device) -> Batch:
+        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+def collate(records: Records, indices: Sequence[int], pad_id: int, loss_on_prompt: bool = False) -> Batch:
+    """Pad `records[indices]` on the right and mark the targets of the loss.
+
+    Position j predicts token j+1; it counts when token j+1 is a real token (j+1 < length) and,
+    unless `loss_on_prompt`, not part of the prompt (j+1 >= prompt_length). Padding is found from
+    the lengths, never from the pad id (which is EOS for some tokenizers). `position_ids` are built
+    with `repeat`, one row per record: GPT-2's per-record position gradients need a real [B, T]
+    tensor, not an `expand`ed view (opacus issue #841); for right padding they are 0..T-1.
+    """
+    rows = [records.input_ids[i] for i in indices]
+    lengths = torch.tensor([len(r) for r in rows])
+    width = int(lengths.max())
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for k, row in enumerate(rows):
+        input_ids[k, : len(row)] = torch.tensor(row, dtype=torch.long)
+    positions = torch.arange(width).unsqueeze(0)
+    attention_mask = (positions < lengths.unsqueeze(1)).long()
+    first_target = torch.ones(len(rows), dtype=torch.long)
+    if not loss_on_prompt:
+        prompts = torch.tensor([records.prompt_lengths[i] for i in indices])
+        first_target = torch.clamp(prompts, min=1)
+    target_positions = positions[:, 1:]  # the index of the token each position predicts
+    target_mask = (target_positions < lengths.unsqueeze(1)) & (target_positions >= first_target.unsqueeze(1))
+    return Batch(input_ids, attention_mask, positions.repeat(len(rows), 1), input_ids[:, 1:].clone(),
+                 target_mask.float())
+
+
+def per_record_loss(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """l_i = sum_t mask_it * CE(logits_it, target_it) / sum_t mask_it: one mean token loss per record.
+
+    `logits` are the model's outputs at positions 0..T-2 ([B, T-1, V]); computed in float32 so a
+    bfloat16 model still gets an accurate loss.
+    """
+    batch, steps, vocab = logits.shape
+    token_loss = F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1), reduction="none")
+    token_loss = token_loss.view(batch, steps) * target_mask
+    return token_loss.sum(dim=1) / target_mask.sum(dim=1).clamp(min=1)
+
+
+class SequenceLoss:
+    """The per-record loss reduced as `reduction` says ("mean", "sum" or "none").
+
+    Opacus's ghost clipping calls it with `reduction = "none"` to get one loss per record.
+    """
+
+    def __init__(self, reduction: str = "mean"):
+        self.reduction = reduction
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        losses = per_record_loss(logits, targets, target_mask)
+        if self.reduction == "none":
+            return losses
+        return losses.sum() if self.reduction == "sum" else losses.mean()
+
+
+# =========================================================================== the plan
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What the loop will do, fixed before it starts: the numbers the privacy guarantee is made of."""
+
+    dp: bool
+    dataset_size: int
+    logical_batch_size: int
+    physical_batch_size: int
+    sample_rate: float  # q, the Poisson sampling probability of each record at each step
+    expected_batch_size: float  # N * q
+    steps_per_epoch: int
+    steps: int  # logical steps the loop takes
+    delta: float | None
+    noise_multiplier: float | None  # sigma; None without DP
+    accountant: str
+    target_epsilon: float | None
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """`privacy.calibrate_noise`, remembered: a resumed or repeated run in one process asks it again."""
+    return privacy.calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+
+
+def plan_training(cfg: FinetuneConfig, dataset_size: int) -> TrainingPlan:
+    """Check the N-dependent parameters and calibrate sigma for exactly the steps the loop will take."""
+    n, batch = dataset_size, cfg.logical_batch_size
+    require(n > 0, "the training set is empty; prepare some records first")
+    require(batch <= n, f"finetune.logical_batch_size ({batch}) is larger than the training set ({n} records); "
+                        f"make it at most {n}")
+    sample_rate = privacy.poisson_sample_rate(n, batch)
+    per_epoch = privacy.steps_per_epoch(n, batch)
+    steps = privacy.planned_steps(n, batch, cfg.epochs, cfg.max_steps)
+    delta = sigma = None
+    if cfg.dp:
+        delta = cfg.delta if cfg.delta is not None else privacy.default_delta(n)
+        privacy.validate_delta(delta, n)
+        sigma = _calibrate_noise(cfg.target_epsilon, delta, sample_rate, steps, cfg.accountant)
+    return TrainingPlan(cfg.dp, n, batch, cfg.physical_batch_size, sample_rate, n * sample_rate, per_epoch,
+                        steps, delta, sigma, cfg.accountant, cfg.target_epsilon if cfg.dp else None)
+
+
+# =========================================================================== one training session
+
+
+class _RecordIndices:
+    """A map-style dataset whose item i is `tensor([i])`: the loader draws indices, `collate` pads.
+
+    (A 1-element tensor rather than an int: Opacus's DPDataLoader inspects `dataset[0]` as a sequence
+    to shape an empty batch.)
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([index])
+
+
+def batch_indices(batch: Any) -> list[int]:
+    """The record indices of a collated batch (an empty batch may come as a list of empty tensors)."""
+    if isinstance(batch, (list, tuple)):
+        batch = batch[0] if batch else torch.empty(0)
+    return [int(i) for i in batch.reshape(-1).tolist()]
+
+
+@dataclass
+class Session:
+    """The objects one training run steps: model, optimizer(s), Poisson loader, RNGs, accountant."""
+
+    model: nn.Module  # what the forward pass runs (Opacus's GradSampleModule under DP)
+    trainable: nn.Module  # the unwrapped model, whose weights are saved
+    optimizer: Any  # Opacus's DPOptimizer under DP, else the AdamW below
+    adamw: torch.optim.Optimizer  # the underlying AdamW (the DPOptimizer steps it)
+    scheduler: Any
+    loader: Any  # DPDataLoader: Poisson-sampled logical batches of record indices
+    criterion: Any
+    engine: Any  # opacus.PrivacyEngine, None without DP
+    sampler_rng: torch.Generator
+    noise_rng: torch.Generator | None
+    ghost: bool
+
+
+def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, device: str,
+                 accountant_history: list | None = None) -> Session:
+    """Wrap `model` for training: AdamW, the Poisson loader and, under DP, Opacus's PrivacyEngine."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    require(params, f"mode {cfg.mode} left no trainable parameter; check finetune.lora_targets")
+    adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    final = plan.steps
+
+    def lr_factor(step: int) -> float:
+        return 1.0 if cfg.lr_schedule == "constant" else max(0.0, 1.0 - step / final)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_factor)
+    sampler_rng = torch.Generator().manual_seed(cfg.seed)
+    # batch_size only sets len(loader) = ceil(N / B); Opacus derives q = 1 / len(loader) from it
+    plain = DataLoader(_RecordIndices(plan.dataset_size), batch_size=plan.logical_batch_size,
+                       generator=sampler_rng)
+    if not cfg.dp:
+        loader = DPDataLoader.from_data_loader(plain)  # the same Poisson sampling, nothing private about it
+        session = Session(model, model, adamw, adamw, scheduler, loader, SequenceLoss("none"), None,
+                          sampler_rng, None, False)
+    else:
+        noise_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        with quiet_transformers():
+            engine = PrivacyEngine(accountant=cfg.accountant)
+            if accountant_history:
+                engine.accountant = privacy.restore_accountant(cfg.accountant, accountant_history)
+            wrapped = engine.make_private(
+                module=model, optimizer=adamw, data_loader=plain, noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, loss_reduction="mean",
+                grad_sample_mode=cfg.grad_sample_mode, criterion=SequenceLoss("mean"), noise_generator=noise_rng,
+            )
+        ghost = cfg.grad_sample_mode == "ghost"
+        if ghost:
+            dp_model, dp_optimizer, criterion, loader = wrapped
+        else:
+            (dp_model, dp_optimizer, loader), criterion = wrapped, SequenceLoss("mean")
+        session = Session(dp_model, model, dp_optimizer, adamw, scheduler, loader, criterion, engine,
+                          sampler_rng, noise_rng, ghost)
+    # Opacus computes q from the loader itself; training on any other q would void the calibration
+    loader_rate = 1 / len(session.loader)
+    if len(session.loader) != plan.steps_per_epoch or not math.isclose(loader_rate, plan.sample_rate):
+        raise RuntimeError(f"Opacus samples at q = {loader_rate} with {len(session.loader)} steps per epoch, "
+                           f"the plan at q = {plan.sample_rate} with {plan.steps_per_epoch}")
+    return session
+
+
+def accounted_steps(session: Session, plan: TrainingPlan) -> int:
+    """The noise-adding steps the accountant has counted, after checking each was taken at the planned sigma and q."""
+    history = privacy.accountant_history(session.engine.accountant)
+    for sigma, rate, _ in history:
+        if not (math.isclose(sigma, plan.noise_multiplier) and math.isclose(rate, plan.sample_rate)):
+            raise RuntimeError(f"the accountant saw steps at sigma={sigma}, q={rate}; the plan has "
+                               f"sigma={plan.noise_multiplier}, q={plan.sample_rate}")
+    return sum(count for _, _, count in history)
+
+
+# =========================================================================== logical steps
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float | None  # mean loss over the logical batch; None when Poisson sampling drew no record
+    batch_size: int
+    lr: float  # the learning rate of this step's update
+
+
+def forward_losses(session: Session, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | Any]:
+    """Per-record losses (detached) and the tensor to back-propagate for one physical batch (DP)."""
+    logits = session.model(**batch.model_inputs()).logits[:, :-1]
+    if session.ghost:
+        loss = session.criterion(logits, batch.targets, batch.target_mask)  # Opacus's two-pass loss
+        return loss.loss_per_sample.detach(), loss
+    losses = per_record_loss(logits, batch.targets, batch.target_mask)
+    return losses.detach(), losses.mean()  # loss_reduction="mean": Opacus multiplies back by len(batch)
+
+
+def _empty_physical_batch(session: Session) -> None:
+    """Let the DP optimizer clip, noise and count a step for a logical batch with no record in it.
+
+    An empty Poisson batch is still a step of the mechanism: the update is pure noise and the
+    accountant must count it. Opacus clips an empty per-sample gradient to a zero sum.
+    """
+    for p in session.optimizer.params:
+        if session.ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def dp_logical_steps(session: Session, batches: Iterator[Any], records: Records, cfg: FinetuneConfig,
+                     pad_id: int, device: str) -> Iterator[StepResult]:
+    """Run physical batches from Opacus's BatchMemoryManager; yield after each noise-adding step."""
+    total, count = 0.0, 0
+    for raw in batches:
+        indices = batch_indices(raw)
+        if indices:
+            batch = collate(records, indices, pad_id, cfg.loss_on_prompt).to(device)
+            losses, to_backward = forward_losses(session, batch)
+            to_backward.backward()
+            total, count = total + float(losses.sum()), count + len(indices)
+        else:
+            _empty_physical_batch(session)
+        # pre_step clips and accumulates; it returns True only at the end of a logical batch, after
+        # adding the noise and letting the accountant count the step
+        stepped = session.optimizer.pre_step()
+        lr = session.adamw.param_groups[0]["lr"]
+        if stepped:
+            session.adamw.step()
+            session.scheduler.step()
+        session.optimizer.zero_grad(set_to_none=True)
+        if stepped:
+            yield StepResult(total / count if count else None, count, lr)
+            total, count = 0.0, 0
+
+
+def plain_logical_steps(session: Session, batches: Iterator[Any], records: Records, cfg: FinetuneConfig,
+                        pad_id: int, device: str) -> Iterator[StepResult]:
+    """The non-DP loop: the same logical batches and physical split, the exact mean-loss gradient."""
+    for raw in batches:
+        indices = batch_indices(raw)
+        total, lr = 0.0, session.adamw.param_groups[0]["lr"]
+        if indices:
+            for chunk in np.array_split(indices, math.ceil(len(indices) / cfg.physical_batch_size)):
+                batch = collate(records, chunk.tolist(), pad_id, cfg.loss_on_prompt).to(device)
+                logits = session.model(**batch.model_inputs()).logits[:, :-1]
+                losses = per_record_loss(logits, batch.targets, batch.target_mask)
+                (losses.sum() / len(indices)).backward()  # the mean over the whole logical batch
+                total += float(losses.detach().sum())
+            session.adamw.step()
+        session.scheduler.step()
+        session.adamw.zero_grad(set_to_none=True)
+        yield StepResult(total / len(indices) if indices else None, len(indices), lr)
+
+
+def epoch_steps(session: Session, records: Records, cfg: FinetuneConfig, pad_id: int, device: str, steps: int,
+                mid_epoch: bool, sampler_state: torch.Tensor | None) -> Iterator[StepResult]:
+    """The next `steps` logical steps of the current epoch (`mid_epoch`: some of its steps are done).
+
+    The sampler's generator is restored (on resume) where the uninterrupted run had it: a data
+    loader draws one number from it when it starts iterating, so a resumed epoch start restores
+    before that draw, a resumed mid-epoch position after it.
+    """
+    session.loader.batch_sampler.steps = steps  # UniformWithReplacementSampler: logical batches per pass
+    if sampler_state is not None and not mid_epoch:
+        session.sampler_rng.set_state(sampler_state)
+    if session.engine is None:
+        batches = iter(session.loader)
+        if sampler_state is not None and mid_epoch:
+            session.sampler_rng.set_state(sampler_state)
+        yield from plain_logical_steps(session, batches, records, cfg, pad_id, device)
+        return
+    with BatchMemoryManager(data_loader=session.loader, max_physical_batch_size=cfg.physical_batch_size,
+                            optimizer=session.optimizer) as physical:
+        batches = iter(physical)
+        if sampler_state is not None and mid_epoch:
+            session.sampler_rng.set_state(sampler_state)
+        yield from dp_logical_steps(session, batches, records, cfg, pad_id, device)
+
+
+def initial_loss(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_id: int, device: str) -> float:
+    """Step 0 of the log: the mean loss before any update, on min(N, logical batch) records drawn with the seed."""
+    chosen = sorted(random.Random(cfg.seed).sample(range(len(records)), min(len(records), cfg.logical_batch_size)))
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(chosen), cfg.physical_batch_size):
+            batch = collate(records, chosen[start : start + cfg.physical_batch_size], pad_id,
+                            cfg.loss_on_prompt).to(device)
+            logits = model(**batch.model_inputs()).logits[:, :-1]
+            total += float(per_record_loss(logits, batch.targets, batch.target_mask).sum())
+    model.train(was_training)
+    return total / len(chosen)

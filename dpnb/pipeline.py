@@ -1,0 +1,236 @@
+"""The pipeline: a run config's stage notebooks executed headlessly with papermill, in order.
+
+`run_pipeline` executes the notebooks of the selected stages (`dpnb.registry.STAGES`: 01-04, and
+06 when `audit` is among them) into the run directory, keeping every executed notebook there.
+Whether a stage runs is decided only by the run directory (`RunDir.is_current`): a stage whose
+outputs are current is skipped; a stage that runs makes every later stage run too (its inputs
+changed); a completed stage with a different config is refused unless forced; a failed stage stops
+the run with its executed notebook kept, and the same command resumes.
+
+A stage's parameters reach its notebook as a plain dict (`to_dict` of the validated stage config),
+which the notebook turns back into the config with `dpnb.notebook.open_stage`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import papermill
+import torch
+from huggingface_hub import try_to_load_from_cache
+from papermill.exceptions import PapermillExecutionError
+
+from dpnb import models, registry
+from dpnb.errors import DpnbError
+from dpnb.io import read_json, write_text_atomic
+from dpnb.notebook import HOME_ENV
+from dpnb.runconfig import RunConfig, load_run_config, to_dict, to_yaml
+from dpnb.rundir import RunDir
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def notebook_dir() -> Path:
+    """The notebooks shipped with the package ($DPNB_NOTEBOOKS overrides, for installed copies)."""
+    path = Path(os.environ.get("DPNB_NOTEBOOKS", REPO / "notebooks"))
+    if not (path / registry.STAGES["prepare"].notebook).exists():
+        raise DpnbError(f"notebooks not found in {path}; run from a dpnb checkout or set DPNB_NOTEBOOKS")
+    return path
+
+
+# --------------------------------------------------------------------------- checks before running
+
+
+def check_environment(run: RunConfig) -> None:
+    """Fail before any stage starts when the run needs a GPU or a Hub model this machine lacks."""
+    if run.requires_gpu and not torch.cuda.is_available():
+        raise DpnbError(
+            f"config '{run.name}' needs a GPU (requires_gpu: true) and torch sees none; run it on a "
+            f"GPU machine with a CUDA build of torch (README, 'The paper's configuration'), or use "
+            f"configs/demo.yaml on CPU"
+        )
+    needed = []
+    if {"prepare", "finetune", "generate"} & set(run.stages):
+        needed.append(run.model)
+    if "evaluate" in run.stages:
+        needed.append(run.evaluate.classifier)
+    for name in needed:
+        preset = models.resolve(name)
+        if preset.source == "hub" and models.hub_offline() and not _in_hub_cache(preset.location):
+            raise DpnbError(
+                f"model '{name}' ({preset.location}) is on the Hugging Face Hub, which this machine cannot "
+                f"reach, and it is not in the local Hugging Face cache. Run where the Hub is reachable, or "
+                f"use the offline presets ({', '.join(models.OFFLINE_PRESETS)}) as configs/demo.yaml does"
+            )
+    if run.prepare.source == "stanfordnlp/imdb" and "prepare" in run.stages and not os.environ.get("DPNB_DATA_DIR"):
+        if models.hub_offline():
+            raise DpnbError(
+                "the IMDb data set is on the Hugging Face Hub, which this machine cannot reach; set "
+                "DPNB_DATA_DIR to a local mirror holding train.csv.gz and test.csv.gz, or set prepare.source "
+                "to a local file or directory"
+            )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed id or cache reads as "not cached": the check above then explains
+        return False
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _child_pids() -> list[int]:
+    """Processes this one started (the notebook kernels), read from /proc; empty where there is none."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid():
+            children.append(int(stat.parent.name))
+    return children
+
+
+@contextlib.contextmanager
+def forward_interrupts() -> Iterator[None]:
+    """Pass the first Ctrl-C (or SIGTERM) on to the running kernel, which checkpoints and stops.
+
+    Kernels run in their own session, so a terminal's Ctrl-C never reaches them; without this, the
+    fine-tuning stage could not save its state before the run ends. A second Ctrl-C stops at once.
+    """
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("\ninterrupt: the running stage stops at its next safe point and keeps its progress "
+              "(Ctrl-C again to stop at once)", flush=True)
+        for pid in _child_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:  # the stage may have finished its last step anyway: do not start the next one
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _kernel_home() -> Iterator[None]:
+    """Kernels started inside read relative run paths from this process's working directory.
+
+    `dpnb.notebook.open_stage` reads a relative `run_dir` from `$DPNB_HOME` (else the dpnb
+    checkout): set to where `dpnb run` was started, it means what the user typed.
+    """
+    previous = os.environ.get(HOME_ENV)
+    os.environ[HOME_ENV] = str(Path.cwd())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(HOME_ENV, None)
+        else:
+            os.environ[HOME_ENV] = previous
+
+
+def execute_stage(stage: str, run_dir: Path, config: dict[str, Any], force: bool, log_output: bool) -> None:
+    """Execute one stage's notebook with papermill into the run directory."""
+    out = RunDir(run_dir).executed_notebook(stage)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with forward_interrupts(), _kernel_home():
+            papermill.execute_notebook(
+                str(notebook_dir() / registry.stage(stage).notebook), str(out),
+                parameters={"run_dir": str(run_dir), "config": config, "force": force},
+                kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False, log_output=log_output,
+            )
+    except PapermillExecutionError as exc:
+        raise DpnbError(
+            f"stage '{stage}' failed: {exc.ename}: {exc.evalue}. The executed notebook is kept at {out}; "
+            f"fix the cause and rerun the same command to resume"
+        ) from None
+
+
+def run_pipeline(config_path: str, overrides: dict[str, Any], force: bool = False,
+                 stages: list[str] | None = None, verbose: bool = False) -> Path:
+    """Run (or resume) every stage of one config; return its run directory."""
+    run = load_run_config(config_path, overrides)
+    selected = list(stages or run.stages)
+    for name in selected:
+        registry.stage(name)  # an unknown stage fails here, before any work
+    check_environment(run)
+    run_dir = RunDir(run.run_dir)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir.config_file, to_yaml(run))
+    print(f"run {run.name} -> {run_dir.path}  (stages: {', '.join(selected)})", flush=True)
+    started = time.time()
+    upstream_ran = False
+    for name in selected:
+        cfg = run.stage(name)
+        forced = force or upstream_ran
+        if not forced and run_dir.is_current(name, cfg):
+            print(f"  {name:<9} done earlier, skipped", flush=True)
+            continue
+        t0 = time.time()
+        print(f"  {name:<9} running ...", flush=True)
+        execute_stage(name, run_dir.path, to_dict(cfg), forced, log_output=verbose)
+        upstream_ran = True
+        print(f"  {name:<9} finished in {time.time() - t0:.0f} s", flush=True)
+    print(f"run {run.name} complete in {time.time() - started:.0f} s: {run_dir.path}", flush=True)
+    for line in headline(run_dir):
+        print(line)
+    return run_dir.path
+
+
+def headline(run_dir: RunDir) -> list[str]:
+    """The numbers a user looks for first: epsilon spent and downstream accuracy, as lines to print."""
+    lines = []
+    if run_dir.privacy.exists():
+        p = read_json(run_dir.privacy)
+        if p.get("dp"):
+            lines.append(f"  privacy: epsilon = {p['epsilon']:.3f} ({p['accountant']}), delta = {p['delta']:.2e}, "
+                         f"noise multiplier = {p['noise_multiplier']:.3f}, steps = {p['steps']}")
+        else:
+            lines.append("  privacy: trained WITHOUT differential privacy (no guarantee)")
+    if run_dir.metrics.exists():
+        metrics = read_json(run_dir.metrics)
+        for source in ("real", "synthetic", "zero_shot"):
+            m = metrics.get(source)
+            if isinstance(m, dict) and m.get("accuracy") is not None:
+                lines.append(f"  classifier trained on {source:<9}: accuracy {m['accuracy']:.3f}, F1 {m['f1']:.3f} "
+                             f"(n_train {m['n_train']}, n_test {m['n_test']})")
+    return lines
+
+
+# --------------------------------------------------------------------------- report
+
+
+def run_report(runs_dir: str, out: str | None = None) -> Path:
+    """Execute notebooks/05_report.ipynb over every run under `runs_dir`."""
+    out_dir = Path(out or Path(runs_dir) / "report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / registry.REPORT_NOTEBOOK
+    try:
+        papermill.execute_notebook(
+            str(notebook_dir() / registry.REPORT_NOTEBOOK), str(executed),
+            parameters={"runs_dir": str(runs_dir), "out_dir": str(out_dir)},
+            kernel_name="python3", progress_bar=False,
+        )
+    except PapermillExecutionError as exc:
+        raise DpnbError(f"report failed: {exc.ename}: {exc.evalue} (notebook kept at {executed})") from None
+    print(f"report: {out_dir / 'report.md'} (table {out_dir / 'table.csv'}, notebook {executed})")
+    return out_dir

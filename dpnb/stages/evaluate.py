@@ -1,0 +1,408 @@
+"""04 evaluate: is the synthetic data useful, faithful, varied, and free of verbatim copies?
+
+**Utility (train on synthetic, test on real).** A classifier is trained on the real training data
+and, separately and with the same budget (classifier, epochs, learning rate, batch size, max_length,
+seed), on each synthetic set (`dpnb.classifier`). All of them are tested on the same real test
+split. If synthetic data captured what matters in the real data for the task, the two classifiers
+score alike. F1 is the binary F1 of the positive class (label 1) for two labels and the macro F1
+otherwise; the entry says which in `f1_average`.
+
+**Fidelity, diversity, length** (synthetic sets only):
+- label fidelity: the classifier trained on real data labels the synthetic texts; the share that
+  agree with the label each text was prompted with, overall and per label;
+- diversity: distinct-1, distinct-2 and the duplicate share (`dpnb.textstats`), beside the same
+  figures on an equally large random sample of real training texts (distinct-n falls as a corpus
+  grows, so only equal-size corpora compare);
+- length: review tokens in the generator's tokenizer, synthetic against the real training records.
+  Generator tokens are the unit the generator was trained and sampled in (`max_length`,
+  `max_new_tokens`), so both sides are measured as the generator saw them, truncation included.
+
+**Memorisation screen** (`dpnb.memorisation`). For every synthetic text, the longest run of
+consecutive generator tokens it shares with any training record, with the training row it matches.
+Samples sharing `memorisation_threshold` tokens or more are listed by index so that verbatim copies
+are caught before the data is shared. The same screen is run on the real test split as a reference:
+how much held-out real reviews share with the training set without any model involved.
+
+Outputs: `metrics.json` with one entry per training source (`real`, `synthetic`, `zero_shot`) and a
+`meta` entry; figures `confusion_<source>.png`, `lengths.png`, `memorisation.png`, written before
+the stage is marked complete. Each source's result is also kept in `evaluate/<source>.json` as soon
+as it is done (`dpnb.io.cached`), so an interrupted stage resumes after the last finished source (a
+rerun with another config or other inputs ignores them).
+
+Which sources run: `real` needs only prepare. `synthetic` needs a completed generate stage (an error
+with the fix otherwise: the stage exists to evaluate it). `zero_shot` is used when generate wrote it
+and is skipped with a note in `meta.skipped` when generate ran with `zero_shot: false`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+from IPython.display import display
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+from sklearn.metrics import ConfusionMatrixDisplay
+
+from dpnb.classifier import Source, f1_average, label_fidelity, predict, train_and_test
+from dpnb.config import EvaluateConfig
+from dpnb.errors import DpnbError, require
+from dpnb.io import cached, read_json, save_figure, write_json_atomic
+from dpnb.memorisation import longest_shared_runs, memorisation_summary, review_token_ids, text_token_ids
+from dpnb.models import load_tokenizer, release_memory, resolve_device
+from dpnb.rundir import RunDir
+from dpnb.sampling import load_synthetic
+from dpnb.sources import stratified_indices
+from dpnb.stages.prepare import load_prepared
+from dpnb.textstats import diversity, length_summary, lengths_from_counts, plot_length_histograms
+
+T = TypeVar("T")
+
+STAGE = "evaluate"
+SOURCES = ("real", "synthetic", "zero_shot")
+SYNTHETIC_SOURCES = ("synthetic", "zero_shot")
+
+
+# --------------------------------------------------------------------------- one synthetic set's quality
+
+
+def synthetic_quality(
+    source: Source, source_ids: list[np.ndarray], train_ids: list[np.ndarray], train_texts: Sequence[str],
+    label_names: Sequence[str], cfg: EvaluateConfig,
+) -> dict[str, Any]:
+    """Diversity (with an equal-size real reference), lengths and the memorisation screen of one set."""
+    rng = np.random.default_rng(cfg.seed)
+    reference_rows = rng.permutation(len(train_texts))[: len(source.texts)]
+    runs = longest_shared_runs(train_ids, source_ids)
+    return {
+        "diversity": {**diversity(source.texts),
+                      "real_reference": diversity([train_texts[i] for i in reference_rows])},
+        "length": length_summary([len(ids) for ids in source_ids]),
+        "memorisation": memorisation_summary(runs, cfg.memorisation_threshold),
+    }
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def plan_sources(run: RunDir, cfg: EvaluateConfig) -> tuple[list[str], dict[str, str]]:
+    """The sources to evaluate now, and the skipped ones with the reason (see the module docstring)."""
+    wanted_synthetic = [s for s in cfg.sources if s in SYNTHETIC_SOURCES]
+    if wanted_synthetic and not run.is_complete("generate"):
+        raise DpnbError(
+            f"evaluate.sources lists {', '.join(wanted_synthetic)} but the generate stage has not completed "
+            f"in {run.path}: run generate first (03_generate), or set evaluate.sources to [real]"
+        )
+    chosen, skipped = [], {}
+    for source in SOURCES:
+        if source not in cfg.sources:
+            continue
+        path = run.synthetic if source == "synthetic" else run.zero_shot
+        if source in SYNTHETIC_SOURCES and not (path / "state.json").exists():
+            made = source == "synthetic" or (run.completed_config("generate") or {}).get("zero_shot", True)
+            if made:
+                raise DpnbError(f"{path} holds no data set although generate completed; rerun generate with "
+                                f"force=True")
+            skipped[source] = "generate ran with zero_shot: false, so there is no zero-shot set"
+            continue
+        chosen.append(source)
+    return chosen, skipped
+
+
+def _load_source(run: RunDir, name: str, num_labels: int) -> Source:
+    data = load_synthetic(getattr(run, name))
+    labels = [int(v) for v in data["label"]]
+    bad = sorted({v for v in labels if not 0 <= v < num_labels})
+    require(not bad, f"{name} has labels {bad} outside 0..{num_labels - 1} of data/manifest.json; rerun generate "
+                     f"with force=True")
+    return Source(name, list(data["text"]), labels)
+
+
+def _resumable(partial_dir: Path, name: str, key: str, compute: Callable[[], T]) -> T:
+    """A source's result from an earlier, interrupted run with the same key, else computed and kept."""
+    computed: list[bool] = []
+
+    def compute_now() -> T:
+        computed.append(True)
+        return compute()
+
+    result = cached(partial_dir / f"{name}.json", key, compute_now)
+    if not computed:
+        print(f"{name}: reusing the result of an interrupted run", flush=True)
+    return result
+
+
+def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str, Any]:
+    """Evaluate every source in `cfg.sources`; write metrics.json and figures; return the metrics.
+
+    Needs prepare (and generate for synthetic sources). Skips when already done with this config and
+    the same inputs, refuses a different config unless `force`, and resumes after the last finished
+    source. Returns the contents of metrics.json.
+    """
+    run.require_stage("prepare")
+    sources, skipped = plan_sources(run, cfg)
+    # should_run also refuses metrics of data that prepare or generate has since replaced
+    if not run.should_run(STAGE, cfg, force):
+        require(run.metrics.exists(), f"{run.metrics} is missing although evaluate completed; rerun it with "
+                                      f"force=True")
+        return read_json(run.metrics)
+    started = time.time()
+
+    partial_dir = run.partial(STAGE)
+    if force:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+    key = run.fingerprint(STAGE, cfg)  # a finished source is reused only for the same config and inputs
+    train, test, manifest = load_prepared(run)
+    label_names = list(manifest["label_names"])
+    num_labels = len(label_names)
+    device = resolve_device(cfg.device)
+    generator_tokenizer = load_tokenizer(manifest["model"])
+
+    train_texts, train_labels = list(train["text"]), [int(v) for v in train["label"]]
+    test_set = Source("test", list(test["text"]), [int(v) for v in test["label"]])
+    synthetic = {name: _load_source(run, name, num_labels) for name in sources if name in SYNTHETIC_SOURCES}
+    train_ids = review_token_ids(train, generator_tokenizer.eos_token_id)
+    metrics: dict[str, Any] = {}
+
+    if "real" in sources:
+        rows = stratified_indices(np.asarray(train_labels), cfg.n_real_train, cfg.seed, "evaluate.n_real_train")
+        real = Source("real", [train_texts[i] for i in rows], [train_labels[i] for i in rows])
+
+        def evaluate_real() -> dict[str, Any]:
+            entry, classifier = train_and_test(real, test_set, label_names, cfg, device, keep_model=True)
+            fidelity = {}
+            for name, source in synthetic.items():
+                if classifier is None:
+                    fidelity[name] = {"overall": None, "per_label": None, "n": len(source.texts),
+                                      "note": "the real-data classifier was not trained"}
+                    continue
+                predicted = predict(classifier, source.texts, cfg.max_length, 2 * cfg.batch_size, device)
+                fidelity[name] = label_fidelity(source.labels, predicted, label_names)
+            del classifier
+            release_memory()
+            return {**entry, "fidelity_of": fidelity}
+
+        metrics["real"] = _resumable(partial_dir, "real", key, evaluate_real)
+
+    for name, source in synthetic.items():
+        def evaluate_synthetic(source: Source = source) -> dict[str, Any]:
+            entry, _ = train_and_test(source, test_set, label_names, cfg, device)
+            print(f"{source.name}: diversity, lengths, memorisation screen ...", flush=True)
+            ids = text_token_ids(source.texts, generator_tokenizer)
+            return {**entry, **synthetic_quality(source, ids, train_ids, train_texts, label_names, cfg)}
+
+        metrics[name] = _resumable(partial_dir, name, key, evaluate_synthetic)
+        fidelity = metrics.get("real", {}).get("fidelity_of", {}).get(name)
+        metrics[name]["label_fidelity"] = fidelity or {
+            "overall": None, "per_label": None, "n": len(source.texts),
+            "note": "needs the real-data classifier: add real to evaluate.sources"}
+    if "real" in metrics:
+        metrics["real"].pop("fidelity_of", None)
+
+    def evaluate_reference() -> dict[str, Any]:
+        print("real test reviews: memorisation screen against the training set (reference) ...", flush=True)
+        test_ids = review_token_ids(test, generator_tokenizer.eos_token_id)
+        return {"train_length": length_summary([len(ids) for ids in train_ids]),
+                "test_memorisation": memorisation_summary(longest_shared_runs(train_ids, test_ids),
+                                                          cfg.memorisation_threshold)}
+
+    reference = _resumable(partial_dir, "reference", key, evaluate_reference) if synthetic else None
+    metrics["meta"] = {
+        "classifier": cfg.classifier,
+        "label_names": label_names,
+        "f1_average": f1_average(num_labels),
+        "positive_label": label_names[1] if num_labels == 2 else None,
+        "n_test": len(test_set.texts),
+        "n_train_prepared": len(train_texts),
+        "generator_tokenizer": manifest["model"],
+        "device": device,
+        "sources": list(metrics),
+        "skipped": skipped,
+        "real_reference": reference,
+    }
+    write_json_atomic(run.metrics, metrics)
+    for name, figure in figures(metrics).items():
+        save_figure(figure, run.figure(name))
+    run.mark_complete(STAGE, cfg, started)
+    shutil.rmtree(partial_dir, ignore_errors=True)  # the partial results are in metrics.json now
+    return read_json(run.metrics)  # the same values a skipped run returns
+
+
+def evaluated_sources(metrics: dict[str, Any]) -> list[str]:
+    """The training sources present in a metrics.json, in the canonical order."""
+    return [s for s in SOURCES if isinstance(metrics.get(s), dict)]
+
+
+def _synthetic_sources(metrics: dict[str, Any]) -> list[str]:
+    return [s for s in evaluated_sources(metrics) if s in SYNTHETIC_SOURCES]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """One row per training source: counts, accuracy, F1, fidelity, diversity, length, memorisation."""
+    rows = {}
+    for source in evaluated_sources(metrics):
+        entry = metrics[source]
+        row = {"n_train": entry["n_train"], "n_test": entry["n_test"], "accuracy": entry["accuracy"],
+               "f1": entry["f1"]}
+        if source in SYNTHETIC_SOURCES:
+            row.update({
+                "label_fidelity": entry["label_fidelity"]["overall"],
+                "distinct_1": entry["diversity"]["distinct_1"],
+                "distinct_2": entry["diversity"]["distinct_2"],
+                "duplicate_share": entry["diversity"]["duplicate_share"],
+                "mean_tokens": entry["length"]["mean"],
+                "max_shared_run": entry["memorisation"]["max"],
+                "n_flagged": entry["memorisation"]["n_flagged"],
+            })
+        rows[source] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def quality_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Synthetic sets beside the real reference: fidelity per label, diversity, length, memorisation."""
+    meta = metrics["meta"]
+    reference = meta.get("real_reference") or {}
+    rows: dict[str, dict[str, Any]] = {}
+    for source in _synthetic_sources(metrics):
+        entry = metrics[source]
+        per_label = entry["label_fidelity"].get("per_label") or {}
+        rows[source] = {
+            **{f"fidelity {name}": per_label.get(name) for name in meta["label_names"]},
+            "distinct_1": entry["diversity"]["distinct_1"], "distinct_2": entry["diversity"]["distinct_2"],
+            "duplicate_share": entry["diversity"]["duplicate_share"],
+            "median_tokens": entry["length"]["median"], "max_shared_run": entry["memorisation"]["max"],
+        }
+        real = entry["diversity"]["real_reference"]
+        rows[f"real sample (size of {source})"] = {
+            "distinct_1": real["distinct_1"], "distinct_2": real["distinct_2"],
+            "duplicate_share": real["duplicate_share"],
+        }
+    if reference:
+        rows["real train"] = {"median_tokens": reference["train_length"]["median"]}
+        rows["real test vs train"] = {"max_shared_run": reference["test_memorisation"]["max"]}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def memorisation_report(metrics: dict[str, Any]) -> str:
+    """The screen in words: longest shared run and flagged samples of each set and of the real reference."""
+    lines = []
+    for source in _synthetic_sources(metrics):
+        m = metrics[source]["memorisation"]
+        lines.append(f"{source}: longest shared run {m['max']} tokens (median {m['median']}), "
+                     f"{m['n_flagged']} samples at or above {m['threshold']} tokens")
+    reference = metrics["meta"]["real_reference"]
+    if reference:
+        m = reference["test_memorisation"]
+        lines.append(f"real test reviews (reference): longest shared run {m['max']} tokens (median {m['median']}), "
+                     f"{m['n_flagged']} at or above {m['threshold']}")
+    return "\n".join(lines)
+
+
+def flagged_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """Every synthetic sample at or above the memorisation threshold, with the training row it shares."""
+    rows = [{"source": source, **flag} for source in _synthetic_sources(metrics)
+            for flag in metrics[source]["memorisation"]["flagged"]]
+    return pd.DataFrame(rows, columns=["source", "sample", "length", "train_row", "train_offset", "sample_offset"])
+
+
+def sample_table(run: RunDir, per_label: int = 2, max_chars: int = 240, seed: int = 0) -> pd.DataFrame:
+    """A few random texts per label from the real training data and each synthetic set, side by side."""
+    train, _, manifest = load_prepared(run)
+    sets = {"real": train}
+    for name in SYNTHETIC_SOURCES:
+        if (getattr(run, name) / "state.json").exists():
+            sets[name] = load_synthetic(getattr(run, name))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, label_name in enumerate(manifest["label_names"]):
+        for name, data in sets.items():
+            rows_of_label = np.flatnonzero(np.asarray(data["label"]) == label)
+            for i in rng.permutation(rows_of_label)[:per_label]:
+                text = data[int(i)]["text"]
+                rows.append({"label": label_name, "source": name,
+                             "text": text if len(text) <= max_chars else text[:max_chars].rstrip() + " ..."})
+    return pd.DataFrame(rows)
+
+
+def show_samples(run: RunDir, per_label: int = 2, max_chars: int = 240) -> None:
+    """Display `sample_table` with columns wide enough for the texts it cut to `max_chars`."""
+    with pd.option_context("display.max_colwidth", max_chars + 20):
+        display(sample_table(run, per_label=per_label, max_chars=max_chars))
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_confusion(entry: dict[str, Any], label_names: Sequence[str], title: str) -> Figure:
+    """The confusion matrix of one source's classifier on the real test set (counts)."""
+    figure = Figure(figsize=(3.8, 3.4), layout="constrained")
+    ax = figure.subplots()
+    if entry.get("confusion_matrix") is None:
+        ax.text(0.5, 0.5, "not trained", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        ConfusionMatrixDisplay(np.asarray(entry["confusion_matrix"]), display_labels=list(label_names)).plot(
+            ax=ax, colorbar=False, values_format="d")
+    if entry.get("accuracy") is not None:
+        title = f"{title}\naccuracy {entry['accuracy']:.3f}, F1 {entry['f1']:.3f}"
+    ax.set_title(title, fontsize=10)
+    return figure
+
+
+def lengths_figure(metrics: dict[str, Any]) -> Figure:
+    """Review lengths in generator tokens: real training records against each synthetic set (shares)."""
+    series = {"real train": metrics["meta"]["real_reference"]["train_length"]["counts"]}
+    series.update({source: metrics[source]["length"]["counts"] for source in _synthetic_sources(metrics)})
+    panel = {name: lengths_from_counts(counts) for name, counts in series.items()}
+    return plot_length_histograms({"review lengths": panel}, unit="review length (generator tokens)",
+                                  share=True, panel_size=(7.0, 3.4))
+
+
+def _histogram_from_counts(counts: Sequence[int], bins: np.ndarray) -> np.ndarray:
+    values = np.arange(len(counts))
+    return np.histogram(values, bins=bins, weights=np.asarray(counts, dtype=float))[0]
+
+
+def plot_memorisation(metrics: dict[str, Any]) -> Figure:
+    """Histogram of each sample's longest token run shared with a training text, threshold marked."""
+    reference = metrics["meta"]["real_reference"]
+    series = {source: metrics[source]["memorisation"] for source in _synthetic_sources(metrics)}
+    series["real test (reference)"] = reference["test_memorisation"]
+    threshold = next(iter(series.values()))["threshold"]
+    top = max(max(len(s["counts"]) for s in series.values()), threshold + 2)
+    bins = np.arange(0, top + 1)
+    if top > 80:
+        bins = np.unique(np.concatenate([np.arange(0, 40), np.geomspace(40, top, 30).astype(int)]))
+    figure = Figure(figsize=(7, 3.4), layout="constrained")
+    ax = figure.subplots()
+    for name, summary in series.items():
+        hist = _histogram_from_counts(summary["counts"], bins)
+        if hist.sum():
+            ax.stairs(hist, bins, label=f"{name} (max {summary['max']}, {summary['n_flagged']} flagged)")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
+    ax.set_yscale("log")  # the rare long runs are the point; a linear scale would hide them
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("longest run of tokens shared with any training text")
+    ax.set_ylabel("texts")
+    ax.legend(fontsize=8)
+    return figure
+
+
+def figures(metrics: dict[str, Any]) -> dict[str, Figure]:
+    """The stage's figures by file name: one confusion matrix per source, lengths and memorisation."""
+    meta = metrics["meta"]
+    drawn = {f"confusion_{source}.png": plot_confusion(metrics[source], meta["label_names"], f"trained on {source}")
+             for source in evaluated_sources(metrics)}
+    if meta.get("real_reference"):
+        drawn["lengths.png"] = lengths_figure(metrics)
+        drawn["memorisation.png"] = plot_memorisation(metrics)
+    return drawn

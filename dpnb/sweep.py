@@ -1,0 +1,146 @@
+"""Sweeps: one run config expanded into many runs (a grid and explicit runs), run as `dpnb run`s.
+
+A sweep file is a run config plus a `sweep:` section:
+
+    sweep:
+      name: "eps{finetune.target_epsilon}-seed{seed}"  # run name template (dotted keys)
+      grid: {finetune.target_epsilon: [1, 3, 8], seed: [0, 1]}   # cartesian product
+      runs: [{finetune.dp: false, name: nodp}]         # extra runs, as they are
+
+Every run's full config is validated before the first one starts, and each run is its own
+`dpnb run` process, so one run's failure never stops the others and a rerun of the sweep resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from dpnb.errors import DpnbError
+from dpnb.io import write_text_atomic
+from dpnb.runconfig import RunConfig, run_config_from_dict, set_dotted, to_yaml
+from dpnb.rundir import RunDir
+
+
+def expand_sweep(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Expand a sweep file into one override dict per run, and the base config they override.
+
+    The runs are the grid's combinations (cartesian product), then the explicit `runs`, each a dict
+    of overrides taken as it is; a run's name comes from the template unless it sets `name`.
+    """
+    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    sweep = values.pop("sweep", None)
+    if not isinstance(sweep, dict):
+        raise DpnbError(f"{path} has no 'sweep:' section; see configs/sweep-eps.yaml")
+    unknown = set(sweep) - {"name", "grid", "runs"}
+    if unknown:
+        raise DpnbError(f"unknown key(s) {', '.join(sorted(unknown))} in {path} sweep; valid: name, grid, runs")
+    grid = sweep.get("grid") or {}
+    keys = list(grid)
+    combos = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+    combos = combos if keys else []
+    runs = combos + [dict(extra) for extra in sweep.get("runs") or []]
+    if not runs:
+        raise DpnbError(f"{path} sweep expands to no runs; give sweep.grid or sweep.runs")
+    template = sweep.get("name") or "-".join(f"{{{k}}}" for k in keys) or "run"
+    for overrides in runs:
+        if "name" not in overrides:
+            names = {k: overrides.get(k, _dotted_get(values, k)) for k in _template_keys(template)}
+            overrides["name"] = _format_name(template, names)
+    names = [r["name"] for r in runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DpnbError(f"{path} sweep gives several runs the same name ({', '.join(duplicates)}); "
+                        f"put the varying keys into sweep.name")
+    return runs, values
+
+
+def sweep_configs(path: str) -> list[RunConfig]:
+    """Every run of a sweep as a validated RunConfig; an invalid run is an error naming it."""
+    runs, base = expand_sweep(path)
+    configs = []
+    for overrides in runs:
+        merged = copy.deepcopy(base)
+        for key, value in overrides.items():
+            set_dotted(merged, key, value)
+        where = f"{path} ({overrides['name']})"
+        try:
+            configs.append(run_config_from_dict(merged, where=where))
+        except DpnbError as exc:
+            raise DpnbError(f"{where}: {exc}") from None
+    return configs
+
+
+def _template_keys(template: str) -> list[str]:
+    return [field for _, field, _, _ in string.Formatter().parse(template) if field]
+
+
+def _format_name(template: str, values: dict[str, Any]) -> str:
+    name = template
+    for key, value in values.items():
+        text = "nodp" if value is False else str(value).replace("/", "_")
+        name = name.replace(f"{{{key}}}", text)
+    return name
+
+
+def _dotted_get(values: dict[str, Any], dotted: str) -> Any:
+    node: Any = values
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _start_run(run: RunConfig, force: bool) -> tuple[subprocess.Popen, IO[str]]:
+    """Start `dpnb run` on one sweep run, its config kept beside its results, its output in dpnb-run.log."""
+    run_dir = RunDir(run.run_dir)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir.sweep_config, to_yaml(run))
+    cmd = [sys.executable, "-m", "dpnb.cli", "run", str(run_dir.sweep_config)] + (["--force"] if force else [])
+    log = open(run_dir.run_log, "a", encoding="utf-8")  # noqa: SIM115 - closed when the run ends
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def run_sweep(path: str, jobs: int = 1, force: bool = False) -> list[str]:
+    """Run every run of a sweep, `jobs` at a time, each in its own `dpnb run` process.
+
+    Every run's full config is validated before the first one starts (a typo fails in a second, not
+    an hour in) and written next to its results as `sweep-config.yaml`; its output goes to
+    `dpnb-run.log` there. Rerunning the sweep resumes: completed stages are skipped.
+    """
+    configs = sweep_configs(path)
+    total = len(configs)
+    print(f"sweep {path}: {total} runs, {jobs} at a time", flush=True)
+    pending = list(configs)
+    active: list[tuple[str, subprocess.Popen, IO[str], float]] = []
+    failed: list[str] = []
+    while pending or active:
+        while pending and len(active) < jobs:
+            run = pending.pop(0)
+            print(f"[{total - len(pending) - len(active) - 1}/{total} done] start {run.name}", flush=True)
+            proc, log = _start_run(run, force)
+            active.append((run.name, proc, log, time.time()))
+        time.sleep(1)
+        for item in list(active):
+            name, proc, log, t0 = item
+            if proc.poll() is None:
+                continue
+            active.remove(item)
+            log.close()
+            if proc.returncode != 0:
+                failed.append(name)
+            done = total - len(pending) - len(active)
+            status = "ok" if proc.returncode == 0 else f"FAILED (see {log.name})"
+            print(f"[{done}/{total} done] {name}: {status} in {time.time() - t0:.0f} s", flush=True)
+    if failed:
+        raise DpnbError(f"{len(failed)} of {total} runs failed: {', '.join(failed)}; rerun the sweep to resume them")
+    return [run.name for run in configs]
