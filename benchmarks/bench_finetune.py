@@ -1,27 +1,48 @@
-"""Seconds per physical step and peak memory of DP fine-tuning (dpnb.dpsgd) on this machine.
+"""Seconds per logical step and peak RSS of fine-tuning (dpnb.dpsgd): no DP, DP hooks, DP ghost, the prefix cache.
 
-    .venv/bin/python benchmarks/bench_dpsgd.py                       # the default grid, CPU
-    .venv/bin/python benchmarks/bench_dpsgd.py --cases smollm2-135m:lora:hooks:float32 --steps 5
-    .venv/bin/python benchmarks/bench_dpsgd.py --batch 8 --tokens 128 --full-batch 2
+    .venv/bin/python benchmarks/bench_finetune.py --quick --json      # ~4 min on an idle 2-core CPU
+    .venv/bin/python benchmarks/bench_finetune.py                     # the demo's logical batch (64 = 8 x 8)
+    .venv/bin/python benchmarks/bench_finetune.py --model tiny-llama --tops 1 1 --logical 4 --physical 2
 
-A case is MODEL:MODE:GRAD:DTYPE with MODEL a generator preset or `gpt2-small` (a GPT-2 of the
-paper's smallest size, 124M parameters, random weights over GPT-2's vocabulary: same cost as the real
-one, no download), MODE full or lora, GRAD hooks, ghost or nodp (no DP: no per-sample gradients,
-clipping or noise), DTYPE float32 or bfloat16.
+The settings are the demo's (notebooks/02_finetune, runs/demo): SmolLM2-135M in float32, LoRA r=2
+(alpha 4) on v_proj of the top K blocks (`lora_top_layers`), physical batches of 8, records of at
+most 96 tokens built as the prepare stage builds them (the chat prompt of the record's label, its
+~36 tokens not in the loss, then the review and EOS) from real IMDb reviews
+(../shared/data/imdb/train.csv.gz, shuffled with a fixed seed; `--data random` uses random token
+ids instead), C = 0.5, lr 0.01, torch threads = the CPUs this process may use.
 
-Each case runs in its own process (so its peak RSS is its own), on random token ids of exactly
---tokens tokens, through the same objects `train()` uses (`build_model`, `make_session`, the
-per-record loss). One physical step = forward + backward + the optimizer step (under DP: clip,
-noise, AdamW; every physical batch is a whole logical batch here, so every step adds noise: an upper
-bound on the per-physical-batch cost inside a larger logical batch). The first step is a warm-up and
-not timed. Wall seconds and CPU seconds (all threads) per step are both printed: on a shared
-machine the CPU figure is the steadier one.
-Full fine-tuning uses --full-batch records (per-sample gradients of every weight: 4 bytes x batch x
-parameters). Prints figures; asserts nothing.
+Each case runs in its own process (so its peak RSS is its own) through the objects `train()` runs:
+`build_model`, `frozen_prefix` (the cache, built for every record of the case and timed: the one-off
+cost), `make_session`, and `epoch_steps`, which under DP cuts each logical batch into physical ones
+with Opacus's BatchMemoryManager and `dp_logical_steps` (clip, accumulate, one noise addition and
+AdamW step per logical batch), and without DP runs `plain_logical_steps`. One difference from
+training: the logical batches are FIXED, not Poisson-sampled: each timed step takes the next L
+records (L = the logical batch), so that every case does exactly the same work. The noise
+multiplier is set to 1 instead of calibrated (one sigma costs what another does). Timed: whole
+logical steps (every physical batch's forward and backward, the clipping, the noise and the
+update), after --warmup untimed steps of one physical batch each (they pay the first-call costs).
+The cache is built for every record of the case (warm-up and timed ones), as train() builds it for
+the whole training set. Wall and CPU seconds (all threads) are both reported; on a
+shared machine the CPU figure is the steadier one, and all numbers are indicative.
 
-bfloat16 cases are not in the default grid: on a CPU without bf16 instructions (AVX2 only, like the
-2-core development machine) a bf16 matmul is emulated and ~28x slower than float32; add e.g.
-`smollm2-135m:lora:hooks:bfloat16` to --cases on a CPU with AVX512-BF16/AMX or on a GPU.
+Cases (K1, K2 = --tops, default 10 and 4):
+    nodp            top K1, no cache    no DP (plain gradient of the mean loss)
+    hooks           top K1, no cache    DP with Opacus hooks over the whole model: today's DP path
+    ghost           top K1, no cache    DP with ghost clipping (the cache does not apply to it)
+    nodp+cache      top K1, cache       no DP over the top blocks
+    hooks+cache     top K1, cache       DP hooks over the top blocks (the default now)
+    hooks           top K2, no cache
+    nodp+cache      top K2, cache
+    hooks+cache     top K2, cache
+
+Ratios (of wall seconds per logical step):
+    speedup_cache       = hooks top K1 / hooks+cache top K1   (today's DP path at the demo's settings)
+    speedup_cache_top4  = hooks top K2 / hooks+cache top K2   (the issue's >= 2.5x target with 4 blocks)
+    dp_overhead         = hooks+cache top K1 / nodp+cache top K1
+    dp_overhead_top4    = hooks+cache top K2 / nodp+cache top K2
+--json prints one JSON object last (with these keys, every case, the settings and the machine).
+--quick: logical batches of 16 records (2 physical batches of 8) instead of 64, 1 warm-up step
+(8 records) and 2 timed logical steps per case. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -30,128 +51,309 @@ import argparse
 import dataclasses
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-DEFAULT_CASES = (
-    "smollm2-135m:lora:nodp:float32",
-    "smollm2-135m:lora:hooks:float32",
-    "smollm2-135m:lora:ghost:float32",
-    "smollm2-135m:full:nodp:float32",
-    "smollm2-135m:full:hooks:float32",
-    "smollm2-135m:full:ghost:float32",
-    "gpt2-small:full:nodp:float32",
-    "gpt2-small:full:hooks:float32",
-    "gpt2-small:full:ghost:float32",
-    "gpt2-small:lora:hooks:float32",
-)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+IMDB = ROOT.parent / "shared" / "data" / "imdb" / "train.csv.gz"
+QUIET = ".*(Full backward hook|is_gradient_checkpointing|Secure RNG|gemm_4bit|Optimal order|sample_rate).*"
 
 
-def gpt2_small(dtype: str):
-    """GPT-2 124M (the paper's smallest) with random weights: the architecture's cost without a download."""
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str  # nodp, hooks, ghost
+    cache: bool
+    top: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}{'+cache' if self.cache else ''} top{self.top}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}{'_cache' if self.cache else ''}_top{self.top}"
+
+
+def cases(tops: tuple[int, int]) -> list[Case]:
+    k1, k2 = tops
+    return [Case("nodp", False, k1), Case("hooks", False, k1), Case("ghost", False, k1), Case("nodp", True, k1),
+            Case("hooks", True, k1), Case("hooks", False, k2), Case("nodp", True, k2), Case("hooks", True, k2)]
+
+
+# =========================================================================== records
+
+
+def build_records(model: str, n: int, tokens: int, data: str, seed: int = 0) -> dict:
+    """n records of at most `tokens` ids as the prepare stage makes them: chat prompt + review + EOS."""
+    import numpy as np
+
+    from dpnb.models import load_tokenizer
+    from dpnb.prompts import PromptFormat
+
+    tokenizer = load_tokenizer(model)
+    fmt, names = PromptFormat(style="chat"), ("negative", "positive")
+    rng = np.random.default_rng(seed)
+    if data == "imdb":
+        import pandas as pd
+
+        from dpnb.sources import clean_texts
+
+        table = pd.read_csv(IMDB)
+        rows = table.iloc[rng.permutation(len(table))[:n]]
+        labels = [names[int(v)] for v in rows["label"]]
+        ids, _ = fmt.encode_batch(labels, list(clean_texts(rows["text"], strip_html=True)), tokenizer, tokens)
+    else:
+        labels = [names[i % 2] for i in range(n)]
+        ids = []
+        for label in labels:
+            prompt = fmt.prompt_ids(label, tokenizer)
+            review = rng.integers(100, len(tokenizer) - 100, tokens - len(prompt) - 1).tolist()
+            ids.append(prompt + review + [tokenizer.eos_token_id])
+    prompts = [len(fmt.prompt_ids(label, tokenizer)) for label in labels]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"input_ids": ids, "prompt_lengths": prompts, "pad_id": pad_id}
+
+
+class FixedBatches:
+    """A batch sampler yielding fixed logical batches (`steps` of them, set by `epoch_steps`)."""
+
+    def __init__(self, batches: list[list[int]]):
+        self.batches, self.steps = batches, len(batches)
+
+    def __iter__(self):
+        yield from self.batches[: self.steps]
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+# =========================================================================== one case, in its own process
+
+
+def run_case(case: Case, spec: dict) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    from dpnb.models import torch_dtype
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(GPT2Config()).to(torch_dtype(dtype))
-
-
-def run_case(case: str, batch: int, tokens: int, steps: int, threads: int | None) -> dict:
-    """Time `steps` physical steps of one case (after a warm-up) in this process."""
-    import datasets
-    import torch
+    from torch.utils.data import DataLoader
 
     from dpnb import dpsgd, privacy
     from dpnb.config import FinetuneConfig
-    from dpnb.models import build_model, quiet_transformers
+    from dpnb.models import build_model, quiet_transformers, trainable_parameters
 
-    if threads:
-        torch.set_num_threads(threads)
-    model_name, mode, grad, dtype = case.split(":")
-    dp = grad != "nodp"
-    targets = ("c_attn",) if model_name.startswith("gpt2") else ("q_proj", "v_proj")
-    cfg = FinetuneConfig(mode=mode, dp=dp, grad_sample_mode=grad if dp else "hooks", dtype=dtype, device="cpu",
-                         logical_batch_size=batch, physical_batch_size=batch, max_grad_norm=1e-2, lr=1e-4,
-                         lora_r=8, lora_targets=targets, max_steps=steps + 1)
-    base = gpt2_small(dtype) if model_name == "gpt2-small" else None
-    model, notes = build_model(model_name, cfg, "cpu", base_model=base)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    generator = torch.Generator().manual_seed(0)
-    n = batch * (steps + 1)
-    ids = torch.randint(0, vocab, (n, tokens), generator=generator).tolist()
-    records = dpsgd.Records.from_dataset(datasets.Dataset.from_dict({"input_ids": ids}))
+    warnings.filterwarnings("ignore", message=QUIET)
+    torch.set_num_threads(spec["threads"])
+    data = json.loads(Path(spec["records"]).read_text())
+    records = dpsgd.Records(data["input_ids"], data["prompt_lengths"])
+    logical, physical, warmup, steps = spec["logical"], spec["physical"], spec["warmup"], spec["warmup"] + spec["steps"]
+    sizes = [min(physical, logical)] * warmup + [logical] * spec["steps"]  # a warm-up step: one physical batch
+    n = sum(sizes)
+    records = dpsgd.Records(records.input_ids[:n], records.prompt_lengths[:n])
+    dp = case.name != "nodp"
+    cfg = FinetuneConfig(mode="lora", dp=dp, grad_sample_mode="ghost" if case.name == "ghost" else "hooks",
+                         lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_targets=("v_proj",), lora_top_layers=case.top,
+                         prefix_cache=case.cache, logical_batch_size=logical, physical_batch_size=physical,
+                         max_grad_norm=0.5, lr=0.01, dtype="float32", device="cpu", max_steps=steps, seed=0,
+                         deterministic=True)
     plan = dpsgd.plan_training(dataclasses.replace(cfg, dp=False), n)
-    if dp:  # one noise multiplier is as costly as another: skip the calibration
+    if dp:  # one noise multiplier costs what another does: skip the calibration
         plan = dataclasses.replace(plan, dp=True, noise_multiplier=1.0, delta=privacy.default_delta(n))
-    session = dpsgd.make_session(model, cfg, plan, "cpu")
-    times, cpu_times = [], []
+    torch.manual_seed(cfg.seed)
     with quiet_transformers():
-        for step in range(steps + 1):
-            indices = list(range(step * batch, (step + 1) * batch))
-            batch_tensors = dpsgd.collate(records, indices, pad_id=0)
-            started, cpu_started = time.perf_counter(), time.process_time()
-            if dp:
-                _, to_backward = dpsgd.forward_losses(session, batch_tensors)
-                to_backward.backward()
-                session.optimizer.pre_step()
-                session.adamw.step()
-                session.optimizer.zero_grad(set_to_none=True)
-            else:
-                next(dpsgd.plain_logical_steps(session, iter([torch.tensor(indices)]), records, cfg, 0, "cpu"))
-            if step:
-                times.append(time.perf_counter() - started)
-                cpu_times.append(time.process_time() - cpu_started)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+        model, _ = build_model(spec["model"], cfg, "cpu")
+    started = time.perf_counter()
+    prefix, note = dpsgd.frozen_prefix(model, records, cfg, data["pad_id"], "cpu")
+    build_s = time.perf_counter() - started
+    if case.cache and prefix is None:
+        raise RuntimeError(f"the cache was asked for but is off: {note}")
+    session = dpsgd.make_session(model, cfg, plan, "cpu", prefix=prefix)
+    # fixed logical batches instead of Poisson ones: the same work in every case
+    ends = [sum(sizes[: s + 1]) for s in range(steps)]
+    batches = [list(range(end - size, end)) for end, size in zip(ends, sizes, strict=True)]
+    session.loader = DataLoader(session.loader.dataset, batch_sampler=FixedBatches(batches),
+                                collate_fn=session.loader.collate_fn)
+    walls, cpus, losses = [], [], []
+    with quiet_transformers():
+        wall, cpu = time.perf_counter(), time.process_time()
+        for result in dpsgd.epoch_steps(session, records, cfg, data["pad_id"], "cpu", steps, False, None):
+            now, cpu_now = time.perf_counter(), time.process_time()
+            walls.append(now - wall)
+            cpus.append(cpu_now - cpu)
+            losses.append(result.loss)
+            assert result.batch_size == sizes[len(walls) - 1]
+            wall, cpu = time.perf_counter(), time.process_time()
+    timed = slice(warmup, None)
     return {
-        "case": case, "batch": batch, "tokens": tokens, "s_per_step": sum(times) / len(times),
-        "cpu_s_per_step": sum(cpu_times) / len(cpu_times),
+        "case": case.label, "key": case.key, "grad": case.name, "cache": case.cache, "top": case.top,
+        "s_per_step": sum(walls[timed]) / len(walls[timed]), "cpu_s_per_step": sum(cpus[timed]) / len(cpus[timed]),
+        "step_s": walls, "warmup_s": sum(walls[:warmup]),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "trainable": sum(p.numel() for p in trainable), "trainable_dtype": str(trainable[0].dtype),
-        "threads": torch.get_num_threads(), "notes": notes,
+        "cache_build_s": build_s if prefix is not None else None,
+        "cache_build_ms_per_record": 1000 * build_s / n if prefix is not None else None,
+        "cache_mib": prefix.cache.nbytes / 2**20 if prefix is not None else None,
+        "records": n, "tokens": sum(len(r) for r in records.input_ids), "trainable": trainable_parameters(model),
+        "loss_first": losses[0], "threads": torch.get_num_threads(), "note": note,
     }
+
+
+# =========================================================================== the machine
+
+
+def machine_facts(threads: int) -> dict:
+    """Cores, threads, load, CPU flags, and whether a bf16 matmul is fast here (timed, not assumed)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    flags: set[str] = set()
+    model_name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+
+    def matmul_s(dtype) -> float:
+        a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = min(best, (time.perf_counter() - started) / 4)
+        return best
+
+    fp32, bf16 = matmul_s(torch.float32), matmul_s(torch.bfloat16)
+    return {
+        "cpu": model_name, "cores": len(os.sched_getaffinity(0)), "os_cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"}),
+        "matmul512_fp32_ms": 1000 * fp32, "matmul512_bf16_ms": 1000 * bf16, "bf16_over_fp32": bf16 / fp32,
+        "bf16_fast": bf16 <= fp32,  # not slower than float32: worth trying dtype bfloat16
+    }
+
+
+# =========================================================================== the driver
+
+
+def ratio(results: dict, num: str, den: str, field: str = "s_per_step") -> float | None:
+    a, b = results.get(num), results.get(den)
+    return a[field] / b[field] if a and b else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="comma-separated MODEL:MODE:GRAD:DTYPE")
-    parser.add_argument("--batch", type=int, default=8, help="records per physical batch (LoRA)")
-    parser.add_argument("--full-batch", type=int, default=2,
-                        help="records per physical batch for full fine-tuning (hooks at 8 x 128 tokens needs "
-                             "~15 GB for SmolLM2)")
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3, help="timed physical steps per case, after one warm-up")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process and print JSON
+    parser.add_argument("--quick", action="store_true",
+                        help="logical batches of 16 (2 x 8), 1 warm-up + 2 timed steps per case (< 5 min idle)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--model", default="smollm2-135m", help="generator preset (tiny-llama for a smoke test)")
+    parser.add_argument("--tops", type=int, nargs=2, default=(10, 4), metavar=("K1", "K2"),
+                        help="LoRA on the top K1 blocks (the demo) and top K2 blocks")
+    parser.add_argument("--logical", type=int, help="records per logical step (default 64; --quick 16)")
+    parser.add_argument("--physical", type=int, default=8, help="records per physical batch")
+    parser.add_argument("--tokens", type=int, default=96, help="max tokens per record (prepare's max_length)")
+    parser.add_argument("--steps", type=int, help="timed logical steps per case (default 3; --quick 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of one physical batch first")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    parser.add_argument("--data", choices=("imdb", "random"), default="imdb" if IMDB.exists() else "random",
+                        help="review tokens: real IMDb reviews, or random ids (every record the full length)")
+    parser.add_argument("--only", help="comma-separated case keys to run (e.g. hooks_top10,hooks_cache_top10)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # JSON spec of one case: run it here, print JSON
     args = parser.parse_args()
 
     if args.one:
-        batch = args.full_batch if ":full:" in args.one else args.batch
-        print(json.dumps(run_case(args.one, batch, args.tokens, args.steps, args.threads)))
+        spec = json.loads(args.one)
+        print(json.dumps(run_case(Case(**spec.pop("case")), spec)))
         return
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.tokens} tokens per record, "
-          f"{args.steps} timed physical steps per case")
-    print(f"{'case':36} {'batch':>5} {'s/step':>7} {'cpu s':>7} {'peak RSS':>9} {'trainable':>12} {'dtype':>14}")
-    for case in args.cases.split(","):
-        command = [sys.executable, __file__, "--one", case, "--batch", str(args.batch), "--full-batch",
-                   str(args.full_batch), "--tokens", str(args.tokens), "--steps", str(args.steps)]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
-        done = subprocess.run(command, capture_output=True, text=True)
+
+    logical = args.logical or (16 if args.quick else 64)
+    steps = args.steps or (2 if args.quick else 3)
+    all_cases = cases(tuple(args.tops))
+    if args.only:
+        wanted = set(args.only.split(","))
+        all_cases = [c for c in all_cases if c.key in wanted]
+    facts = machine_facts(args.threads)
+    n = min(args.physical, logical) * args.warmup + logical * steps
+    records = build_records(args.model, n, args.tokens, args.data)
+    lengths = [len(r) for r in records["input_ids"]]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(records, handle)
+    settings = {
+        "model": args.model, "dtype": "float32", "lora": "r=2, alpha 4, v_proj", "tops": list(args.tops),
+        "logical_batch": logical, "physical_batch": args.physical, "sampling": "fixed logical batches (not Poisson)",
+        "warmup_steps": args.warmup, "timed_steps": steps, "records_per_case": n, "data": args.data,
+        "max_tokens": args.tokens, "mean_tokens": sum(lengths) / len(lengths),
+        "prompt_tokens": sorted(set(records["prompt_lengths"])), "threads": args.threads, "quick": args.quick,
+    }
+    print(f"machine: {facts['cpu']}; {facts['cores']} cores, {facts['torch_threads']} torch threads, torch "
+          f"{facts['torch']}; load average {' '.join(map(str, facts['load_average']))}")
+    print(f"bf16 matmul (512^3): {facts['matmul512_bf16_ms']:.2f} ms vs float32 {facts['matmul512_fp32_ms']:.2f} ms "
+          f"({facts['bf16_over_fp32']:.1f}x): bf16 is {'fast' if facts['bf16_fast'] else 'SLOW'} here "
+          f"(flags: {', '.join(facts['bf16_flags']) or 'none of avx512f/avx512_bf16/amx'})")
+    print(f"{args.model} float32, LoRA r=2 on v_proj of the top K blocks; logical batch {logical} = "
+          f"{-(-logical // args.physical)} physical batches of <= {args.physical}"
+          + (" (--quick: smaller than the demo's 64)" if args.quick and logical != 64 else "")
+          + f"; FIXED logical batches (not Poisson); {args.data} records of <= {args.tokens} tokens (mean "
+          f"{settings['mean_tokens']:.0f}, chat prompt {'/'.join(map(str, settings['prompt_tokens']))} tokens not "
+          f"in the loss); {args.warmup} warm-up step(s) of {min(args.physical, logical)} records + {steps} timed "
+          f"logical steps per case; numbers are indicative "
+          f"on a shared machine", flush=True)
+    print(f"{'case':20} {'s/step':>8} {'cpu s':>8} {'s/record':>9} {'peak RSS':>9} {'cache build':>20} "
+          f"{'trainable':>10} {'load':>5}")
+    results: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    started_all = time.perf_counter()
+    for case in all_cases:
+        spec = {"case": dataclasses.asdict(case), "model": args.model, "logical": logical, "physical": args.physical,
+                "steps": steps, "warmup": args.warmup, "threads": args.threads, "records": handle.name}
+        done = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                              cwd=ROOT)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or not lines:
             reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"{case:36} failed: {reason[:150]}")
+            failures[case.key] = reason
+            print(f"{case.label:20} failed: {reason[:150]}", flush=True)
             continue
         r = json.loads(lines[-1])
-        print(f"{case:36} {r['batch']:>5} {r['s_per_step']:>7.2f} {r['cpu_s_per_step']:>7.2f} "
-              f"{r['peak_rss_gb']:>7.2f}GB {r['trainable']:>12,} {r['trainable_dtype'].replace('torch.', ''):>14}"
-              + (f"  ({'; '.join(r['notes'])})" if r["notes"] else ""), flush=True)
+        r["load_after"] = os.getloadavg()[0]
+        results[case.key] = r
+        built = (f"{r['cache_build_s']:6.1f} s {r['cache_build_ms_per_record']:5.0f} ms/rec"
+                 if r["cache_build_s"] is not None else "-")
+        print(f"{r['case']:20} {r['s_per_step']:8.2f} {r['cpu_s_per_step']:8.2f} {r['s_per_step'] / logical:9.3f} "
+              f"{r['peak_rss_gb']:7.2f}GB {built:>20} {r['trainable']:>10,} {r['load_after']:5.1f}", flush=True)
+    Path(handle.name).unlink(missing_ok=True)
+
+    k1, k2 = args.tops
+    pairs = {
+        "speedup_cache": (f"hooks_top{k1}", f"hooks_cache_top{k1}"),
+        "speedup_cache_top4": (f"hooks_top{k2}", f"hooks_cache_top{k2}"),
+        "dp_overhead": (f"hooks_cache_top{k1}", f"nodp_cache_top{k1}"),
+        "dp_overhead_top4": (f"hooks_cache_top{k2}", f"nodp_cache_top{k2}"),
+        "speedup_cache_top4_vs_today": (f"hooks_top{k1}", f"hooks_cache_top{k2}"),
+        "dp_overhead_uncached": (f"hooks_top{k1}", f"nodp_top{k1}"),
+        "ghost_over_hooks": (f"ghost_top{k1}", f"hooks_top{k1}"),
+    }
+    ratios = {name: ratio(results, *pair) for name, pair in pairs.items()}
+    ratios_cpu = {name: ratio(results, *pair, field="cpu_s_per_step") for name, pair in pairs.items()}
+    print(f"total {time.perf_counter() - started_all:.0f} s for the cases; ratios of wall (CPU) s per logical step:")
+    for name, (num, den) in pairs.items():
+        wall, cpu = ratios[name], ratios_cpu[name]
+        shown = "n/a" if wall is None else f"{wall:5.2f}x ({cpu:5.2f}x)"
+        target = "   target >= 2.5x" if name == "speedup_cache_top4" else ""
+        print(f"  {name:28} {shown:18} = {num} / {den}{target}")
+    if args.json:
+        print(json.dumps({**ratios, "ratios_cpu": ratios_cpu, "ratio_definitions": {k: f"{a} / {b}" for k, (a, b)
+                          in pairs.items()}, "settings": settings, "machine": facts,
+                          "cases": list(results.values()), "failed": failures}))
 
 
 if __name__ == "__main__":

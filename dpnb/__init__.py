@@ -1,17 +1,20 @@
 """dpnb: differentially private fine-tuning of pre-trained language models and DP synthetic text.
 
-The package follows the pipeline's stages, one module each:
+The pipeline's stages, one module each in `dpnb.stages` (its `run_stage` and the views its notebook
+shows), over engines that each hold one concept:
 
-    data      prepare labelled text into training records       (notebooks/01_prepare.ipynb)
-    finetune  DP-SGD fine-tuning with Opacus                     (notebooks/02_finetune.ipynb)
-    privacy   noise calibration and privacy accounting           (used by finetune, audit, 00)
-    generate  label-prompted synthetic text                      (notebooks/03_generate.ipynb)
-    evaluate  train-on-synthetic / test-on-real, fidelity, memorisation (notebooks/04_evaluate.ipynb)
-    report    tables and figures over many runs                  (notebooks/05_report.ipynb)
-    audit     canaries, one-run epsilon lower bound, membership inference (notebooks/06_audit.ipynb)
+    stages.prepare   labelled text -> training records     sources, prompts, textstats   (01_prepare)
+    stages.finetune  DP-SGD fine-tuning with Opacus         dpsgd, prefix_cache, head_loss,
+                                                            checkpoints, privacy, models (02_finetune)
+    stages.generate  label-prompted synthetic text          sampling, decoding, dataset_card (03_generate)
+    stages.evaluate  train on synthetic, test on real       classifier, embeddings, memorisation (04_evaluate)
+    stages.report    tables and figures over many runs                                    (05_report)
+    stages.audit     canaries, one-run epsilon lower bound  canaries, attacks             (06_audit)
 
-Shared ground: `config` (one typed config per stage), `models` (presets and loading), `rundir`
-(the run directory, atomic writes, stage completion), `errors` (one-line errors with a fix).
+Shared ground: `registry` (the stage list), `config` and `runconfig` (typed configs), `rundir` (the
+run directory and stage completion), `io` (atomic writes, figures, the cache), `pipeline` and
+`sweep` (headless runs), `notebook` (what every notebook does first), `errors`. The docs/design.md
+file draws the whole picture.
 """
 
 import warnings

@@ -182,7 +182,8 @@ def audit_ceiling(n_canaries: int, *, n_guesses: int | None = None, confidence: 
     largest at r = m: 2.65 for m = 64 and 5.43 for m = 1,000 at 95% confidence (4 counts, s = 0.0125).
     A delta > 0 adds 2 m delta max_i P[r - i <= X < r] / i to the p-value, which grows with m: the
     ceiling is lower, peaks at some m and then falls, and is 0 at delta = 1. A claimed epsilon above
-    the ceiling cannot be contradicted by the audit, whatever the model does.
+    the ceiling cannot be contradicted by the audit, whatever the model does. It bounds what the audit
+    reports from above: with unbalanced coins even perfect scores get some of the r = m guesses wrong.
     """
     counts = [n_guesses] if n_guesses is not None else guess_counts(n_canaries)
     per_test = per_test_confidence(confidence, len(counts))

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 CHECKPOINT_FORMAT = 1
 # Config fields that do not change what is trained: a checkpoint written under other values resumes.
-RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "samples_before_after", "device")
+RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "samples_before_after", "device", "prefix_cache")
 
 
 class TrainingInterrupted(DpnbError):

@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from dpnb import models, privacy, registry
+from dpnb import independent_accounting, models, privacy, registry
 from dpnb.errors import DpnbError
 from dpnb.io import read_json
-from dpnb.pipeline import run_pipeline, run_report
+from dpnb.pipeline import refresh_notebooks, run_pipeline, run_report
 from dpnb.rundir import RunDir
 from dpnb.sweep import run_sweep
 
@@ -41,15 +41,28 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def verify(run_dir: str) -> None:
-    """`dpnb verify`: recompute the run's epsilon from privacy.json and say whether it matches."""
+    """`dpnb verify`: recompute the run's epsilon from privacy.json with two accountant libraries.
+
+    First with Opacus (the path that wrote it: a mismatch means the file was edited or the
+    accounting changed), then with Google's dp-accounting, an independent implementation (PLD and
+    RDP): a claim below Google's PLD by more than the stated slack fails.
+    """
     record = read_json(RunDir(run_dir).privacy)
     privacy.verify_privacy(record)
-    if record.get("dp"):
-        print(f"{run_dir}: epsilon {record['epsilon']} recomputed with Opacus's {record['accountant']} accountant "
-              f"from noise_multiplier={record['noise_multiplier']}, sample_rate={record['sample_rate']}, "
-              f"steps={record['steps']}, delta={record['delta']}: matches")
-    else:
+    if not record.get("dp"):
         print(f"{run_dir}: trained without DP; privacy.json correctly claims no epsilon")
+        return
+    print(f"{run_dir}: epsilon {record['epsilon']:.4f} ({record['accountant']}), delta {record['delta']:.3g}, "
+          f"noise_multiplier {record['noise_multiplier']:.4f}, sample_rate {record['sample_rate']:.6g}, "
+          f"steps {record['steps']}")
+    print(f"  Opacus {record['accountant'].upper()} recomputed from these numbers: {record['epsilon']:.4f} (matches)")
+    check = independent_accounting.cross_check(record)  # raises DpnbError beyond the slack
+    print(f"  Google dp-accounting: PLD {check['google_pld']:.4f}, RDP {check['google_rdp']:.4f}; "
+          f"claim minus reference {check['difference']:+.4f}, tolerance {check['tolerance']:.4f}: agrees")
+    if check.get("note"):
+        print(f"  note: {check['note']}")
+    if not record.get("dp_release", True):
+        print(f"  NOT a DP release: {record.get('release_note', 'noise drawn from the config seed')}")
 
 
 def list_models() -> None:
@@ -77,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="recompute a run's epsilon from its privacy.json")
     p.add_argument("run_dir")
     sub.add_parser("models", help="list model presets")
+    p = sub.add_parser("notebooks", help="refresh the committed notebooks' outputs from the runs they read "
+                                         "(maintainers: after make demo, the sweep and the audit)")
+    p.add_argument("names", nargs="*", help="notebook file names (default: all)")
     return parser
 
 
@@ -97,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             verify(args.run_dir)
         elif args.command == "models":
             list_models()
+        elif args.command == "notebooks":
+            refresh_notebooks(args.names or None)
     except DpnbError as exc:
         print(f"dpnb: error: {exc}", file=sys.stderr)
         return 2

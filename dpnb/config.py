@@ -174,11 +174,19 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lora_top_layers: int | None = None  # put adapters only on the top N transformer blocks
+    top_layers: int | None = None  # mode full: train only the top N blocks and the final norm (embeddings frozen)
+    # When only the top blocks train (lora_top_layers, top_layers), the blocks below are run once per record
+    # and their outputs kept in memory (dpnb.prefix_cache): the same gradients, several times faster per step.
+    prefix_cache: bool = True
     dtype: str = "float32"  # "float32" or "bfloat16" for the trainable model
     device: str = "auto"  # "auto", "cpu", "cuda"
     checkpoint_every: int = 50  # logical steps between resumable checkpoints (also on SIGINT/SIGTERM)
     samples_before_after: int = 2  # seeded samples per label the notebook shows before and after training
-    seed: int = 0
+    seed: int = 0  # data order of step 0's loss, adapter initialisation; NOT the DP noise (see deterministic)
+    # False (the default, a DP release): the noise and the Poisson sampling draw from OS entropy, so nobody
+    # holding the config can regenerate them. True: both are drawn from the seed, for tests and teaching;
+    # privacy.json and the cards then say the run is not a DP release.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _one_of(self.mode, ("full", "lora", "qlora"), "finetune.mode")
@@ -204,6 +212,9 @@ class FinetuneConfig:
         )
         require(self.weight_decay >= 0, f"finetune.weight_decay must be >= 0, got {self.weight_decay!r}")
         require(self.samples_before_after >= 0, "finetune.samples_before_after must be >= 0")
+        _positive(self.top_layers, "finetune.top_layers")
+        require(self.top_layers is None or self.mode == "full",
+                f"finetune.top_layers restricts mode full to the top blocks; with mode {self.mode} use lora_top_layers")
         if self.mode in ("lora", "qlora"):
             _positive(self.lora_r, "finetune.lora_r")
             _positive(self.lora_alpha, "finetune.lora_alpha")
@@ -238,9 +249,14 @@ class GenerateConfig:
     max_repeat_fraction: float = 0.5  # drop samples whose most frequent token is more than this share
     dtype: str = "float32"  # "float32" or "bfloat16" for sampling
     device: str = "auto"
+    # "fast": dpnb.decoding (static KV cache, finished rows refilled, exact top-p without a full sort);
+    # "hf": transformers' generate; "auto": fast on the CPU for the architectures it supports, else hf.
+    # Both draw from the same distribution; the samples themselves differ.
+    engine: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _one_of(self.engine, ("auto", "fast", "hf"), "generate.engine")
         for name in ("n_per_label", "temperature", "max_new_tokens", "batch_size", "shard_size"):
             _positive(getattr(self, name), f"generate.{name}")
         require(0 < self.top_p <= 1, f"generate.top_p must be in (0, 1], got {self.top_p!r}")
@@ -261,6 +277,10 @@ class EvaluateConfig:
     """04 evaluate: train a classifier on real and on synthetic data, test on the same real data."""
 
     classifier: str = "minilm-l6"  # paper: distilbert-base-uncased
+    # "finetune": fine-tune `classifier` with a fresh head (the paper's recipe: epochs, lr, batch_size);
+    # "embedding": logistic regression on its frozen mean-pooled sentence embeddings, C chosen by
+    # cross-validation on the training texts (seconds; suits a few hundred texts; epochs and lr unused)
+    classifier_kind: str = "finetune"
     epochs: float = 2.0
     lr: float = 2.1e-5
     batch_size: int = 64
@@ -270,12 +290,17 @@ class EvaluateConfig:
     # "zero_shot" is skipped with a note when generate made none
     sources: tuple[str, ...] = ("real", "synthetic", "zero_shot")
     memorisation_threshold: int = 50  # generator tokens shared verbatim with a training text that flag a sample
+    # MAUVE of each source's texts against the real test texts, on MiniLM embeddings (cut to max_length)
+    mauve: bool = True
+    mauve_max_texts: int = 1000  # texts per side at most (a seeded random subsample); noisy below a few hundred
     device: str = "auto"
-    seed: int = 0
+    seed: int = 0  # classifier training, MAUVE's subsamples and clustering
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "lr", "batch_size", "max_length", "memorisation_threshold"):
+        for name in ("epochs", "lr", "batch_size", "max_length", "memorisation_threshold", "mauve_max_texts"):
             _positive(getattr(self, name), f"evaluate.{name}")
+        _one_of(self.classifier_kind, ("finetune", "embedding"), "evaluate.classifier_kind")
+        require(self.mauve_max_texts >= 2, "evaluate.mauve_max_texts must be at least 2 (MAUVE needs 2 texts per side)")
         _positive(self.n_real_train, "evaluate.n_real_train")
         require(len(self.sources) > 0, "evaluate.sources is empty; list at least one of real, synthetic, zero_shot")
         require(len(set(self.sources)) == len(self.sources), "evaluate.sources has duplicates; list each once")
@@ -293,7 +318,9 @@ class AuditConfig:
     """
 
     n_canaries: int = 1000  # each is inserted with probability 1/2 (an independent fair coin)
-    canary_repeats: int = 1  # times each inserted canary appears in the training set (>1: group privacy)
+    # times each inserted canary appears in the training set; 1 tests the per-record claim, >1 only the
+    # group claim (k eps, k e^((k-1) eps) delta), whose delta often reaches 1: a vacuous audit
+    canary_repeats: int = 1
     canary_prefix_tokens: int = 24  # in-distribution start: this many tokens of a held-out review
     canary_suffix_tokens: int = 12  # random high-perplexity suffix: this many random whole-word tokens
     n_reference: int = 1000  # never-inserted canaries drawn the same way, for exposure ranks

@@ -94,11 +94,15 @@ def _privacy_section(provenance: Provenance) -> list[str]:
             "",
             "The guarantee is per training record (one text). Someone who contributed k records is "
             "protected by the weaker group guarantee for k records.",
-            *([
-                "",
-                "The noise came from a seeded pseudo-random generator (reproducible runs), not a "
-                "cryptographically secure one; the guarantee assumes noise an attacker cannot predict.",
-            ] if p.get("secure_rng") is False else []),
+            "",
+            *([f"**{p['release_note']}.**"] if p.get("dp_release") is False else
+              [f"Noise: {p['release_note']}." if p.get("release_note") else
+               "Noise: the record does not say where the noise came from; treat the guarantee with caution."]),
+            "",
+            "What stays outside the guarantee: anything computed from the private data by other means than "
+            "this model, e.g. a filter that removes samples after comparing them with private records (the "
+            "memorisation screen reports, it does not filter: this set is released unfiltered), and "
+            "hyperparameters chosen by looking at results on the same private data.",
             "",
             "| privacy parameter | value |",
             "|---|---|",
@@ -128,7 +132,9 @@ def _privacy_section(provenance: Provenance) -> list[str]:
 
 def dataset_card(summary: dict[str, Any], provenance: Provenance) -> str:
     """The README.md of a sampled set: its privacy guarantee (or its absence) and how it was made."""
-    titles = {"dp": "DP synthetic data", "non_dp": "Synthetic data (no DP)",
+    not_released = provenance.kind == "dp" and (provenance.privacy or {}).get("dp_release") is False
+    titles = {"dp": "Synthetic data, DP-trained but NOT a DP release" if not_released else "DP synthetic data",
+              "non_dp": "Synthetic data (no DP)",
               "zero_shot": "Zero-shot synthetic data (base model, no private data)",
               "unspecified": "Synthetic data"}
     labels = summary["labels"]

@@ -47,6 +47,7 @@ import functools
 import hashlib
 import math
 import random
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,8 +61,10 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
 from dpnb import privacy
-from dpnb.errors import require
+from dpnb.errors import DpnbError, require
+from dpnb.head_loss import FrozenHeadLoss
 from dpnb.models import quiet_transformers
+from dpnb.prefix_cache import PrefixCache, TopBlocks, build_prefix_cache, collate_cached
 
 if TYPE_CHECKING:
     import datasets
@@ -228,9 +231,6 @@ def plan_training(cfg: FinetuneConfig, dataset_size: int) -> TrainingPlan:
                         steps, delta, sigma, cfg.accountant, cfg.target_epsilon if cfg.dp else None)
 
 
-# =========================================================================== one training session
-
-
 class _RecordIndices:
     """A map-style dataset whose item i is `tensor([i])`: the loader draws indices, `collate` pads.
 
@@ -270,11 +270,79 @@ class Session:
     sampler_rng: torch.Generator
     noise_rng: torch.Generator | None
     ghost: bool
+    prefix: FrozenPrefix | None = None  # the fast path for top-block training, when it applies
+
+
+# =========================================================================== the fast path for top-block training
+
+
+@dataclass
+class FrozenPrefix:
+    """Top-block training without the frozen blocks: their outputs cached, the head's loss fused.
+
+    When every trainable weight sits in the top K blocks (LoRA on the top layers, or mode full with
+    `top_layers`), the input h^s of the lowest trainable block is a fixed function of each record
+    (`dpnb.prefix_cache`): it is computed once, and each step runs only the top blocks (`top`, which
+    Opacus wraps in place of the whole model) and the frozen LM head's cross-entropy at the review's
+    tokens only (`dpnb.head_loss`). Per-record losses and gradients are those of the full model, so
+    clipping, noise and the accounting are unchanged.
+    """
+
+    cache: PrefixCache
+    top: TopBlocks
+    head_loss: FrozenHeadLoss
+
+
+def frozen_prefix(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_id: int,
+                  device: str) -> tuple[FrozenPrefix | None, str]:
+    """The fast path for `model` when it applies, else None; and a note saying which, and why."""
+    if not cfg.prefix_cache:
+        return None, "frozen-prefix cache off (finetune.prefix_cache: false): every step runs the whole model"
+    if cfg.dp and cfg.grad_sample_mode == "ghost":
+        return None, "frozen-prefix cache off: it runs with Opacus hooks, not ghost clipping"
+    try:
+        top = TopBlocks(model)  # checks that nothing below is trainable or random
+        head_loss = FrozenHeadLoss.of_model(model)
+    except DpnbError as why:
+        return None, f"frozen-prefix cache off: {why}"
+    if top.start == 0:
+        return None, "frozen-prefix cache off: the lowest block is trainable, so there is nothing to cache"
+    cache = build_prefix_cache(model, records, start=top.start, batch_size=cfg.physical_batch_size, device=device,
+                               pad_id=pad_id, fingerprint=False)
+    return FrozenPrefix(cache, top, head_loss), (
+        f"frozen-prefix cache: blocks 0-{top.start - 1} run once per record ({cache.nbytes / 2**20:.0f} MiB, in "
+        f"memory only: private, like the records); each step runs blocks {top.start}-{top.depth - 1} "
+        f"and the frozen head's loss at the review's tokens")
+
+
+# =========================================================================== one training session
+
+
+def noise_generators(cfg: FinetuneConfig, device: str) -> tuple[torch.Generator, torch.Generator]:
+    """The generators of the Poisson sampler and of the noise.
+
+    By default both are seeded from 64 bits of OS entropy (`secrets`), never written to a shareable
+    file: whoever holds the config and the model cannot regenerate the noise or the batches, which
+    the guarantee needs. (Their states are saved in the private checkpoint, so a resumed run
+    continues exactly.) They are torch's Mersenne Twister generators, not cryptographic ones, and
+    the Gaussian samples are not hardened against floating-point attacks: Opacus's secure_mode
+    would do both, but needs torchcsprng, which has no build for this torch. `deterministic: true`
+    seeds them from the config seed instead: reproducible, for tests and teaching, not a DP release.
+    """
+    if cfg.deterministic:
+        sampler_seed, noise_seed = cfg.seed, cfg.seed + 1
+    else:
+        sampler_seed, noise_seed = secrets.randbits(63), secrets.randbits(63)
+    return torch.Generator().manual_seed(sampler_seed), torch.Generator(device=device).manual_seed(noise_seed)
 
 
 def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, device: str,
-                 accountant_history: list | None = None) -> Session:
-    """Wrap `model` for training: AdamW, the Poisson loader and, under DP, Opacus's PrivacyEngine."""
+                 accountant_history: list | None = None, prefix: FrozenPrefix | None = None) -> Session:
+    """Wrap `model` for training: AdamW, the Poisson loader and, under DP, Opacus's PrivacyEngine.
+
+    With `prefix`, what runs each step (and what Opacus wraps) is its top blocks, not the whole model;
+    the trainable weights are the model's own either way.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     require(params, f"mode {cfg.mode} left no trainable parameter; check finetune.lora_targets")
@@ -285,22 +353,22 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
         return 1.0 if cfg.lr_schedule == "constant" else max(0.0, 1.0 - step / final)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_factor)
-    sampler_rng = torch.Generator().manual_seed(cfg.seed)
+    sampler_rng, noise_rng = noise_generators(cfg, device)
     # batch_size only sets len(loader) = ceil(N / B); Opacus derives q = 1 / len(loader) from it
     plain = DataLoader(_RecordIndices(plan.dataset_size), batch_size=plan.logical_batch_size,
                        generator=sampler_rng)
+    stepped = prefix.top if prefix is not None else model
     if not cfg.dp:
         loader = DPDataLoader.from_data_loader(plain)  # the same Poisson sampling, nothing private about it
-        session = Session(model, model, adamw, adamw, scheduler, loader, SequenceLoss("none"), None,
-                          sampler_rng, None, False)
+        session = Session(stepped, model, adamw, adamw, scheduler, loader, SequenceLoss("none"), None,
+                          sampler_rng, None, False, prefix)
     else:
-        noise_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         with quiet_transformers():
             engine = PrivacyEngine(accountant=cfg.accountant)
             if accountant_history:
                 engine.accountant = privacy.restore_accountant(cfg.accountant, accountant_history)
             wrapped = engine.make_private(
-                module=model, optimizer=adamw, data_loader=plain, noise_multiplier=plan.noise_multiplier,
+                module=stepped, optimizer=adamw, data_loader=plain, noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, loss_reduction="mean",
                 grad_sample_mode=cfg.grad_sample_mode, criterion=SequenceLoss("mean"), noise_generator=noise_rng,
             )
@@ -310,7 +378,7 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
         else:
             (dp_model, dp_optimizer, loader), criterion = wrapped, SequenceLoss("mean")
         session = Session(dp_model, model, dp_optimizer, adamw, scheduler, loader, criterion, engine,
-                          sampler_rng, noise_rng, ghost)
+                          sampler_rng, noise_rng, ghost, prefix)
     # Opacus computes q from the loader itself; training on any other q would void the calibration
     loader_rate = 1 / len(session.loader)
     if len(session.loader) != plan.steps_per_epoch or not math.isclose(loader_rate, plan.sample_rate):
@@ -339,13 +407,28 @@ class StepResult:
     lr: float  # the learning rate of this step's update
 
 
-def forward_losses(session: Session, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | Any]:
-    """Per-record losses (detached) and the tensor to back-propagate for one physical batch (DP)."""
+def record_losses(session: Session, records: Records, indices: Sequence[int], pad_id: int, loss_on_prompt: bool,
+                  device: str) -> torch.Tensor:
+    """The per-record losses l_i of one physical batch, differentiable, by the fast path when it applies."""
+    batch = collate(records, indices, pad_id, loss_on_prompt)
+    if session.prefix is not None:
+        cached = collate_cached(session.prefix.cache, batch, indices).to(device)
+        final = session.model(**cached.model_inputs())
+        return session.prefix.head_loss(final[:, :-1], cached.targets, cached.target_mask)
+    batch = batch.to(device)
     logits = session.model(**batch.model_inputs()).logits[:, :-1]
+    return per_record_loss(logits, batch.targets, batch.target_mask)
+
+
+def forward_losses(session: Session, records: Records, indices: Sequence[int], pad_id: int, loss_on_prompt: bool,
+                   device: str) -> tuple[torch.Tensor, torch.Tensor | Any]:
+    """Per-record losses (detached) and the tensor to back-propagate for one physical batch (DP)."""
     if session.ghost:
+        batch = collate(records, indices, pad_id, loss_on_prompt).to(device)
+        logits = session.model(**batch.model_inputs()).logits[:, :-1]
         loss = session.criterion(logits, batch.targets, batch.target_mask)  # Opacus's two-pass loss
         return loss.loss_per_sample.detach(), loss
-    losses = per_record_loss(logits, batch.targets, batch.target_mask)
+    losses = record_losses(session, records, indices, pad_id, loss_on_prompt, device)
     return losses.detach(), losses.mean()  # loss_reduction="mean": Opacus multiplies back by len(batch)
 
 
@@ -369,8 +452,7 @@ def dp_logical_steps(session: Session, batches: Iterator[Any], records: Records,
     for raw in batches:
         indices = batch_indices(raw)
         if indices:
-            batch = collate(records, indices, pad_id, cfg.loss_on_prompt).to(device)
-            losses, to_backward = forward_losses(session, batch)
+            losses, to_backward = forward_losses(session, records, indices, pad_id, cfg.loss_on_prompt, device)
             to_backward.backward()
             total, count = total + float(losses.sum()), count + len(indices)
         else:
@@ -396,9 +478,7 @@ def plain_logical_steps(session: Session, batches: Iterator[Any], records: Recor
         total, lr = 0.0, session.adamw.param_groups[0]["lr"]
         if indices:
             for chunk in np.array_split(indices, math.ceil(len(indices) / cfg.physical_batch_size)):
-                batch = collate(records, chunk.tolist(), pad_id, cfg.loss_on_prompt).to(device)
-                logits = session.model(**batch.model_inputs()).logits[:, :-1]
-                losses = per_record_loss(logits, batch.targets, batch.target_mask)
+                losses = record_losses(session, records, chunk.tolist(), pad_id, cfg.loss_on_prompt, device)
                 (losses.sum() / len(indices)).backward()  # the mean over the whole logical batch
                 total += float(losses.detach().sum())
             session.adamw.step()

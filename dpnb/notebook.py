@@ -68,8 +68,34 @@ def open_stage(name: str, run_dir: str | os.PathLike, config: dict[str, Any] | N
             f"minutes on 2 CPU cores), or set run_dir to a completed run"
         )
     if config is None:
-        config = run.completed_config(name) or {}
+        config = run.completed_config(name)
+        if config is None:
+            raise DpnbError(
+                f"stage '{name}' has not run in {run.path}, and config = None only reads a completed stage; "
+                f"{MAKES.get(name, MAKES['finetune'])}, or set config to a dict of its settings ({{}} for the "
+                f"defaults) to run it here")
     return run, build(spec.config_class, config)
+
+
+# What makes the runs the committed notebooks read, and about how long it takes on 2 CPU cores.
+MAKES = {
+    "prepare": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
+    "finetune": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
+    "generate": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
+    "evaluate": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
+    "audit": "`dpnb run configs/demo-audit.yaml` adds the audit to runs/demo in about 20 minutes (after `make demo`)",
+    "report": "`dpnb sweep configs/sweep-eps.yaml` makes runs/sweep-eps in about 50 minutes",
+}
+
+
+def open_report(runs_dir: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """The report notebook's folders, resolved like a stage's run_dir; an error when no run is there."""
+    setup_notebook()
+    runs, out = resolve_run_path(runs_dir), resolve_run_path(out_dir)
+    if not any(runs.glob("**/stages/prepare.json")):
+        raise DpnbError(f"no run under {runs} (runs_dir={str(runs_dir)!r}, relative paths are read from "
+                        f"{project_home()}): {MAKES['report']}, or point runs_dir at your runs")
+    return runs, out
 
 
 def setup_notebook() -> None:

@@ -147,6 +147,11 @@ def _kernel_home() -> Iterator[None]:
             os.environ[HOME_ENV] = previous
 
 
+# The kernel's own log (e.g. its "running over TCP without encryption" warning on every start) is noise
+# in a run's output; its errors still show.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+
+
 def execute_stage(stage: str, run_dir: Path, config: dict[str, Any], force: bool, log_output: bool) -> None:
     """Execute one stage's notebook with papermill into the run directory."""
     out = RunDir(run_dir).executed_notebook(stage)
@@ -157,6 +162,7 @@ def execute_stage(stage: str, run_dir: Path, config: dict[str, Any], force: bool
                 str(notebook_dir() / registry.stage(stage).notebook), str(out),
                 parameters={"run_dir": str(run_dir), "config": config, "force": force},
                 kernel_name="python3", cwd=str(Path.cwd()), progress_bar=False, log_output=log_output,
+                extra_arguments=KERNEL_ARGUMENTS,
             )
     except PapermillExecutionError as exc:
         raise DpnbError(
@@ -225,12 +231,37 @@ def run_report(runs_dir: str, out: str | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / registry.REPORT_NOTEBOOK
     try:
-        papermill.execute_notebook(
-            str(notebook_dir() / registry.REPORT_NOTEBOOK), str(executed),
-            parameters={"runs_dir": str(runs_dir), "out_dir": str(out_dir)},
-            kernel_name="python3", progress_bar=False,
-        )
+        with _kernel_home():
+            papermill.execute_notebook(
+                str(notebook_dir() / registry.REPORT_NOTEBOOK), str(executed),
+                parameters={"runs_dir": str(runs_dir), "out_dir": str(out_dir)},
+                kernel_name="python3", progress_bar=False, extra_arguments=KERNEL_ARGUMENTS,
+            )
     except PapermillExecutionError as exc:
         raise DpnbError(f"report failed: {exc.ename}: {exc.evalue} (notebook kept at {executed})") from None
     print(f"report: {out_dir / 'report.md'} (table {out_dir / 'table.csv'}, notebook {executed})")
     return out_dir
+
+
+def refresh_notebooks(names: list[str] | None = None) -> list[Path]:
+    """Execute the committed notebooks in place, as a reader's *Run all* would (for maintainers).
+
+    Each runs with its committed parameters (so stages 01-04 and 06 read `runs/demo`, 05
+    `runs/sweep-eps`, none recomputes anything), its kernel started in notebooks/ as JupyterLab
+    starts it, relative paths read from this working directory. Its outputs become the ones the
+    repository ships; a notebook whose run is missing fails with the command that makes it.
+    """
+    folder = notebook_dir()
+    chosen = names or sorted(p.name for p in folder.glob("0*.ipynb"))
+    done = []
+    with _kernel_home():
+        for name in chosen:
+            path = folder / name
+            try:
+                papermill.execute_notebook(str(path), str(path), kernel_name="python3", cwd=str(folder),
+                                           progress_bar=False, extra_arguments=KERNEL_ARGUMENTS)
+            except PapermillExecutionError as exc:
+                raise DpnbError(f"{name} failed: {exc.ename}: {exc.evalue}") from None
+            print(f"  {name}: outputs refreshed", flush=True)
+            done.append(path)
+    return done

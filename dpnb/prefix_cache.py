@@ -35,7 +35,7 @@ Use in the training loop (Opacus hooks mode):
     cache = build_prefix_cache(model, records)            # once, before training
     top = TopBlocks(model)                                # blocks s..L-1 + final norm
     dp_top, optimizer, loader = engine.make_private(module=top, ...)  # Opacus wraps `top`, not the model
-    batch = collate_cached(cache, records, indices).to(device)       # per physical batch
+    batch = collate_cached(cache, collate(records, indices, pad_id), indices).to(device)  # per batch
     final = dp_top(**batch.model_inputs())                           # [B, T, d]
     losses = head_loss(final[:, :-1], head.weight, batch.targets, batch.target_mask)
     losses.mean().backward()                                          # loss_reduction="mean"
@@ -404,18 +404,15 @@ class CachedBatch:
                 "position_ids": self.position_ids}
 
 
-def collate_cached(cache: PrefixCache, records: Any, indices: Sequence[int],
-                   loss_on_prompt: bool = False) -> CachedBatch:
-    """The cached states of `records[indices]`, padded to the batch's longest record, with `collate`'s
+def collate_cached(cache: PrefixCache, batch: Any, indices: Sequence[int]) -> CachedBatch:
+    """The cached states of records `indices`, padded like `batch` (their `dpnb.dpsgd.collate`), with its
     targets, target mask, attention mask and position ids (so the loss counts the same tokens)."""
-    from dpnb.dpsgd import collate
-
     indices = [int(i) for i in indices]
-    batch = collate(records, indices, 0, loss_on_prompt)
-    for index in indices:
-        if cache.length(index) != len(records.input_ids[index]):
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    for index, length in zip(indices, lengths, strict=True):
+        if cache.length(index) != int(length):
             raise DpnbError(f"the prefix cache holds {cache.length(index)} states for record {index}, which has "
-                            f"{len(records.input_ids[index])} tokens: the cache was built from other records")
+                            f"{int(length)} tokens: the cache was built from other records")
     states = cache.padded(indices, width=int(batch.input_ids.shape[1]))
     return CachedBatch(states, batch.attention_mask, batch.position_ids, batch.targets, batch.target_mask)
 
@@ -440,6 +437,7 @@ class TopBlocks(nn.Module):
                                                                   if start is None else start)
         self.kind = parts.kind
         self.start = start
+        self.depth = parts.depth
         self.config = parts.config
         self.blocks = nn.ModuleList(list(parts.blocks[start:]))
         self.norm = parts.norm

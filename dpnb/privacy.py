@@ -508,31 +508,47 @@ def privacy_fields(noise_multiplier: float, sample_rate: float, steps: int, delt
     }
 
 
-def privacy_record(cfg: FinetuneConfig, plan: TrainingPlan, steps: int, trainable: int, train_sha256: str,
-                   identity: dict[str, Any]) -> dict[str, Any]:
+def noise_source(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Where the run's noise and Poisson sampling came from, and whether that makes it a DP release."""
+    if not cfg.dp:
+        return {"deterministic": cfg.deterministic, "noise_seeded_from": None, "dp_release": False}
+    if cfg.deterministic:
+        return {"deterministic": True, "noise_seeded_from": "the config seed", "dp_release": False,
+                "release_note": "NOT a DP release: the noise and the batches were drawn from the config's seed, so "
+                                "anyone who knows it can regenerate them and the (epsilon, delta) below does not hold "
+                                "for this model (finetune.deterministic: true, meant for tests and teaching)"}
+    return {"deterministic": False, "noise_seeded_from": "64 bits of OS entropy (not saved in any shareable file)",
+            "dp_release": True,
+            "release_note": "noise and Poisson sampling drawn from torch generators seeded with OS entropy: "
+                            "unpredictable to anyone holding the config or the model; not a cryptographic RNG, and "
+                            "the Gaussian samples are not hardened against floating-point attacks (Opacus's "
+                            "secure_mode needs torchcsprng, which has no build for this torch)"}
+
+
+def privacy_record(cfg: FinetuneConfig, plan: TrainingPlan, steps: int, trainable: int) -> dict[str, Any]:
     """privacy.json: the guarantee of a finished fine-tuning run that took `steps` noise-adding steps.
 
     Under DP `steps` must be what the accountant counted. Epsilon is computed by `privacy_fields`,
     the path `verify_privacy` retraces, so anyone can recompute it from (noise_multiplier,
-    sample_rate, steps, delta, accountant). A run without DP has a null epsilon.
+    sample_rate, steps, delta, accountant). A run without DP has a null epsilon. The record is meant
+    to be shared: it holds no hash, index or count of private records beyond N (the data set size,
+    which the accounting needs), and no seed that determines the noise.
     """
     common = {
         "dp": cfg.dp, "mode": cfg.mode, "dataset_size": plan.dataset_size,
         "logical_batch_size": plan.logical_batch_size, "physical_batch_size": plan.physical_batch_size,
         "expected_batch_size": plan.expected_batch_size, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-        "planned_steps": plan.steps, "trainable_parameters": trainable, "train_sha256": train_sha256,
-        "versions": library_versions(), "identity": identity,
+        "planned_steps": plan.steps, "trainable_parameters": trainable, "versions": library_versions(),
+        **noise_source(cfg),
     }
     if not cfg.dp:
         return {"epsilon": None, "epsilons": None, "delta": None, "noise_multiplier": None,
                 "sample_rate": plan.sample_rate, "steps": steps, "accountant": None, "max_grad_norm": None,
-                "grad_sample_mode": None, "target_epsilon": None, "secure_rng": None, **common}
+                "grad_sample_mode": None, "target_epsilon": None, **common}
     return {
         **privacy_fields(plan.noise_multiplier, plan.sample_rate, steps, plan.delta, cfg.accountant),
         "max_grad_norm": cfg.max_grad_norm, "grad_sample_mode": cfg.grad_sample_mode,
-        "target_epsilon": cfg.target_epsilon,
-        "secure_rng": False,  # a seeded torch generator (reproducible), not a cryptographic one
-        **common,
+        "target_epsilon": cfg.target_epsilon, **common,
     }
 
 

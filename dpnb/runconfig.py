@@ -97,17 +97,40 @@ def run_config_from_dict(values: dict[str, Any], where: str = "config") -> RunCo
     return run
 
 
-def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a run config from YAML. `overrides` are dotted keys, e.g. {"finetune.target_epsilon": 3}."""
+def read_config_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The plain values of a YAML run config, with its `base:` file (relative to it) merged underneath.
+
+    `base: demo.yaml` takes every setting of demo.yaml and lets this file change some: mappings
+    (stage sections) merge key by key, anything else is replaced. Bases may chain, not loop.
+    """
     path = Path(path)
     if not path.exists():
         raise DpnbError(f"config file {path} does not exist; see configs/ for examples")
+    if path.resolve() in seen:
+        raise DpnbError(f"{path} is its own base (through {' -> '.join(str(p) for p in seen)}); break the loop")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise DpnbError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise DpnbError(f"{path} must hold a mapping of settings at the top level")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    return _merged(read_config_values(path.parent / str(base), (*seen, path.resolve())), values)
+
+
+def _merged(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(under)
+    for key, value in over.items():
+        merged[key] = _merged(under[key], value) if isinstance(value, dict) and isinstance(under.get(key), dict) \
+            else value
+    return merged
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a run config from YAML. `overrides` are dotted keys, e.g. {"finetune.target_epsilon": 3}."""
+    values = read_config_values(path)
     for dotted, value in (overrides or {}).items():
         set_dotted(values, dotted, value)
     return run_config_from_dict(values, where=str(path))

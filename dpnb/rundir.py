@@ -11,7 +11,8 @@ One experiment is one directory, `runs/<name>/` by default; `RunDir` names every
     model/                    02 finetune: the trained model or adapter, with its tokenizer
     train_log.jsonl           02 finetune: one line per logical (noise-adding) step
     privacy.json              02 finetune: the privacy guarantee of the run
-    checkpoints/latest.pt     02 finetune: the latest resumable state
+    checkpoints/latest.pt     02 finetune: the latest resumable state (private: RNG states, optimizer)
+    checkpoints/identity.json 02 finetune: hashes of the records the model was trained on (private)
     synthetic/, zero_shot/    03 generate: labelled synthetic data sets with a dataset card; shards/
                               holds the samples written so far, so an interrupted run resumes
     metrics.json              04 evaluate (evaluate/ holds finished sources while it runs)
@@ -54,9 +55,21 @@ def _plain(config: Any) -> Any:
     return json.loads(to_json(config))
 
 
+def _same_number_same_json(value: Any) -> Any:
+    """Whole floats as ints, so 8 and 8.0 (a config built in Python, then read back from JSON) hash alike."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _same_number_same_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_same_number_same_json(v) for v in value]
+    return value
+
+
 def config_fingerprint(config: Any) -> str:
     """A short, stable hash of a stage config, to tell whether saved outputs match a request."""
-    return hashlib.sha256(to_json(config).encode()).hexdigest()[:16]
+    canonical = _same_number_same_json(json.loads(to_json(config)))
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:
@@ -91,6 +104,8 @@ class RunDir:
     privacy = property(lambda self: self.path / "privacy.json")
     checkpoints = property(lambda self: self.path / "checkpoints")
     checkpoint = property(lambda self: self.path / "checkpoints" / CHECKPOINT_FILE)
+    # what the finished training was made from (model, config, record hashes): private, like the records
+    training_identity = property(lambda self: self.path / "checkpoints" / "identity.json")
     synthetic = property(lambda self: self.path / "synthetic")
     zero_shot = property(lambda self: self.path / "zero_shot")
     metrics = property(lambda self: self.path / "metrics.json")
@@ -121,6 +136,7 @@ class RunDir:
         self.privacy.unlink(missing_ok=True)
         self.train_log.unlink(missing_ok=True)
         self.checkpoint.unlink(missing_ok=True)
+        self.training_identity.unlink(missing_ok=True)
         if self.model.exists():
             shutil.rmtree(self.model)
 

@@ -47,6 +47,7 @@ from transformers import GenerationConfig
 
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance, dataset_card, guarantee_summary
+from dpnb.decoding import is_supported, sample_continuations
 from dpnb.errors import DpnbError, require
 from dpnb.io import append_jsonl, atomic_directory, read_json, read_jsonl, to_json, write_json_atomic, write_text_atomic
 
@@ -161,9 +162,29 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | 
 # --------------------------------------------------------------------------- sampling
 
 
-def sampling_settings(cfg: GenerateConfig) -> dict[str, Any]:
+def sampling_engine(cfg: GenerateConfig, model: PreTrainedModel) -> str:
+    """"fast" (dpnb.decoding) or "hf" (transformers' generate) for this config and model.
+
+    "auto" takes the fast sampler on the CPU when it supports the architecture; on a GPU it keeps
+    HF generate, whose CUDA path is the tested one.
+    """
+    if cfg.engine != "auto":
+        if cfg.engine == "fast":
+            is_supported(model)  # a clear error for an architecture it does not know
+        return cfg.engine
+    if model.device.type != "cpu":
+        return "hf"
+    try:
+        is_supported(model)
+    except DpnbError:
+        return "hf"
+    return "fast"
+
+
+def sampling_settings(cfg: GenerateConfig, engine: str | None = None) -> dict[str, Any]:
     """The settings a sample depends on, as recorded in generation.json and the dataset card."""
     return {
+        "engine": engine or cfg.engine,
         "temperature": cfg.temperature,
         "top_p": cfg.top_p,
         "top_k": cfg.top_k,
@@ -296,6 +317,7 @@ def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list
                    progress: bool, on_shard: Callable[[int], None] | None) -> None:
     """Sample every shard not on disk yet, writing each atomically as soon as it is complete."""
     gen_config = generation_config(cfg, stop_ids, pad_id)
+    engine = sampling_engine(cfg, model)
     missing = [spec for spec in specs if not (shards / spec.name).exists()]
     total = sum(spec.n for spec in specs)
     done = total - sum(spec.n for spec in missing)
@@ -313,9 +335,17 @@ def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list
             # fork_rng: seeding the shard must not disturb the caller's random state
             with torch.random.fork_rng(devices=cuda_devices):
                 torch.manual_seed(shard_seed(cfg.seed, spec.label, spec.shard_in_label))
-                for start in range(0, spec.n, cfg.batch_size):
-                    rows = sample_batch(model, prompts[spec.label], min(cfg.batch_size, spec.n - start),
-                                        gen_config, stop_ids)
+                if engine == "fast":  # one call: finished rows take the next sample of the shard
+                    generator = torch.Generator(device=model.device).manual_seed(
+                        shard_seed(cfg.seed, spec.label, spec.shard_in_label))
+                    batches = [sample_continuations(
+                        model, prompts[spec.label], spec.n, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
+                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        min_new_tokens=cfg.min_new_tokens, batch_size=cfg.batch_size, generator=generator)]
+                else:
+                    batches = (sample_batch(model, prompts[spec.label], min(cfg.batch_size, spec.n - start),
+                                            gen_config, stop_ids) for start in range(0, spec.n, cfg.batch_size))
+                for rows in batches:
                     for token_ids, stopped in rows:
                         records.append({"label": spec.label, "label_name": label_names[spec.label],
                                         "index": spec.shard_in_label * cfg.shard_size + len(records),
@@ -450,6 +480,7 @@ def sample_labelled(
     stop_ids = stop_token_ids(tokenizer, model, chat=chat)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     specs = plan_shards([cfg.n_per_label] * len(label_names), cfg.shard_size)
+    settings = sampling_settings(cfg, sampling_engine(cfg, model))
     plan = {
         "version": PLAN_VERSION,
         "model_fingerprint": model_fingerprint(model),
@@ -458,7 +489,7 @@ def sample_labelled(
         "labels": label_names,
         "prompt_ids": dict(zip(label_names, prompts, strict=True)),
         "stop_ids": stop_ids,
-        "sampling": sampling_settings(cfg),
+        "sampling": settings,
     }
     postprocessing = {"min_words": cfg.min_words, "max_repeat_fraction": cfg.max_repeat_fraction}
     _prepare_shard_dir(out_dir, plan, postprocessing, overwrite)
@@ -476,7 +507,7 @@ def sample_labelled(
         "kept_total": len(rows["text"]),
         **_speed(shards, specs),
         "wall_time_s": round(time.time() - started, 2),
-        "sampling": sampling_settings(cfg),
+        "sampling": settings,
         "postprocessing": postprocessing,
         "prompts": {name: tokenizer.decode(ids) for name, ids in zip(label_names, prompts, strict=True)},
         "stop_tokens": tokenizer.convert_ids_to_tokens(stop_ids),

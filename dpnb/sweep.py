@@ -19,14 +19,11 @@ import string
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import IO, Any
-
-import yaml
 
 from dpnb.errors import DpnbError
 from dpnb.io import write_text_atomic
-from dpnb.runconfig import RunConfig, run_config_from_dict, set_dotted, to_yaml
+from dpnb.runconfig import RunConfig, read_config_values, run_config_from_dict, set_dotted, to_yaml
 from dpnb.rundir import RunDir
 
 
@@ -36,7 +33,7 @@ def expand_sweep(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     The runs are the grid's combinations (cartesian product), then the explicit `runs`, each a dict
     of overrides taken as it is; a run's name comes from the template unless it sets `name`.
     """
-    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    values = read_config_values(path)
     sweep = values.pop("sweep", None)
     if not isinstance(sweep, dict):
         raise DpnbError(f"{path} has no 'sweep:' section; see configs/sweep-eps.yaml")

@@ -107,3 +107,32 @@ def test_report_builds_the_papers_table_from_run_files(tmp_path):
     assert (tmp_path / "report" / "loss_vs_epsilon.png").stat().st_size > 1000
     # The report directory is not itself taken for a run on a second pass.
     assert report.write_report(tmp_path, tmp_path / "report")["runs"] == 3
+
+
+def test_verify_recomputes_with_two_accountant_libraries_and_catches_a_wrong_step_count(tmp_path, capsys,
+                                                                                        monkeypatch):
+    from dpnb import privacy
+
+    run = RunDir(tmp_path / "run")
+    record = {"dp": True, "dp_release": True, **privacy.privacy_fields(0.4971, 0.125, 8, 1.05e-3, "prv")}
+    write_json_atomic(run.privacy, record)
+    assert cli.main(["verify", str(run.path)]) == 0
+    printed = capsys.readouterr().out
+    assert "Opacus PRV" in printed and "Google dp-accounting: PLD 7.98" in printed and "agrees" in printed
+    # the same epsilon claimed for twice the steps: Opacus's own recomputation already disagrees ...
+    write_json_atomic(run.privacy, {**record, "steps": 16})
+    assert cli.main(["verify", str(run.path)]) != 0
+    # ... and a bug in the primary accounting path (here: epsilon 20% low, consistently in the record and in
+    # the recomputation) passes Opacus's own check but is caught by the independent library
+    buggy = privacy.epsilon_spent
+
+    def under_counting(*args, **kwargs):
+        return 0.8 * buggy(*args, **kwargs)
+
+    monkeypatch.setattr(privacy, "epsilon_spent", under_counting)
+    low = {**record, **privacy.privacy_fields(0.4971, 0.125, 8, 1.05e-3, "prv")}
+    assert low["epsilon"] < 0.81 * record["epsilon"]
+    write_json_atomic(run.privacy, low)
+    privacy.verify_privacy(low)  # the buggy path agrees with itself
+    assert cli.main(["verify", str(run.path)]) != 0
+    assert "UNDER-CLAIM" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from nbtools import REPO
 
 from dpnb.config import FinetuneConfig, PrepareConfig, build
 from dpnb.errors import DpnbError
-from dpnb.runconfig import load_run_config, run_config_from_dict, set_dotted
+from dpnb.runconfig import load_run_config, read_config_values, run_config_from_dict, set_dotted
 from dpnb.sweep import expand_sweep
 
 
@@ -75,10 +75,10 @@ def test_load_run_config_with_dotted_overrides(tmp_path):
         load_run_config(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "sweep-eps.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_are_valid(name):
     path = REPO / "configs" / name
-    if name == "demo.yaml":
+    if "sweep" not in read_config_values(path):
         load_run_config(path)
     else:
         runs, base = expand_sweep(str(path))
@@ -91,3 +91,16 @@ def load_run_config_from(base, overrides):
     for key, value in overrides.items():
         set_dotted(values, key, value)
     return run_config_from_dict(values)
+
+
+def test_a_config_takes_its_base_and_changes_only_what_it_names(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: demo\nseed: 3\nfinetune: {target_epsilon: 8, lr: 0.01}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nstages: [prepare, finetune, audit]\n"
+                                         "finetune: {target_epsilon: 2}\naudit: {n_canaries: 64}\n")
+    run = load_run_config(tmp_path / "child.yaml")
+    assert run.name == "demo" and run.seed == 3 and run.stages == ("prepare", "finetune", "audit")
+    assert run.finetune.target_epsilon == 2 and run.finetune.lr == 0.01  # sections merge key by key
+    assert run.audit.n_canaries == 64
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(DpnbError, match="its own base"):
+        load_run_config(tmp_path / "loop.yaml")

@@ -10,12 +10,12 @@ import pytest
 from dpnb.classifier import classification_metrics
 from dpnb.embeddings import (
     fit_logistic_regression,
-    load_encoder,
     mauve_score,
     predict_embedding_classifier,
     sentence_embeddings,
     train_embedding_classifier,
 )
+from dpnb.models import load_encoder
 
 GOOD = ["wonderful", "great", "brilliant", "superb", "delightful"]
 BAD = ["terrible", "awful", "dreadful", "boring", "horrible"]

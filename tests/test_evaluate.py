@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from conftest import toy_reviews, write_csv
 
-from dpnb import classifier, memorisation
+from dpnb import classifier, embeddings, memorisation
 from dpnb.config import EvaluateConfig, GenerateConfig, PrepareConfig, build
 from dpnb.errors import DpnbError
+from dpnb.io import write_json_atomic
 from dpnb.models import load_tokenizer
 from dpnb.rundir import RunDir
-from dpnb.stages import evaluate
+from dpnb.stages import evaluate, report
 
 # A review unlike the toy ones, long enough to stand out when copied verbatim.
 LONG_REVIEW = (
@@ -54,6 +55,24 @@ def test_macro_f1_for_three_labels():
     assert m["f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_standard_errors_match_hand_computation():
+    # real: p = 0.8 on 100 -> sqrt(0.8 * 0.2 / 100) = 0.04; synthetic: p = 0.6 -> sqrt(0.24 / 100) = 0.0489898;
+    # synthetic - real = -0.2 with se sqrt(0.0016 + 0.0024) = sqrt(0.004) = 0.0632456, z = -3.1623.
+    # zero_shot was not trained (no accuracy): left out, and so are its differences.
+    metrics = {"real": {"accuracy": 0.8, "n_test": 100}, "synthetic": {"accuracy": 0.6, "n_test": 100},
+               "zero_shot": {"accuracy": None, "n_test": 100}, "meta": {}}
+    errors = evaluate.standard_errors(metrics)
+    assert set(errors["accuracy"]) == {"real", "synthetic"}
+    assert errors["accuracy"]["real"]["se"] == pytest.approx(0.04)
+    assert errors["accuracy"]["synthetic"]["se"] == pytest.approx(0.0489898, abs=1e-7)
+    assert list(errors["differences"]) == ["synthetic - real"]
+    difference = errors["differences"]["synthetic - real"]
+    assert difference["difference"] == pytest.approx(-0.2)
+    assert difference["se"] == pytest.approx(0.0632456, abs=1e-7)
+    assert difference["z"] == pytest.approx(-3.16228, abs=1e-5)
+    assert evaluate.accuracy_standard_error(1.0, 20) == 0.0 and evaluate.accuracy_standard_error(None, 20) is None
 
 
 def test_label_fidelity_overall_and_per_label():
@@ -162,6 +181,11 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     assert set(synthetic["label_fidelity"]["per_label"]) == {"negative", "positive"}
     assert zero_shot["diversity"]["duplicate_share"] == pytest.approx(1 / 4)  # "a film" twice
     assert metrics["meta"]["real_reference"]["test_memorisation"]["n_flagged"] == 0
+    # the fine-tuned classifier is named; MAUVE is computed beside it (on MiniLM features), n per side
+    assert (metrics["meta"]["classifier"], metrics["meta"]["classifier_kind"]) == ("minilm-l6", "finetune")
+    for entry, n_source in ((real, 16), (synthetic, 16), (zero_shot, 4)):  # real: as many as the largest set
+        assert 0 <= entry["mauve"] <= 1
+        assert (entry["mauve_details"]["n_source"], entry["mauve_details"]["n_heldout"]) == (n_source, 20)
     for name in ("confusion_real.png", "confusion_synthetic.png", "confusion_zero_shot.png", "lengths.png",
                  "memorisation.png"):
         assert (run.figures / name).stat().st_size > 0
@@ -215,3 +239,82 @@ def test_missing_zero_shot_is_skipped_with_a_note_and_an_interrupted_run_resumes
     assert evaluate.evaluated_sources(metrics) == ["real", "synthetic"]
     assert "zero_shot: false" in metrics["meta"]["skipped"]["zero_shot"]
     assert metrics["synthetic"]["label_fidelity"]["n"] == 16
+
+
+# --------------------------------------------------------------------------- the embedding classifier and MAUVE
+
+
+def test_embedding_classifier_path_embeds_each_set_once_and_reports_like_the_fine_tuned_one(tmp_path, monkeypatch):
+    run = build_run(tmp_path)
+    embedded = []  # sizes of the text sets embedded
+    embed = embeddings.sentence_embeddings
+
+    def counting(texts, *args, **kwargs):
+        embedded.append(len(texts))
+        return embed(texts, *args, **kwargs)
+
+    monkeypatch.setattr(embeddings, "sentence_embeddings", counting)
+    cfg = build(EvaluateConfig, {**TINY, "classifier_kind": "embedding"})
+    started = time.time()
+    metrics = evaluate.run_stage(run, cfg)
+    wall_s = time.time() - started
+
+    # real 32, test 20, synthetic 16, zero_shot 4: each once, for the classifiers, fidelity and MAUVE
+    assert sorted(embedded) == [4, 16, 20, 32]
+    meta = metrics["meta"]
+    assert (meta["classifier"], meta["classifier_kind"]) == ("minilm-l6", "embedding")
+    assert meta["classifier_description"] == "logistic regression on frozen minilm-l6 embeddings"
+    assert meta["embedding_timing"][0]["texts"] == 72 and meta["mauve"]["n_heldout"] == 20
+    print(f"embedding path: stage {wall_s:.1f} s, {meta['embedding_timing'][0]}")
+
+    real, synthetic, zero_shot = metrics["real"], metrics["synthetic"], metrics["zero_shot"]
+    common = {"n_train", "n_test", "accuracy", "f1", "f1_average", "confusion_matrix", "label_counts", "trained",
+              "notes", "mauve", "mauve_details"}
+    for entry in (real, synthetic, zero_shot):
+        assert common <= set(entry)
+        assert 0 <= entry["mauve"] <= 1 and sum(map(sum, entry["confusion_matrix"])) == 20
+    assert (real["n_train"], synthetic["n_train"], zero_shot["n_train"]) == (32, 16, 4)
+    assert real["trained"] and real["C"] in embeddings.DEFAULT_CS and real["accuracy"] >= 0.8  # an easy task
+    assert synthetic["trained"] and synthetic["accuracy"] >= 0.8
+    assert zero_shot["trained"] is False and zero_shot["accuracy"] == pytest.approx(0.5)  # one label
+    details = real["mauve_details"]
+    assert (details["n_source"], details["n_heldout"], details["features"]) == (16, 20, "minilm-l6")
+    assert details["num_buckets"] == 2 and details["seed"] == 0
+    assert zero_shot["mauve_details"]["n_source"] == 4
+    fidelity = synthetic["label_fidelity"]
+    assert fidelity["n"] == 16 and set(fidelity["per_label"]) == {"negative", "positive"}
+    assert fidelity["overall"] >= 0.8  # toy reviews: the real-data classifier reads their labels
+    assert evaluate.metrics_table(metrics).shape == (3, 11)
+    utility = evaluate.utility_table(metrics)
+    assert utility.loc["zero_shot", "accuracy_se"] == pytest.approx((0.25 / 20) ** 0.5)
+    assert utility.loc["real", "mauve"] == real["mauve"]
+
+    # the report names the classifier and carries MAUVE and the standard error
+    write_json_atomic(run.privacy, {"dp": True, "epsilon": 4.0, "delta": 1e-5, "noise_multiplier": 0.9, "steps": 5})
+    result = report.write_report(tmp_path, tmp_path / "report")
+    table = result["table"].set_index("source")
+    assert list(result["table"].source) == ["real", "zero_shot", "synthetic"]
+    assert set(table.classifier) == {"minilm-l6 (embedding)"}
+    assert table.loc["synthetic", "mauve"] == synthetic["mauve"] and table.loc["real", "mauve"] == real["mauve"]
+    assert table.loc["zero_shot", "accuracy_se"] == pytest.approx((0.25 / 20) ** 0.5)
+    csv_header = (tmp_path / "report" / "table.csv").read_text().splitlines()[0].split(",")
+    assert {"classifier", "accuracy_se", "mauve"} <= set(csv_header)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| accuracy_se |" in text and "minilm-l6 (embedding)" in text and "sqrt(p (1 - p) / n_test)" in text
+    assert (tmp_path / "report" / "accuracy_vs_epsilon.png").stat().st_size > 1000
+
+
+def test_mauve_can_be_switched_off_and_capped(tmp_path):
+    run = build_run(tmp_path, zero_shot=False)
+    metrics = evaluate.run_stage(run, build(EvaluateConfig, {**TINY, "classifier_kind": "embedding", "mauve": False}))
+    assert metrics["synthetic"]["mauve"] is None and "false" in metrics["synthetic"]["mauve_details"]["note"]
+    assert metrics["meta"]["mauve"] is None
+    capped = evaluate.run_stage(run, build(EvaluateConfig, {**TINY, "classifier_kind": "embedding",
+                                                            "mauve_max_texts": 8}), force=True)
+    for source in ("real", "synthetic"):
+        details = capped[source]["mauve_details"]
+        assert (details["n_source"], details["n_heldout"]) == (8, 8) and 0 <= capped[source]["mauve"] <= 1
+    # the classifier is untouched by MAUVE's settings
+    assert capped["synthetic"]["accuracy"] == metrics["synthetic"]["accuracy"]
+    with pytest.raises(DpnbError, match="classifier_kind"):
+        build(EvaluateConfig, {"classifier_kind": "svm"})

@@ -15,12 +15,14 @@ import datasets
 import pytest
 import torch
 from conftest import toy_reviews
+from opacus.optimizers.optimizer import DPOptimizer
 from safetensors.torch import load_file
 
 from dpnb import dpsgd, privacy
 from dpnb.checkpoints import TrainingInterrupted
 from dpnb.config import FinetuneConfig
 from dpnb.errors import DpnbError
+from dpnb.independent_accounting import cross_check
 from dpnb.models import (
     MODEL_CARD,
     build_model,
@@ -147,7 +149,7 @@ def one_dp_step(arch: str, cfg: FinetuneConfig, records: dpsgd.Records, indices:
     reference = copy.deepcopy(model)
     session = dpsgd.make_session(model, cfg, fixed_noise_plan(cfg, len(records), sigma), "cpu")
     with quiet_transformers():
-        _, to_backward = dpsgd.forward_losses(session, dpsgd.collate(records, indices, pad_id))
+        _, to_backward = dpsgd.forward_losses(session, records, indices, pad_id, False, "cpu")
         to_backward.backward()
         assert session.optimizer.pre_step()  # the end of a logical batch: clip, noise, scale, account
     return model, reference, session, notes
@@ -231,18 +233,27 @@ def test_training_lowers_the_loss_without_and_with_dp(toy, tokenizer, tmp_path):
             assert all(r["epsilon"] is None for r in log)
             privacy.verify_privacy(record)  # a non-DP record must not claim an epsilon
             continue
-        # the guarantee: at most the target, close to it, and recomputable from the record alone
+        # the guarantee: at most the target, close to it, for the q, T and delta the run really has
+        # (closed forms: q = 1/ceil(32/8), 6 steps, delta = 32^-1.1), as Google's dp_accounting computes it
         assert record["steps"] == 6 == record["planned_steps"]
+        assert record["sample_rate"] == 1 / math.ceil(32 / 8) and record["expected_batch_size"] == 8
+        assert record["delta"] == pytest.approx(32**-1.1, rel=1e-12)
         assert cfg.target_epsilon - 0.05 <= record["epsilon"] <= cfg.target_epsilon
         assert record["accountant"] == "prv" and set(record["epsilons"]) == {"rdp", "prv"}
-        assert record["delta"] == pytest.approx(privacy.default_delta(32))
-        privacy.verify_privacy(record)
+        checked = cross_check(record)  # PRV against Google's PLD, epsilons.rdp against Google's RDP
+        assert checked["agrees"] and checked["others"]["rdp"]["agrees"]
         assert log[0]["epsilon"] == 0.0 and log[-1]["epsilon"] == pytest.approx(record["epsilon"], rel=1e-9)
         assert all(a["epsilon"] < b["epsilon"] for a, b in zip(log[1:], log[2:], strict=False))
         for key in ("noise_multiplier", "sample_rate", "max_grad_norm", "dataset_size", "logical_batch_size",
                     "physical_batch_size", "epochs", "mode", "grad_sample_mode", "trainable_parameters",
-                    "versions", "train_sha256", "target_epsilon"):
+                    "versions", "target_epsilon", "deterministic", "noise_seeded_from", "dp_release", "release_note"):
             assert key in record
+        # privacy.json is shareable: no hash or identity of the private records, no seed of the noise
+        for key in ("train_sha256", "identity", "secure_rng", "seed"):
+            assert key not in record
+        assert record["deterministic"] is False and record["dp_release"] is True  # the default: OS entropy
+        assert "OS entropy" in record["noise_seeded_from"]
+        assert all("batch_size" not in r for r in log)  # how many records a step drew is not published
         assert (tmp_path / "True" / "model" / MODEL_CARD).exists()
         assert not (tmp_path / "True" / "checkpoints" / CHECKPOINT_FILE).exists()
 
@@ -309,7 +320,7 @@ def test_qlora_dp_gradient_is_the_clipped_sum_of_per_record_gradients(toy, token
     assert min(norms) > 2 * clip  # every record is clipped
     session = dpsgd.make_session(model, cfg, fixed_noise_plan(cfg, len(records), 0.0), "cpu")
     with quiet_transformers():
-        _, to_backward = dpsgd.forward_losses(session, dpsgd.collate(records, indices, pad))
+        _, to_backward = dpsgd.forward_losses(session, records, indices, pad, False, "cpu")
         to_backward.backward()
         trainable = [p for p in model.parameters() if p.requires_grad]
         assert all(p.grad_sample.shape[0] == len(indices) for p in trainable)
@@ -326,15 +337,23 @@ def test_qlora_dp_gradient_is_the_clipped_sum_of_per_record_gradients(toy, token
         torch.testing.assert_close(p.grad * divisor, clipped_sum, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
-def test_empty_poisson_batches_add_noise_and_count_as_steps(tokenizer, tmp_path):
+def test_empty_poisson_batches_add_noise_and_count_as_steps(tokenizer, tmp_path, monkeypatch):
+    noised = []
+    original = DPOptimizer.add_noise
+    monkeypatch.setattr(DPOptimizer, "add_noise", lambda self: noised.append(1) or original(self))
     data = toy_dataset(tokenizer, 16)
-    cfg = config(mode="lora", lora_r=2, logical_batch_size=1, physical_batch_size=1, max_steps=6, seed=3)
+    # deterministic: the seed's Poisson draw has empty logical batches (q = 1/16: each step is empty w.p. 0.36)
+    cfg = config(mode="lora", lora_r=2, logical_batch_size=1, physical_batch_size=1, max_steps=6, seed=3,
+                 deterministic=True)
     record = run("tiny-llama", data, cfg, tmp_path, tokenizer)
     log = finetune.read_train_log(tmp_path)
-    empty = [r for r in log[1:] if r["batch_size"] == 0]
-    assert empty and all(r["loss"] is None for r in empty)  # q = 1/16: some steps draw no record
-    assert record["steps"] == 6
-    privacy.verify_privacy(record)
+    empty = [r for r in log[1:] if r["loss"] is None]  # a step that drew no record logs no loss
+    assert empty and len(log) == 7
+    # every step, empty or not, added noise (counted here, apart from Opacus's accountant) and is accounted
+    assert len(noised) == 6 == record["steps"]
+    assert record["sample_rate"] == 1 / 16 and record["delta"] == pytest.approx(16**-1.1, rel=1e-12)
+    assert cross_check(record)["agrees"]  # the epsilon of 6 steps at q = 1/16, by Google's dp_accounting
+    assert record["dp_release"] is False  # deterministic
 
 
 def weights(directory):
@@ -347,8 +366,10 @@ def weights(directory):
     ("full", False, 4, "sigint"),  # at an epoch boundary, without DP
 ])
 def test_an_interrupted_run_resumes_to_the_same_result(mode, dp, stop_at, how, toy, tokenizer, tmp_path):
+    # deterministic: the whole run and the interrupted one draw the same noise and batches (by default
+    # both come from OS entropy, and resuming restores them from the checkpoint)
     cfg = config(mode=mode, dp=dp, lora_r=4, lora_dropout=0.1, max_steps=6, logical_batch_size=8,
-                 physical_batch_size=4, checkpoint_every=100, lr_schedule="linear")
+                 physical_batch_size=4, checkpoint_every=100, lr_schedule="linear", deterministic=True)
     whole = run("tiny-llama", toy, cfg, tmp_path / "whole", tokenizer)
     lrs = [r["lr"] for r in finetune.read_train_log(tmp_path / "whole")[1:]]
     assert lrs == pytest.approx([cfg.lr * (1 - k / 6) for k in range(6)])  # linear decay, step k uses 1 - k/6
@@ -445,5 +466,6 @@ def test_one_loss_figure_serves_a_run_and_a_report():
     report_axis = finetune.plot_loss_vs_epsilon(plain_log).axes[0]
     finetune.plot_loss_vs_epsilon({"eps1": dp_log, "nodp": plain_log, "empty": []}, ax=report_axis)
     labels = [line.get_label() for line in report_axis.lines[1:]]
-    assert labels == ["eps1"]  # beside DP runs, a run without an epsilon has no place on the axis
+    # beside DP runs, a run without an epsilon has no place on the axis (curves are labelled "name: ...")
+    assert labels and {label.split(":")[0] for label in labels} == {"eps1"}
     assert report_axis.get_legend() is not None

@@ -32,12 +32,21 @@ def test_audit_notebook(toy_data_dir, tmp_path, monkeypatch):
     config = {**TINY_AUDIT, "finetune_overrides": overrides, "synthetic_per_label": 2, "synthetic_max_new_tokens": 8}
     executed = execute_notebook("06_audit.ipynb", tmp_path / "executed", run_dir=str(run.path), config=config)
 
-    counts, privacy = checked_outputs(executed)
+    counts, privacy, ceilings, verdicts = checked_outputs(executed)
     summary = json.loads(run.audit.read_text())
     n_inserted = summary["canaries"]["n_inserted"]
     assert f"canaries: 20 ({n_inserted} inserted, each 4 time(s)); 40 reference canaries never inserted" in counts
     assert f"training records: 16 real + canaries = {16 + 4 * n_inserted}" in counts
     assert "nodp: no DP" in privacy and "dp: DP-SGD" in privacy
+    assert "claim tested by the audit (for a group of 4 copies)" in privacy
+    assert "nodp: no DP (no clipping, no noise): no claim, epsilon = infinity; its bound is at delta 0" in privacy
+    assert "2.647" in ceilings and "5.428" in ceilings  # 64 and 1000 canaries at delta 0
+    # canaries repeated 4 times: the DP twin's group claim (delta about 0.2 here) leaves the audit nothing to test
+    dp, nodp = summary["twins"]["dp"]["judgement"], summary["twins"]["nodp"]["judgement"]
+    assert dp["status"] == "vacuous" and not dp["safeguard_can_fire"] and dp["group_size"] == 4
+    assert nodp["status"] == "no_claim" and nodp["audit_delta"] == 0.0
+    assert "dp: claim epsilon" in verdicts and "verdict [vacuous]: vacuous:" in verdicts
+    assert "nodp: claim none (epsilon = infinity)" in verdicts and "verdict [no_claim]" in verdicts
     assert run.is_complete("audit")
     for twin in ("dp", "nodp"):
         assert (run.path / "audit" / twin / "audit.json").exists()

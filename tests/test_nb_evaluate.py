@@ -30,5 +30,11 @@ def test_evaluate_notebook(tmp_path, monkeypatch):
     assert "only label 'positive'" in scores
     metrics = json.loads(run.metrics.read_text())
     assert f"{metrics['zero_shot']['accuracy']:.1f}" == "0.5"
+    # the utility table names the classifier and gives MAUVE and the standard errors
+    printed = "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                      for cell in json.loads(executed.read_text())["cells"] for o in cell.get("outputs", []))
+    assert "classifier: minilm-l6 (finetune)" in printed and "accuracy_se" in printed and "mauve" in printed
+    assert "zero_shot - real: accuracy" in printed and "standard error" in printed
+    assert all(0 <= metrics[s]["mauve"] <= 1 for s in ("real", "synthetic", "zero_shot"))
     assert (run.figures / "memorisation.png").exists()
     nbval_check(executed)

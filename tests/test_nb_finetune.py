@@ -6,7 +6,7 @@ import json
 
 from nbtools import execute_notebook, nbval_check
 
-from dpnb import privacy
+from dpnb import independent_accounting, privacy
 from dpnb.config import PrepareConfig
 from dpnb.rundir import RunDir
 from dpnb.stages import prepare
@@ -24,6 +24,7 @@ def test_finetune_notebook(tmp_path, toy_data_dir, monkeypatch):
     record = json.loads(run.privacy.read_text())
     assert record["steps"] == 3 and record["mode"] == "lora" and record["dataset_size"] == 40
     privacy.verify_privacy(record)
+    assert independent_accounting.cross_check(record)["agrees"]
     cells = json.loads(executed.read_text())["cells"]
     checked = next(cell for cell in cells if "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT"))
     printed = "".join("".join(output.get("text", "")) for output in checked["outputs"])

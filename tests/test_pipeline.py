@@ -8,7 +8,7 @@ import math
 import pytest
 import yaml
 
-from dpnb import pipeline, privacy
+from dpnb import independent_accounting, pipeline, privacy
 from dpnb.errors import DpnbError
 from dpnb.io import read_json, read_jsonl
 from dpnb.registry import STAGES
@@ -52,6 +52,7 @@ def test_whole_pipeline_skip_refuse_force(tmp_path, toy_data_dir, capsys):
     record = read_json(run.privacy)
     assert record["dp"] is True and 0 < record["epsilon"] <= 8
     privacy.verify_privacy(record)  # Opacus recomputes the saved epsilon
+    assert independent_accounting.cross_check(record)["agrees"]  # and so does Google's dp-accounting
     log = read_jsonl(run.train_log)
     assert log[0]["step"] == 0 and log[0]["epsilon"] == 0
     assert log[-1]["step"] == record["steps"] and math.isclose(log[-1]["epsilon"], record["epsilon"], rel_tol=1e-6)

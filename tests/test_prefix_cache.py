@@ -110,7 +110,7 @@ def cached_dp_step(model, recs: Records, clip: float):
     optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=clip,
                             expected_batch_size=len(recs), loss_reduction="mean")
     indices = list(range(len(recs)))
-    batch = collate_cached(cache, recs, indices)
+    batch = collate_cached(cache, collate(recs, indices, pad_id=0), indices)
     final = gsm(**batch.model_inputs())
     losses = FrozenHeadLoss.of_model(model, chunk_size=7)(final[:, :-1], batch.targets, batch.target_mask)
     losses.mean().backward()
@@ -152,7 +152,7 @@ def test_top_blocks_reproduce_the_last_hidden_states(arch):
     assert [cache.length(i) for i in range(5)] == [len(r) for r in recs.input_ids]
     top = TopBlocks(model)
     indices = [3, 0, 2, 4]
-    batch = collate_cached(cache, recs, indices)
+    batch = collate_cached(cache, collate(recs, indices, pad_id=0), indices)
     tokens = collate(recs, indices, pad_id=0)
     assert batch.hidden_states.shape == (4, 13, 32)  # padded to this batch's longest record
     assert torch.equal(batch.targets, tokens.targets) and torch.equal(batch.target_mask, tokens.target_mask)
@@ -217,7 +217,7 @@ def test_saved_cache_is_private_and_round_trips(tmp_path):
     with pytest.raises(DpnbError, match="other records"):
         loaded.verify(records=other)
     with pytest.raises(DpnbError, match="other records"):
-        collate_cached(loaded, other, [0])
+        collate_cached(loaded, collate(other, [0], pad_id=0), [0])
     PrefixCache.delete(directory)
     assert not directory.exists()
     shared = tmp_path / "shared"

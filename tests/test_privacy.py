@@ -1,4 +1,10 @@
-"""Privacy accounting: sample rates as Opacus samples, calibration, accounting, checkpoints, records."""
+"""Privacy accounting: sample rates as Opacus samples, calibration, accounting, checkpoints, records.
+
+Every epsilon here comes from Opacus (dpnb.privacy); the tests check it against something that shares
+no code with Opacus: Google's dp_accounting (`dpnb.independent_accounting`: PLD for PRV, RDP for RDP,
+tolerance max(2%, 0.02) as `cross_check` uses) or the exact epsilon of the Gaussian mechanism without
+subsampling (Balle & Wang 2018), so that a wrong step count or sampling rate would fail them.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,42 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.data_loader import DPDataLoader
+from scipy.optimize import brentq
+from scipy.stats import norm
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpnb import privacy
 from dpnb.errors import DpnbError
+from dpnb.independent_accounting import DEFAULT_SLACK, MIN_SLACK, cross_check, google_epsilons
 
 DELTA = 1e-5
+KIND = {"prv": "pld", "rdp": "rdp"}  # the Google number each Opacus accountant is compared with
+
+
+@functools.cache
+def google_both(sigma: float, rate: float, steps: int, delta: float) -> dict:
+    return google_epsilons(sigma, rate, steps, delta)
+
+
+def google(sigma: float, rate: float, steps: int, delta: float, accountant: str) -> float:
+    return google_both(sigma, rate, steps, delta)[KIND[accountant]]
+
+
+def assert_agrees_with_google(epsilon: float, sigma: float, rate: float, steps: int, delta: float,
+                              accountant: str) -> None:
+    reference = google(sigma, rate, steps, delta, accountant)
+    assert abs(epsilon - reference) <= max(DEFAULT_SLACK * reference, MIN_SLACK), (epsilon, reference)
+
+
+def exact_gaussian_epsilon(sigma: float, steps: int, delta: float) -> float:
+    """Exact epsilon of `steps` Gaussian steps without subsampling (q = 1): one Gaussian mechanism with
+    noise sigma / sqrt(T), whose delta(eps) is Phi(1/2s - eps s) - e^eps Phi(-1/2s - eps s) (Balle & Wang 2018)."""
+    s = sigma / math.sqrt(steps)
+
+    def delta_at(eps: float) -> float:
+        return norm.cdf(1 / (2 * s) - eps * s) - math.exp(eps + norm.logcdf(-1 / (2 * s) - eps * s))
+
+    return brentq(lambda eps: delta_at(eps) - delta, 0.0, 500.0, xtol=1e-12)
 
 
 # --------------------------------------------------------------------------- sampling and steps
@@ -91,6 +127,21 @@ def test_calibrated_noise_meets_the_target_closely(accountant, target, rate, ste
     spent = privacy.epsilon_spent(sigma, rate, steps, DELTA, accountant)
     assert spent <= target
     assert spent >= 0.99 * target
+    # independently: Google's accountant of the same kind puts the calibrated sigma at the target too
+    assert_agrees_with_google(target, sigma, rate, steps, DELTA, accountant)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("target, steps", [(1.0, 10), (4.0, 3)])
+def test_calibration_without_subsampling_meets_the_exact_gaussian_epsilon(accountant, target, steps):
+    # q = 1: the exact epsilon has a closed form; both accountants are upper bounds on it, PRV a tight one
+    sigma = privacy.calibrate_noise(target, DELTA, 1.0, steps, accountant)
+    exact = exact_gaussian_epsilon(sigma, steps, DELTA)
+    assert exact <= privacy.epsilon_spent(sigma, 1.0, steps, DELTA, accountant) <= target
+    if accountant == "prv":
+        assert exact >= target - 0.03  # PRV: upper end of a 0.01-wide interval, calibrated 0.2% below target
+    else:
+        assert exact < target  # RDP's conversion loses: it calibrates more noise than needed
 
 
 @pytest.mark.parametrize("target, rate, steps", CALIBRATION_SETTINGS)
@@ -108,18 +159,39 @@ def test_accountants_order_gdp_below_prv_below_rdp_when_subsampled(sigma, rate, 
 
 @pytest.mark.parametrize("delta", [DELTA, privacy.default_delta(25_000), privacy.default_delta(800)])
 def test_epsilon_equals_what_an_opacus_accountant_reports_after_stepping(delta):
-    # the same number PrivacyEngine.get_epsilon(delta) prints during training, to the last bit
+    # the same number PrivacyEngine.get_epsilon(delta) prints during training, to the last bit, and the
+    # number Google's accountant gives for 12 steps at q = 0.05 (beyond the tolerance from 6 or 24 steps')
     for accountant in (RDPAccountant(), PRVAccountant()):
         for _ in range(12):
             accountant.step(noise_multiplier=0.9, sample_rate=0.05)
-        assert accountant.get_epsilon(delta) == privacy.epsilon_spent(0.9, 0.05, 12, delta, accountant.mechanism())
+        spent = privacy.epsilon_spent(0.9, 0.05, 12, delta, accountant.mechanism())
+        assert accountant.get_epsilon(delta) == spent
+        assert_agrees_with_google(spent, 0.9, 0.05, 12, delta, accountant.mechanism())
+        for wrong in (6, 24):
+            assert abs(google(0.9, 0.05, wrong, delta, accountant.mechanism()) - spent) > max(0.05 * spent, MIN_SLACK)
 
 
-def test_privacy_fields_has_both_accountants():
-    fields = privacy.privacy_fields(1.0, 0.04, 20, DELTA, "rdp")
-    assert set(fields["epsilons"]) == {"rdp", "prv"}
-    assert fields["epsilons"]["prv"] == privacy.epsilon_spent(1.0, 0.04, 20, DELTA, "prv")
-    assert fields["epsilon"] == fields["epsilons"]["rdp"] == privacy.epsilon_spent(1.0, 0.04, 20, DELTA, "rdp")
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_privacy_fields_has_both_accountants_and_google_agrees(accountant):
+    fields = privacy.privacy_fields(1.0, 0.04, 20, DELTA, accountant)
+    assert set(fields["epsilons"]) == {"rdp", "prv"} and fields["epsilon"] == fields["epsilons"][accountant]
+    assert (fields["noise_multiplier"], fields["sample_rate"], fields["steps"], fields["delta"],
+            fields["accountant"]) == (1.0, 0.04, 20, DELTA, accountant)
+    reference = google_both(1.0, 0.04, 20, DELTA)
+    assert abs(fields["epsilons"]["prv"] - reference["pld"]) <= MIN_SLACK  # measured +0.008..0.011
+    assert fields["epsilons"]["rdp"] == pytest.approx(reference["rdp"], rel=0.005)  # measured <= 0.13%
+    assert reference["pld"] < reference["rdp"]
+    checked = cross_check({"dp": True, **fields})
+    assert checked["agrees"] and checked["others"][{"rdp": "prv", "prv": "rdp"}[accountant]]["agrees"]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("wrong", [{"steps": 40}, {"steps": 10}, {"sample_rate": 0.08}, {"sample_rate": 0.02}])
+def test_a_record_whose_steps_or_sample_rate_are_not_its_epsilons_fails_the_cross_check(accountant, wrong):
+    # epsilon computed for 20 steps at q = 0.04, the record claiming other numbers: Google catches it
+    record = {"dp": True, **privacy.privacy_fields(1.0, 0.04, 20, DELTA, accountant), **wrong}
+    with pytest.raises(DpnbError, match="disagrees with Google"):
+        cross_check(record)
 
 
 def test_privacy_fields_leaves_out_a_refusing_comparison_accountant_but_not_the_chosen_one(monkeypatch):
@@ -158,6 +230,8 @@ def test_tracker_reports_exact_epsilon_or_the_next_computed_steps():
     exact = privacy.EpsilonTracker(sigma, rate, DELTA, "prv", steps)
     assert exact.epsilon(0) == 0.0
     assert exact.epsilon(7) == privacy.epsilon_spent(sigma, rate, 7, DELTA, "prv")
+    assert_agrees_with_google(exact.epsilon(7), sigma, rate, 7, DELTA, "prv")  # 7 steps' epsilon, not 6's or 8's
+    assert all(abs(google(sigma, rate, t, DELTA, "prv") - exact.epsilon(7)) > MIN_SLACK for t in (6, 8))
     coarse = privacy.EpsilonTracker(sigma, rate, DELTA, "prv", steps, exact_every=5)
     assert not coarse.is_exact(7) and coarse.computed_at(7) == 10
     assert coarse.epsilon(7) == privacy.epsilon_spent(sigma, rate, 10, DELTA, "prv") > exact.epsilon(7)
@@ -169,6 +243,13 @@ def test_rdp_tracker_matches_the_accountant_at_every_step():
     tracker = privacy.EpsilonTracker(0.7, 0.04, DELTA, "rdp", 300)
     for step in (0, 1, 2, 25, 299, 300, 301):
         assert tracker.epsilon(step) == privacy.epsilon_spent(0.7, 0.04, step, DELTA, "rdp")
+    # the train log's per-step epsilon is Google's RDP epsilon of that many steps (0.5%: measured <= 0.13%;
+    # one step more moves it by 5% or more at 1 or 2 steps)
+    assert tracker.epsilon(0) == 0.0
+    for step in (1, 2, 5, 25):
+        assert tracker.epsilon(step) == pytest.approx(google(0.7, 0.04, step, DELTA, "rdp"), rel=0.005)
+    for step in (1, 2):
+        assert tracker.epsilon(step) != pytest.approx(google(0.7, 0.04, step + 1, DELTA, "rdp"), rel=0.05)
 
 
 # --------------------------------------------------------------------------- checkpoints and records
@@ -198,10 +279,14 @@ def _record() -> dict:
     return {"dp": True, **privacy.privacy_fields(0.9, 0.05, 8, DELTA, "prv")}
 
 
-def test_record_verifies_after_json_round_trip():
-    record = json.loads(json.dumps(_record()))
-    assert privacy.recompute_epsilon(record) == record["epsilon"]
-    privacy.verify_privacy(record)
+def test_record_survives_a_json_round_trip_and_google_agrees():
+    record = _record()
+    again = json.loads(json.dumps(record))
+    assert again == record  # floats survive JSON exactly
+    assert privacy.recompute_epsilon(again) == record["epsilon"]
+    privacy.verify_privacy(again)
+    checked = cross_check(again)  # the round-tripped record's epsilon is Google's for 8 steps at q = 0.05
+    assert checked["agrees"] and 0 <= checked["difference"] <= MIN_SLACK
 
 
 @pytest.mark.parametrize("tamper", [

@@ -40,6 +40,7 @@ from matplotlib.figure import Figure
 
 from dpnb.attacks import (
     Groups,
+    audit_ceiling,
     canaries_to_certify,
     canary_attack,
     group_privacy,
@@ -237,7 +238,8 @@ def judge(claim: dict[str, Any] | None, one_run: dict[str, Any], group_size: int
     what = (f"claim epsilon {epsilon:.3g}, delta {delta:.3g}" if group_size == 1 else
             f"group claim for a canary inserted {group_size} times: epsilon {epsilon:.3g}, delta {delta:.3g} "
             f"(from {claim['record_epsilon']:.3g}, {claim['record_delta']:.3g} per record)")
-    need = (f"certifying epsilon {epsilon:.3g} would need at least {needed:,} canaries" if needed is not None
+    need = (f"certifying epsilon {epsilon:.3g} would need at least {needed:,} canaries (that many at delta 0; "
+            f"a positive delta needs more)" if needed is not None
             else f"certifying epsilon {epsilon:.3g} would need more than {MAX_CANARIES_REPORTED:,} canaries")
     if delta >= 1 or ceiling <= 0:
         why = "its delta is 1, so it promises nothing" if delta >= 1 else "its delta is too large for this test"
@@ -489,6 +491,21 @@ def summary_table(summary: dict[str, Any]) -> pd.DataFrame:
             "MIA TPR @ 0.1% FPR": round(twin["mia"]["loss"]["tpr_at_fpr"]["0.001"], 3),
         }
     return pd.DataFrame(rows)
+
+
+def ceiling_table(n_canaries: Sequence[int], confidence: float, claim: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The audit's ceiling (its bound with every guess right) for several canary counts.
+
+    At delta 0, and at the delta of `claim` (the DP twin's) when given: a delta > 0 lowers it.
+    """
+    rows = {}
+    for m in sorted(set(n_canaries)):
+        row = {"ceiling (delta 0)": round(audit_ceiling(m, confidence=confidence), 3)}
+        if claim is not None:
+            row[f"ceiling (delta {claim['delta']:.3g})"] = round(
+                audit_ceiling(m, confidence=confidence, delta=float(claim["delta"])), 3)
+        rows[m] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("canaries")
 
 
 def plot_roc_curves(details: dict[str, dict[str, Any]]) -> Figure:

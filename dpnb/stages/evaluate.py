@@ -7,6 +7,30 @@ split. If synthetic data captured what matters in the real data for the task, th
 score alike. F1 is the binary F1 of the positive class (label 1) for two labels and the macro F1
 otherwise; the entry says which in `f1_average`.
 
+The classifier is `classifier` fine-tuned (`classifier_kind: finetune`, the paper's recipe) or
+logistic regression on its frozen sentence embeddings (`classifier_kind: embedding`: seconds, and
+steadier on a few hundred texts); `meta` names both. In the embedding path every text set (the real
+training subsample, each synthetic set, the test set) is embedded once and its features reused:
+by every classifier that reads it, for label fidelity and for MAUVE.
+
+**Standard errors** (`standard_errors`). An accuracy p measured on n_test test texts has standard
+error sqrt(p (1 - p) / n_test) (binomial sampling of the test set). A difference between two
+sources has standard error sqrt(se_1^2 + se_2^2), about sqrt(2) se when the two are close; this
+treats the two as independent, which overstates it a little when both are scored on the same test
+texts (their errors are positively correlated). Only the test sampling is counted, not the spread
+over training seeds.
+
+**MAUVE** (`dpnb.embeddings.mauve_score`; when `mauve` is set). How close the distribution of a
+source's texts is to that of held-out real reviews, on MiniLM sentence embeddings (cut to
+`max_length` tokens): 1 when indistinguishable, near 0 when disjoint. The held-out reviews are the
+real test texts, the same ones the classifiers are scored on: MAUVE only compares two distributions
+and nothing is chosen or tuned on it, so reusing them costs nothing. Each synthetic set is compared
+as a whole (at most `mauve_max_texts` texts per side, a random subsample drawn with `seed`); the
+`real` source gets a reference: as many real training texts (from the `n_real_train` subsample) as
+the largest synthetic set, against the same held-out texts, the ceiling to read the others against.
+Both n are stored in `mauve_details`: below a few hundred texts per side, MAUVE is a coarse ordering
+(see `dpnb.embeddings`).
+
 **Fidelity, diversity, length** (synthetic sets only):
 - label fidelity: the classifier trained on real data labels the synthetic texts; the share that
   agree with the label each text was prompted with, overall and per label;
@@ -23,9 +47,11 @@ Samples sharing `memorisation_threshold` tokens or more are listed by index so t
 are caught before the data is shared. The same screen is run on the real test split as a reference:
 how much held-out real reviews share with the training set without any model involved.
 
-Outputs: `metrics.json` with one entry per training source (`real`, `synthetic`, `zero_shot`) and a
-`meta` entry; figures `confusion_<source>.png`, `lengths.png`, `memorisation.png`, written before
-the stage is marked complete. Each source's result is also kept in `evaluate/<source>.json` as soon
+Outputs: `metrics.json` with one entry per training source (`real`, `synthetic`, `zero_shot`:
+accuracy, f1, confusion_matrix, n_train, n_test, mauve, mauve_details, ...) and a `meta` entry
+(classifier, classifier_kind, classifier_description, mauve settings, embedding timings, ...);
+figures `confusion_<source>.png`, `lengths.png`, `memorisation.png`, written before the stage is
+marked complete. Each source's result is also kept in `evaluate/<source>.json` as soon
 as it is done (`dpnb.io.cached`), so an interrupted stage resumes after the last finished source (a
 rerun with another config or other inputs ignores them).
 
@@ -36,6 +62,7 @@ and is skipped with a note in `meta.skipped` when generate ran with `zero_shot: 
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -49,8 +76,17 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from dpnb.classifier import Source, f1_average, label_fidelity, predict, train_and_test
+from dpnb.classifier import (
+    Source,
+    describe_classifier,
+    f1_average,
+    label_fidelity,
+    predict,
+    train_and_test,
+    train_and_test_embedding,
+)
 from dpnb.config import EvaluateConfig
+from dpnb.embeddings import DEFAULT_ENCODER, Embedder, mauve_score
 from dpnb.errors import DpnbError, require
 from dpnb.io import cached, read_json, save_figure, write_json_atomic
 from dpnb.memorisation import longest_shared_runs, memorisation_summary, review_token_ids, text_token_ids
@@ -66,6 +102,9 @@ T = TypeVar("T")
 STAGE = "evaluate"
 SOURCES = ("real", "synthetic", "zero_shot")
 SYNTHETIC_SOURCES = ("synthetic", "zero_shot")
+MAUVE_ENCODER = DEFAULT_ENCODER  # MAUVE's features, whatever the classifier
+# accuracy differences shown with their standard error: (a, b) is "a - b"
+DIFFERENCES = (("synthetic", "real"), ("zero_shot", "real"), ("synthetic", "zero_shot"))
 
 
 # --------------------------------------------------------------------------- one synthetic set's quality
@@ -85,6 +124,30 @@ def synthetic_quality(
         "length": length_summary([len(ids) for ids in source_ids]),
         "memorisation": memorisation_summary(runs, cfg.memorisation_threshold),
     }
+
+
+# --------------------------------------------------------------------------- MAUVE against held-out real texts
+
+
+def sample_rows(n: int, cap: int, seed: int) -> np.ndarray:
+    """At most `cap` of the rows 0..n-1, drawn at random with `seed`, in increasing order (all when n <= cap)."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[:cap])
+
+
+def source_mauve(features: np.ndarray, heldout: np.ndarray, cfg: EvaluateConfig) -> dict[str, Any]:
+    """`mauve` and `mauve_details` of one source: its text features (Q) against the held-out ones (P).
+
+    The details hold the settings of `mauve_score`, n per side (`n_source`, `n_heldout`), the
+    features used and the held-out set; `mauve` is None with a note when a side has fewer than 2 texts.
+    """
+    details: dict[str, Any] = {"features": MAUVE_ENCODER, "max_length": cfg.max_length, "heldout": "real test texts",
+                               "n_source": int(len(features)), "n_heldout": int(len(heldout))}
+    if min(len(features), len(heldout)) < 2:
+        return {"mauve": None, "mauve_details": {**details, "note": "MAUVE needs at least 2 texts on each side"}}
+    result = mauve_score(heldout, features, seed=cfg.seed)
+    for side in ("n_real", "n_synthetic"):  # named n_source and n_heldout here: the source may be real
+        result.pop(side)
+    return {"mauve": result.pop("mauve"), "mauve_details": {**details, **result}}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -169,32 +232,65 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
     train_ids = review_token_ids(train, generator_tokenizer.eos_token_id)
     metrics: dict[str, Any] = {}
 
+    # Encoders load on first use; each text set is embedded once per encoder (the classifier's, when
+    # classifier_kind is embedding, and MAUVE's: one and the same for the default minilm-l6).
+    embedders: dict[str, Embedder] = {}
+
+    def embedder(name: str) -> Embedder:
+        if name not in embedders:
+            embedders[name] = Embedder(name, max_length=cfg.max_length, batch_size=2 * cfg.batch_size, device=device)
+        return embedders[name]
+
+    def fit_and_score(source: Source, keep_model: bool = False) -> tuple[dict[str, Any], Any]:
+        if cfg.classifier_kind == "embedding":
+            return train_and_test_embedding(source, test_set, label_names, cfg, embedder(cfg.classifier))
+        return train_and_test(source, test_set, label_names, cfg, device, keep_model=keep_model)
+
+    def predict_labels(classifier: Any, source: Source) -> np.ndarray:
+        if cfg.classifier_kind == "embedding":
+            return classifier.predict_features(embedder(cfg.classifier).features(source.name, source.texts))
+        return predict(classifier, source.texts, cfg.max_length, 2 * cfg.batch_size, device)
+
+    heldout_rows = sample_rows(len(test_set.texts), cfg.mauve_max_texts, cfg.seed)
+
+    def mauve_of(source: Source, rows: np.ndarray) -> dict[str, Any]:
+        if not cfg.mauve:
+            return {"mauve": None, "mauve_details": {"note": "evaluate.mauve is false"}}
+        print(f"{source.name}: MAUVE of {len(rows)} texts against {len(heldout_rows)} held-out real texts ...",
+              flush=True)
+        features = embedder(MAUVE_ENCODER)
+        return source_mauve(features.features(source.name, source.texts, rows),
+                            features.features("test", test_set.texts, heldout_rows), cfg)
+
     if "real" in sources:
         rows = stratified_indices(np.asarray(train_labels), cfg.n_real_train, cfg.seed, "evaluate.n_real_train")
         real = Source("real", [train_texts[i] for i in rows], [train_labels[i] for i in rows])
+        # the real-vs-real MAUVE reference: as many real texts as the largest synthetic set
+        n_reference = max((len(s.texts) for s in synthetic.values()), default=len(real.texts))
+        reference_rows = sample_rows(len(real.texts), min(n_reference, cfg.mauve_max_texts), cfg.seed)
 
         def evaluate_real() -> dict[str, Any]:
-            entry, classifier = train_and_test(real, test_set, label_names, cfg, device, keep_model=True)
+            entry, classifier = fit_and_score(real, keep_model=True)
             fidelity = {}
             for name, source in synthetic.items():
                 if classifier is None:
                     fidelity[name] = {"overall": None, "per_label": None, "n": len(source.texts),
                                       "note": "the real-data classifier was not trained"}
                     continue
-                predicted = predict(classifier, source.texts, cfg.max_length, 2 * cfg.batch_size, device)
-                fidelity[name] = label_fidelity(source.labels, predicted, label_names)
+                fidelity[name] = label_fidelity(source.labels, predict_labels(classifier, source), label_names)
             del classifier
             release_memory()
-            return {**entry, "fidelity_of": fidelity}
+            return {**entry, **mauve_of(real, reference_rows), "fidelity_of": fidelity}
 
         metrics["real"] = _resumable(partial_dir, "real", key, evaluate_real)
 
     for name, source in synthetic.items():
         def evaluate_synthetic(source: Source = source) -> dict[str, Any]:
-            entry, _ = train_and_test(source, test_set, label_names, cfg, device)
+            entry, _ = fit_and_score(source)
+            mauve = mauve_of(source, sample_rows(len(source.texts), cfg.mauve_max_texts, cfg.seed))
             print(f"{source.name}: diversity, lengths, memorisation screen ...", flush=True)
             ids = text_token_ids(source.texts, generator_tokenizer)
-            return {**entry, **synthetic_quality(source, ids, train_ids, train_texts, label_names, cfg)}
+            return {**entry, **mauve, **synthetic_quality(source, ids, train_ids, train_texts, label_names, cfg)}
 
         metrics[name] = _resumable(partial_dir, name, key, evaluate_synthetic)
         fidelity = metrics.get("real", {}).get("fidelity_of", {}).get(name)
@@ -214,6 +310,8 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
     reference = _resumable(partial_dir, "reference", key, evaluate_reference) if synthetic else None
     metrics["meta"] = {
         "classifier": cfg.classifier,
+        "classifier_kind": cfg.classifier_kind,
+        "classifier_description": describe_classifier(cfg.classifier_kind, cfg.classifier),
         "label_names": label_names,
         "f1_average": f1_average(num_labels),
         "positive_label": label_names[1] if num_labels == 2 else None,
@@ -224,6 +322,11 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
         "sources": list(metrics),
         "skipped": skipped,
         "real_reference": reference,
+        "mauve": ({"features": MAUVE_ENCODER, "max_length": cfg.max_length, "heldout": "real test texts",
+                   "max_texts": cfg.mauve_max_texts, "n_heldout": int(len(heldout_rows)), "seed": cfg.seed}
+                  if cfg.mauve else None),
+        # this session's loading and embedding times (an interrupted run resumed counts only the rest)
+        "embedding_timing": [e.timing() for e in embedders.values()],
     }
     write_json_atomic(run.metrics, metrics)
     for name, figure in figures(metrics).items():
@@ -263,6 +366,52 @@ def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
                 "n_flagged": entry["memorisation"]["n_flagged"],
             })
         rows[source] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def accuracy_standard_error(accuracy: float | None, n_test: int | None) -> float | None:
+    """sqrt(p (1 - p) / n) of an accuracy p on n test texts; None when either is missing."""
+    if accuracy is None or not n_test or (isinstance(accuracy, float) and math.isnan(accuracy)):
+        return None
+    return math.sqrt(accuracy * (1 - accuracy) / n_test)
+
+
+def standard_errors(metrics: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Standard errors of each source's accuracy and of the differences between sources.
+
+    `accuracy[source]` = {accuracy p, n_test n, se = sqrt(p (1 - p) / n)}; `differences["a - b"]` =
+    {difference p_a - p_b, se = sqrt(se_a^2 + se_b^2), z = difference / se} for the pairs of
+    `DIFFERENCES` whose two accuracies exist (about 2 standard errors or more: unlikely to be test
+    noise alone). The two sources are treated as independent, though both are scored on the same test
+    texts; see the module docstring. Sources without an accuracy (nothing to train on) are left out.
+    """
+    per_source: dict[str, dict[str, Any]] = {}
+    for source in evaluated_sources(metrics):
+        entry = metrics[source]
+        se = accuracy_standard_error(entry.get("accuracy"), entry.get("n_test"))
+        if se is not None:
+            per_source[source] = {"accuracy": entry["accuracy"], "n_test": entry["n_test"], "se": se}
+    differences: dict[str, dict[str, Any]] = {}
+    for a, b in DIFFERENCES:
+        if a in per_source and b in per_source:
+            difference = per_source[a]["accuracy"] - per_source[b]["accuracy"]
+            se = math.sqrt(per_source[a]["se"] ** 2 + per_source[b]["se"] ** 2)
+            differences[f"{a} - {b}"] = {"difference": difference, "se": se,
+                                         "z": difference / se if se > 0 else None}
+    return {"accuracy": per_source, "differences": differences}
+
+
+def utility_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """One row per source: n_train, accuracy with its standard error, F1, MAUVE and its n per side."""
+    errors = standard_errors(metrics)["accuracy"]
+    rows = {}
+    for source in evaluated_sources(metrics):
+        entry = metrics[source]
+        details = entry.get("mauve_details") or {}
+        rows[source] = {"n_train": entry["n_train"], "accuracy": entry["accuracy"],
+                        "accuracy_se": errors.get(source, {}).get("se"), "f1": entry["f1"],
+                        "mauve": entry.get("mauve"), "mauve_n_source": details.get("n_source"),
+                        "mauve_n_heldout": details.get("n_heldout")}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 

@@ -37,7 +37,16 @@ from dpnb.checkpoints import (
     save_checkpoint,
     training_identity,
 )
-from dpnb.dpsgd import Records, TrainingPlan, accounted_steps, epoch_steps, initial_loss, make_session, plan_training
+from dpnb.dpsgd import (
+    Records,
+    TrainingPlan,
+    accounted_steps,
+    epoch_steps,
+    frozen_prefix,
+    initial_loss,
+    make_session,
+    plan_training,
+)
 from dpnb.errors import DpnbError
 from dpnb.io import append_jsonl, read_json, read_jsonl, save_figure, write_json_atomic, write_text_atomic
 from dpnb.models import (
@@ -111,13 +120,15 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     if checkpoint is None:
         loss0 = initial_loss(model, records, cfg, pad_id, device)
         append_jsonl(out.train_log, {"step": 0, "epoch": 0.0, "epsilon": 0.0 if cfg.dp else None, "loss": loss0,
-                                     "lr": cfg.lr, "batch_size": None, "wall_s": 0.0})
+                                     "lr": cfg.lr, "wall_s": 0.0})
     else:
         load_trainable_state(model, checkpoint["trainable"])
         position, wall_before = Position(**checkpoint["position"]), float(checkpoint["wall_s"])
         _truncate_log(out.train_log, int(checkpoint["log_length"]))
         say(f"resuming from the checkpoint at step {position.step} of {plan.steps}")
-    session = make_session(model, cfg, plan, device, checkpoint["accountant"] if checkpoint else None)
+    prefix, prefix_note = frozen_prefix(model, records, cfg, pad_id, device)
+    say(prefix_note)
+    session = make_session(model, cfg, plan, device, checkpoint["accountant"] if checkpoint else None, prefix)
     if checkpoint is not None:
         session.adamw.load_state_dict(checkpoint["optimizer"])
         session.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -143,8 +154,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
                 wall = wall_before + time.time() - started
                 epsilon = tracker.epsilon(accounted_steps(session, plan)) if tracker else None
                 record = {"step": position.step, "epoch": round(position.step / plan.steps_per_epoch, 4),
-                          "epsilon": epsilon, "loss": result.loss, "lr": result.lr,
-                          "batch_size": result.batch_size, "wall_s": round(wall, 2)}
+                          "epsilon": epsilon, "loss": result.loss, "lr": result.lr, "wall_s": round(wall, 2)}
                 append_jsonl(out.train_log, record)
                 _report_step(say, record, plan.steps)
                 asked = should_stop is not None and should_stop(position.step)
@@ -160,8 +170,9 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
         steps_taken = accounted_steps(session, plan)
         if steps_taken != position.step:
             raise RuntimeError(f"the accountant counted {steps_taken} noise-adding steps, the loop {position.step}")
-    record = privacy.privacy_record(cfg, plan, steps_taken, trainable_parameters(model), train_sha256, identity)
+    record = privacy.privacy_record(cfg, plan, steps_taken, trainable_parameters(model))
     save_trained(session.trainable, tokenizer, out.model, model_card(model_name, cfg, notes))
+    write_json_atomic(out.training_identity, identity)
     write_json_atomic(out.privacy, record)
     out.checkpoint.unlink(missing_ok=True)  # model/ holds the weights now; the state is not needed
     say(f"done: {position.step} steps in {wall:.0f} s" + (f", epsilon = {record['epsilon']:.3f}" if cfg.dp else ""))
@@ -170,10 +181,10 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
 
 def _finished_record(out: RunDir, identity: dict[str, Any]) -> dict[str, Any] | None:
     """privacy.json of a finished training of the same identity, when its model is there too."""
-    if not (out.privacy.exists() and (out.model / MODEL_CARD).exists()) or out.checkpoint.exists():
+    finished = out.privacy.exists() and (out.model / MODEL_CARD).exists() and out.training_identity.exists()
+    if not finished or out.checkpoint.exists():
         return None
-    saved = read_json(out.privacy)
-    return saved if saved.get("identity") == identity else None
+    return read_json(out.privacy) if read_json(out.training_identity) == identity else None
 
 
 def _truncate_log(path: os.PathLike, length: int) -> None:
@@ -269,7 +280,13 @@ def plot_loss_vs_epsilon(logs: Mapping[str, Sequence[dict[str, Any]]] | Sequence
         if against_epsilon and not private[name]:
             continue
         xs = [r["epsilon"] if against_epsilon else r["step"] for r in points]
-        ax.plot(xs, [r["loss"] for r in points], marker="o", markersize=3, linewidth=1.2, label=name or None)
+        losses = [r["loss"] for r in points]
+        # each point is one Poisson batch's mean loss: noisy; the smoothed line shows the trend through it
+        dots = ax.plot(xs, losses, marker="o", markersize=2.5, linewidth=0, alpha=0.35,
+                       label=f"{name}: each step" if name else "each step's batch")
+        if len(points) >= 4:
+            ax.plot(xs, smoothed(losses), linewidth=2, color=dots[0].get_color(),
+                    label=f"{name}: smoothed" if name else f"smoothed (moving mean of {smoothing_window(len(losses))})")
     ax.set_xlabel("epsilon spent" if against_epsilon else "logical step (no DP: epsilon is infinite)")
     ax.set_ylabel("training loss (nats per token)")
     ax.set_title(title or ("Training loss against epsilon" if against_epsilon else "Training loss (no DP)"))
@@ -279,6 +296,27 @@ def plot_loss_vs_epsilon(logs: Mapping[str, Sequence[dict[str, Any]]] | Sequence
     if created:
         ax.figure.tight_layout()
     return ax.figure
+
+
+def smoothing_window(n: int) -> int:
+    """Steps averaged by `smoothed`: about a tenth of the run, odd, at least 3."""
+    return max(3, (n // 10) | 1)
+
+
+def smoothed(values: Sequence[float]) -> list[float]:
+    """A centred moving mean over `smoothing_window(len(values))` steps (shorter at the ends).
+
+    A per-step loss is the mean over one Poisson-sampled batch: its spread hides a slow fall. The
+    window shrinks symmetrically at the ends, so the first and last points are their own values'
+    neighbourhood, not a lag.
+    """
+    half = smoothing_window(len(values)) // 2
+    out = []
+    for i in range(len(values)):
+        reach = min(half, i, len(values) - 1 - i)
+        window = values[i - reach : i + reach + 1]
+        out.append(sum(window) / len(window))
+    return out
 
 
 def explain_privacy(record: dict[str, Any]) -> str:

@@ -25,7 +25,6 @@ from matplotlib.figure import Figure
 
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance
-from dpnb.errors import DpnbError
 from dpnb.io import read_json, save_figure
 from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device
 from dpnb.prompts import PromptFormat
@@ -87,9 +86,6 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
 
     manifest = read_json(run.manifest)
     privacy = read_json(run.privacy)
-    if manifest.get("train_sha256") and privacy.get("train_sha256") not in (None, manifest["train_sha256"]):
-        raise DpnbError(f"privacy.json in {run.path} was written for other training data than data/; "
-                        f"rerun finetune with force=True")
     prompt_format = PromptFormat.from_dict(manifest["prompt"])
     label_names = list(manifest["label_names"])
     data = _data_description(manifest)

@@ -6,7 +6,12 @@ Rows of the table:
 - `zero_shot`: trained on text sampled from the base model with no fine-tuning (no private data);
 - `synthetic`: trained on text sampled from each DP fine-tuned model (one row per run: model x
   epsilon x seed), and from non-DP fine-tuned models (epsilon shown as infinity).
-Columns: accuracy, F1, epsilon spent, delta, noise multiplier, noise-adding steps, wall time.
+Columns: epsilon spent, delta, noise multiplier, noise-adding steps; the classifier that produced the
+numbers (`classifier`: model and kind, `finetune` or `embedding`); accuracy on the real test set with
+its standard error `accuracy_se` = sqrt(p (1 - p) / n_test) (`dpnb.stages.evaluate.standard_errors`;
+a difference between two rows has a standard error of about sqrt(2) times theirs); F1; `mauve` of the
+source's texts against held-out real texts (the real row: real training texts against the same, the
+ceiling); counts; wall time. Rows scored by different classifiers do not compare.
 
 Every epsilon in the table is read from the run's own `privacy.json`, which the fine-tuning stage
 wrote from its accountant; runs with `dp: false` show no epsilon. Each run spent its own budget on
@@ -28,6 +33,7 @@ from matplotlib.figure import Figure
 
 from dpnb.io import read_json, read_jsonl, save_figure, write_text_atomic
 from dpnb.rundir import RunDir
+from dpnb.stages.evaluate import accuracy_standard_error, standard_errors
 from dpnb.stages.finetune import plot_loss_vs_epsilon
 
 SELECTION_WARNING = (
@@ -37,6 +43,14 @@ SELECTION_WARNING = (
     "account for the selection."
 )
 LOSS_TITLE = "Training loss against privacy spent"
+COLUMNS_NOTE = (
+    "`classifier`: the model and how it was trained (`finetune`: fine-tuned; `embedding`: logistic regression on "
+    "its frozen sentence embeddings). `accuracy_se`: the standard error of the accuracy from the test sample alone, "
+    "sqrt(p (1 - p) / n_test); a difference between two rows has a standard error of about sqrt(2) times theirs, "
+    "so gaps under about 3 accuracy_se may be test noise. `mauve`: MAUVE of the row's training texts against held-out "
+    "real texts on MiniLM features (1: indistinguishable; the real row compares real training texts, the ceiling); "
+    "noisy below a few hundred texts per side."
+)
 
 
 def find_runs(runs_dir: str | Path) -> list[Path]:
@@ -54,6 +68,8 @@ def summarise_run(path: Path) -> dict[str, Any]:
     manifest = read_json(run.manifest) if run.manifest.exists() else {}
     finetune = stages.get("finetune", {}).get("config", {})
     evaluate = stages.get("evaluate", {}).get("config", {})
+    # runs evaluated before classifier_kind existed fine-tuned their classifier
+    kind = evaluate.get("classifier_kind", "finetune") if evaluate else None
     return {
         "run": path.name,
         "path": str(path),
@@ -62,8 +78,8 @@ def summarise_run(path: Path) -> dict[str, Any]:
         "dp": privacy.get("dp") if privacy else None,
         "privacy": privacy,
         "metrics": metrics,
-        "classifier": evaluate.get("classifier"),
-        "data_key": (manifest.get("train_sha256"), evaluate.get("classifier"), evaluate.get("n_real_train")),
+        "classifier": f"{evaluate['classifier']} ({kind})" if evaluate.get("classifier") else None,
+        "data_key": (manifest.get("train_sha256"), evaluate.get("classifier"), kind, evaluate.get("n_real_train")),
         "wall_time_s": sum(s.get("wall_time_s", 0.0) for s in stages.values()),
         "train_log": read_jsonl(run.train_log),
     }
@@ -82,8 +98,11 @@ def _metric_row(source: str, summary: dict[str, Any], metric: dict[str, Any]) ->
         "delta": privacy.get("delta") if dp else None,
         "noise_multiplier": privacy.get("noise_multiplier") if dp else None,
         "steps": privacy.get("steps") if privacy else None,
+        "classifier": summary["classifier"],
         "accuracy": metric.get("accuracy"),
+        "accuracy_se": standard_errors(summary["metrics"])["accuracy"].get(source, {}).get("se"),
         "f1": metric.get("f1"),
+        "mauve": metric.get("mauve"),
         "n_train": metric.get("n_train"),
         "n_test": metric.get("n_test"),
         "wall_time_s": round(summary["wall_time_s"], 1) if source == "synthetic" else None,
@@ -99,7 +118,7 @@ def paper_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
             if isinstance(metric, dict) and metric.get("accuracy") is not None:
                 rows.append({**_metric_row(source, summary, metric), "_key": summary["data_key"]})
     columns = ["source", "run", "model", "mode", "dp", "epsilon", "delta", "noise_multiplier", "steps",
-               "accuracy", "f1", "n_train", "n_test", "wall_time_s"]
+               "classifier", "accuracy", "accuracy_se", "f1", "mauve", "n_train", "n_test", "wall_time_s"]
     if not rows:
         return pd.DataFrame(columns=columns + ["runs"])
     frame = pd.DataFrame(rows)
@@ -109,7 +128,11 @@ def paper_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
     grouped = []
     for _, group in shared.groupby(["source", "model", "_key"], dropna=False, sort=False):
         row = group.iloc[0].to_dict()
-        row.update(accuracy=group.accuracy.mean(), f1=group.f1.mean(), runs=len(group),
+        accuracy = group.accuracy.mean()
+        mauve = pd.to_numeric(group.mauve, errors="coerce").mean()  # NaN when no run has one
+        # the standard error of one run's accuracy (the runs share the test set, so their mean is no surer)
+        row.update(accuracy=accuracy, f1=group.f1.mean(), mauve=None if math.isnan(mauve) else mauve,
+                   accuracy_se=accuracy_standard_error(accuracy, row["n_test"]), runs=len(group),
                    run=", ".join(group.run) if len(group) <= 3 else f"{len(group)} runs")
         grouped.append(row)
     synthetic = frame[frame.source == "synthetic"].copy()
@@ -126,24 +149,34 @@ def dp_train_logs(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, A
     return {s["run"]: s["train_log"] for s in summaries if s["train_log"] and s["dp"]}
 
 
+def _se_or_zero(values: pd.Series) -> list[float]:
+    return [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in values]
+
+
 def plot_accuracy_vs_epsilon(table: pd.DataFrame, ax: Axes) -> None:
-    """Downstream accuracy against epsilon; non-DP runs at the right, references as lines."""
-    synthetic = table[table.source == "synthetic"]
-    finite = synthetic[synthetic.epsilon.apply(lambda e: e is not None and math.isfinite(e))]
+    """Downstream accuracy against epsilon, +-1 standard error; non-DP runs at the right, references as
+    lines with a +-1 standard error band. Runs without a privacy record (no epsilon) are not drawn."""
+    synthetic = table[(table.source == "synthetic") & table.epsilon.notna()]
+    finite = synthetic[synthetic.epsilon.apply(math.isfinite)]
     right = max([1.0, *finite.epsilon.tolist()]) * 1.3
     for model, group in synthetic.groupby("model", dropna=False):
         xs = [e if math.isfinite(e) else right for e in group.epsilon]
-        ax.scatter(xs, group.accuracy, label=f"synthetic ({model})")
+        ax.errorbar(xs, group.accuracy, yerr=_se_or_zero(group.accuracy_se), fmt="o", capsize=3,
+                    label=f"synthetic ({model})")
     for source, style in (("real", "-"), ("zero_shot", "--")):
         for _, row in table[table.source == source].iterrows():
             ax.axhline(row.accuracy, linestyle=style, color="grey", linewidth=1)
+            se = _se_or_zero(pd.Series([row.accuracy_se]))[0]
+            if se:
+                ax.axhspan(row.accuracy - se, row.accuracy + se, color="grey", alpha=0.12, linewidth=0)
             ax.text(0, row.accuracy, f" {source}", va="bottom", fontsize=8, color="grey")
     ax.axhline(0.5, linestyle=":", color="black", linewidth=0.8)
     if not synthetic.empty and not synthetic.epsilon.apply(math.isfinite).all():
         ax.axvline(right, color="lightgrey", linewidth=0.8)
         ax.text(right, 0.5, " no DP", fontsize=8)
+    ax.set_xlim(left=0)  # epsilon starts at 0, where the reference lines are labelled
     ax.set_xlabel("epsilon spent")
-    ax.set_ylabel("test accuracy (real test set)")
+    ax.set_ylabel("test accuracy (real test set), +-1 s.e.")
     ax.set_title("Classifier trained on synthetic data")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -194,6 +227,7 @@ def write_report(runs_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     text = "\n\n".join([
         f"# dpnb report: {len(summaries)} runs under {runs_dir}",
         markdown_table(table) if len(table) else "_No run has finished its evaluate stage yet._",
+        COLUMNS_NOTE,
         f"**Privacy.** {SELECTION_WARNING}",
         "![loss against epsilon](loss_vs_epsilon.png)\n\n![accuracy against epsilon](accuracy_vs_epsilon.png)",
     ])
