@@ -44,7 +44,7 @@ from dpnb.registry import STAGES
 class RunConfig:
     """A whole experiment: where it lives, which stages run, and each stage's config.
 
-    One field per stage of `dpnb.registry.STAGES`, named after it (tests/test_registry.py checks).
+    One field per stage of `dpnb.registry.STAGES`, named after it (tests/unit/test_registry.py checks).
     """
 
     name: str = "demo"

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import os
-import random
 from pathlib import Path
 
 import pytest
+from testkit import toy_reviews, write_csv
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,32 +23,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-POSITIVE = ["a wonderful film", "great acting and a moving story", "I loved every minute", "brilliant and funny",
-            "a beautiful, touching movie", "superb direction, excellent cast"]
-NEGATIVE = ["a terrible film", "awful acting and a boring story", "I hated every minute", "dull and stupid",
-            "a ugly, pointless movie", "poor direction, dreadful cast"]
-
-
-def toy_reviews(n: int, seed: int = 0) -> list[dict]:
-    """`n` short labelled reviews whose label is plain from their words (an easy, learnable task)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 2
-        words = POSITIVE if label else NEGATIVE
-        text = f"{rng.choice(words)}. {rng.choice(words).capitalize()}<br /><br />{rng.choice(words)}."
-        rows.append({"id": i, "label": label, "text": text})
-    return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import nbformat
-from nbtools import execute_notebook, nbval_check
+from testkit import execute_notebook, nbval_check
 
 from dpnb.io import read_json
 

@@ -6,27 +6,17 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import toy_reviews, write_csv
+from testkit import LONG_REVIEW, TINY_EVALUATE, build_run, toy_reviews
 
 from dpnb import classifier, embeddings, memorisation
-from dpnb.config import EvaluateConfig, GenerateConfig, PrepareConfig, build
+from dpnb.config import EvaluateConfig, GenerateConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import write_json_atomic
 from dpnb.models import load_tokenizer
-from dpnb.rundir import RunDir
 from dpnb.stages import evaluate, report
-
-# A review unlike the toy ones, long enough to stand out when copied verbatim.
-LONG_REVIEW = (
-    "Seldom has a lighthouse keeper's diary been turned into such an odd musical: the harbour choir sings "
-    "about barometers, the villain collects seashells, and the final storm is staged with umbrellas and a "
-    "single trombone that nobody in the audience will ever forget."
-)
-
 
 # --------------------------------------------------------------------------- metrics by hand
 
@@ -123,41 +113,9 @@ def test_sets_the_classifier_cannot_learn_from_are_reported_not_fatal():
 # --------------------------------------------------------------------------- the stage
 
 
-def build_run(root: Path, zero_shot: bool = True, generate: bool = True) -> RunDir:
-    """A prepared run (tiny-llama tokenizer, toy reviews plus LONG_REVIEW) with synthetic sets.
-
-    The synthetic set copies LONG_REVIEW verbatim (the memorisation screen must find it) and the
-    zero-shot set holds a single label (its classifier cannot learn; the metrics must say so).
-    """
-    from datasets import Dataset
-
-    from dpnb.stages import prepare
-
-    source = root / "source"
-    write_csv(source / "train.csv", toy_reviews(31, seed=1) + [{"id": 999, "label": 1, "text": LONG_REVIEW}])
-    write_csv(source / "test.csv", toy_reviews(20, seed=2))
-    run = RunDir(root / "run")
-    prepare.run_stage(run, PrepareConfig(source=str(source), model="tiny-llama", max_length=128))
-    if not generate:
-        return run
-    names = ["negative", "positive"]
-    synthetic = toy_reviews(15, seed=3) + [{"label": 1, "text": LONG_REVIEW}]
-    sets = {run.synthetic: synthetic}
-    if zero_shot:
-        sets[run.zero_shot] = [{"label": 1, "text": text} for text in ("a film", "a film", "some movie", "ok")]
-    for path, rows in sets.items():
-        Dataset.from_dict({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows],
-                           "label_name": [names[r["label"]] for r in rows]}).save_to_disk(str(path))
-    run.mark_complete("generate", GenerateConfig(zero_shot=zero_shot), time.time())
-    return run
-
-
-TINY = {"epochs": 1, "lr": 3e-4, "batch_size": 16, "max_length": 24, "memorisation_threshold": 30}
-
-
 def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     run = build_run(tmp_path)
-    cfg = build(EvaluateConfig, TINY)
+    cfg = build(EvaluateConfig, TINY_EVALUATE)
     metrics = evaluate.run_stage(run, cfg)
 
     assert evaluate.evaluated_sources(metrics) == ["real", "synthetic", "zero_shot"]
@@ -197,7 +155,7 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     # done with this config: skipped, same numbers; another config is refused
     assert evaluate.run_stage(run, cfg) == metrics
     with pytest.raises(DpnbError, match="different config"):
-        evaluate.run_stage(run, build(EvaluateConfig, {**TINY, "seed": 1}))
+        evaluate.run_stage(run, build(EvaluateConfig, {**TINY_EVALUATE, "seed": 1}))
     # generate rerun after the evaluation: the stale metrics are refused
     run.mark_complete("generate", GenerateConfig(n_per_label=7), time.time())
     with pytest.raises(DpnbError, match="inputs that have since changed.*force=True"):
@@ -207,16 +165,16 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
 def test_sources_need_their_inputs(tmp_path):
     run = build_run(tmp_path, generate=False)
     with pytest.raises(DpnbError, match="generate stage has not completed"):
-        evaluate.run_stage(run, build(EvaluateConfig, TINY))
+        evaluate.run_stage(run, build(EvaluateConfig, TINY_EVALUATE))
     # real alone needs only prepare
-    metrics = evaluate.run_stage(run, build(EvaluateConfig, {**TINY, "sources": ["real"]}))
+    metrics = evaluate.run_stage(run, build(EvaluateConfig, {**TINY_EVALUATE, "sources": ["real"]}))
     assert evaluate.evaluated_sources(metrics) == ["real"] and metrics["meta"]["real_reference"] is None
 
 
 def test_missing_zero_shot_is_skipped_with_a_note_and_an_interrupted_run_resumes(tmp_path,
                                                                                    monkeypatch):
     run = build_run(tmp_path, zero_shot=False)
-    cfg = build(EvaluateConfig, TINY)  # lists zero_shot, which generate did not make
+    cfg = build(EvaluateConfig, TINY_EVALUATE)  # lists zero_shot, which generate did not make
     trained = []
     train_and_test = evaluate.train_and_test
 
@@ -254,7 +212,7 @@ def test_embedding_classifier_path_embeds_each_set_once_and_reports_like_the_fin
         return embed(texts, *args, **kwargs)
 
     monkeypatch.setattr(embeddings, "sentence_embeddings", counting)
-    cfg = build(EvaluateConfig, {**TINY, "classifier_kind": "embedding"})
+    cfg = build(EvaluateConfig, {**TINY_EVALUATE, "classifier_kind": "embedding"})
     started = time.time()
     metrics = evaluate.run_stage(run, cfg)
     wall_s = time.time() - started
@@ -306,10 +264,11 @@ def test_embedding_classifier_path_embeds_each_set_once_and_reports_like_the_fin
 
 def test_mauve_can_be_switched_off_and_capped(tmp_path):
     run = build_run(tmp_path, zero_shot=False)
-    metrics = evaluate.run_stage(run, build(EvaluateConfig, {**TINY, "classifier_kind": "embedding", "mauve": False}))
+    metrics = evaluate.run_stage(run, build(EvaluateConfig, {**TINY_EVALUATE, "classifier_kind": "embedding",
+                                                             "mauve": False}))
     assert metrics["synthetic"]["mauve"] is None and "false" in metrics["synthetic"]["mauve_details"]["note"]
     assert metrics["meta"]["mauve"] is None
-    capped = evaluate.run_stage(run, build(EvaluateConfig, {**TINY, "classifier_kind": "embedding",
+    capped = evaluate.run_stage(run, build(EvaluateConfig, {**TINY_EVALUATE, "classifier_kind": "embedding",
                                                             "mauve_max_texts": 8}), force=True)
     for source in ("real", "synthetic"):
         details = capped[source]["mauve_details"]

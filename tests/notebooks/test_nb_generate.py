@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from nbtools import execute_notebook, nbval_check
+from testkit import execute_notebook, nbval_check
 
 from dpnb.config import FinetuneConfig, PrepareConfig
 from dpnb.rundir import RunDir

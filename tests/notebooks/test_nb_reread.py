@@ -11,7 +11,7 @@ import json
 
 import papermill
 import pytest
-from nbtools import NOTEBOOKS
+from testkit import NOTEBOOKS
 from papermill.exceptions import PapermillExecutionError
 
 from dpnb.config import EvaluateConfig, FinetuneConfig, GenerateConfig, PrepareConfig

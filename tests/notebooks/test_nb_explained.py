@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from nbtools import execute_notebook, nbval_check
+from testkit import execute_notebook, nbval_check
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

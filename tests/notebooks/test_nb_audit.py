@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from nbtools import execute_notebook, nbval_check
-from test_audit import TINY_AUDIT, TINY_FINETUNE
+from testkit import TINY_AUDIT, TINY_FINETUNE, execute_notebook, nbval_check
 
 from dpnb.config import FinetuneConfig, PrepareConfig
 from dpnb.rundir import RunDir

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from nbtools import execute_notebook, nbval_check
-from test_evaluate import TINY, build_run
+from testkit import TINY_EVALUATE, build_run, execute_notebook, nbval_check
 
 
 def checked_outputs(executed) -> list[str]:
@@ -19,7 +18,7 @@ def test_evaluate_notebook(tmp_path, monkeypatch):
     run = build_run(tmp_path)
     # force=True: nbval's re-execution trains every classifier again, so the checked accuracy and F1
     # cells also check that training repeats bit for bit on one machine.
-    executed = execute_notebook("04_evaluate.ipynb", tmp_path / "executed", run_dir=str(run.path), config=TINY,
+    executed = execute_notebook("04_evaluate.ipynb", tmp_path / "executed", run_dir=str(run.path), config=TINY_EVALUATE,
                                 force=True)
 
     counts, scores = checked_outputs(executed)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import toy_reviews, write_csv
+from testkit import toy_reviews, write_csv
 
 from dpnb import models, prompts, sources
 from dpnb.config import PrepareConfig

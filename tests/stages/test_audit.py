@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 from scipy import optimize, stats
+from testkit import TINY_AUDIT, TINY_FINETUNE
 
 from dpnb import attacks
 from dpnb.canaries import exposure, exposure_extrapolated, with_canaries
@@ -326,15 +327,6 @@ def test_verdict_without_a_claim_compares_nothing():
 
 
 # --------------------------------------------------------------------------- on tiny models
-
-# A 2-layer random Llama over SmolLM2's vocabulary, fully fine-tuned (its LM head must move to memorise
-# random words). The RDP accountant is much faster than PRV at these sizes. Canary suffixes of 3 random
-# words, each inserted canary 4 times; 10 steps, each with about half the records.
-TINY_FINETUNE = dict(mode="full", lr=1e-2, epochs=5, logical_batch_size=32, physical_batch_size=32, max_grad_norm=1.0,
-                     target_epsilon=0.5, accountant="rdp", checkpoint_every=1000, device="cpu", samples_before_after=0)
-TINY_AUDIT = dict(n_canaries=20, canary_repeats=4, canary_prefix_tokens=3, canary_suffix_tokens=3, n_reference=40,
-                  n_mia=8, synthetic_per_label=0, batch_size=32, device="cpu")
-
 
 @pytest.fixture(scope="module")
 def tiny_prepared(toy_data_dir):

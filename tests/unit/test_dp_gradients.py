@@ -39,11 +39,11 @@ import math
 import datasets
 import pytest
 import torch
-from conftest import toy_reviews
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from safetensors.torch import load_file
 from scipy import stats
+from testkit import toy_reviews
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from dpnb import dpsgd, privacy

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from nbtools import REPO
+from testkit import REPO
 
 from dpnb.config import FinetuneConfig, PrepareConfig, build
 from dpnb.errors import DpnbError

@@ -14,9 +14,9 @@ import signal
 import datasets
 import pytest
 import torch
-from conftest import toy_reviews
 from opacus.optimizers.optimizer import DPOptimizer
 from safetensors.torch import load_file
+from testkit import toy_reviews
 
 from dpnb import dpsgd, privacy
 from dpnb.checkpoints import TrainingInterrupted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from nbtools import execute_notebook, nbval_check
+from testkit import execute_notebook, nbval_check
 
 from dpnb import independent_accounting, privacy
 from dpnb.config import PrepareConfig

@@ -1,0 +1,137 @@
+"""Helpers shared by the test modules (not a test module itself; the fixtures are in conftest.py).
+
+- toy data: POSITIVE/NEGATIVE words, `toy_reviews`, `write_csv`;
+- notebooks: REPO, NOTEBOOKS, `execute_notebook`, `nbval_check` (see below);
+- stage settings: TINY_FINETUNE and TINY_AUDIT (a tiny audit), TINY_EVALUATE, LONG_REVIEW and
+  `build_run` (a tiny prepared run with synthetic sets, for evaluate).
+
+Each notebook test runs in two steps:
+1. papermill executes `notebooks/NN_name.ipynb` with the test parameters into a temporary copy;
+2. nbval re-executes that copy (its injected parameters included) and compares the outputs of the
+   cells marked `# NBVAL_CHECK_OUTPUT`: the deterministic ones (counts, noise multiplier, epsilon,
+   table shapes). Timings, paths and progress bars are never in checked cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dpnb.rundir import RunDir
+
+# --------------------------------------------------------------------------- toy data
+
+POSITIVE = ["a wonderful film", "great acting and a moving story", "I loved every minute", "brilliant and funny",
+            "a beautiful, touching movie", "superb direction, excellent cast"]
+NEGATIVE = ["a terrible film", "awful acting and a boring story", "I hated every minute", "dull and stupid",
+            "a ugly, pointless movie", "poor direction, dreadful cast"]
+
+
+def toy_reviews(n: int, seed: int = 0) -> list[dict]:
+    """`n` short labelled reviews whose label is plain from their words (an easy, learnable task)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = POSITIVE if label else NEGATIVE
+        text = f"{rng.choice(words)}. {rng.choice(words).capitalize()}<br /><br />{rng.choice(words)}."
+        rows.append({"id": i, "label": label, "text": text})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+# --------------------------------------------------------------------------- notebooks
+
+REPO = Path(__file__).resolve().parent.parent  # tests/..
+NOTEBOOKS = REPO / "notebooks"
+
+
+def execute_notebook(name: str, out_dir: Path, **parameters: Any) -> Path:
+    """Run notebooks/<name> with papermill into out_dir and return the executed copy."""
+    import papermill
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / name
+    papermill.execute_notebook(
+        str(NOTEBOOKS / name), str(executed), parameters=parameters, kernel_name="python3",
+        cwd=str(REPO), progress_bar=False,
+    )
+    return executed
+
+
+def nbval_check(executed: Path) -> subprocess.CompletedProcess:
+    """Re-execute an executed notebook with nbval (lax mode) and return the finished pytest run."""
+    env = dict(os.environ)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
+         "--nbval-current-env", str(executed)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, f"nbval found differences in {executed.name}:\n{result.stdout[-4000:]}"
+    return result
+
+
+# --------------------------------------------------------------------------- stage settings
+
+# A 2-layer random Llama over SmolLM2's vocabulary, fully fine-tuned (its LM head must move to memorise
+# random words). The RDP accountant is much faster than PRV at these sizes. Canary suffixes of 3 random
+# words, each inserted canary 4 times; 10 steps, each with about half the records.
+TINY_FINETUNE = dict(mode="full", lr=1e-2, epochs=5, logical_batch_size=32, physical_batch_size=32, max_grad_norm=1.0,
+                     target_epsilon=0.5, accountant="rdp", checkpoint_every=1000, device="cpu", samples_before_after=0)
+TINY_AUDIT = dict(n_canaries=20, canary_repeats=4, canary_prefix_tokens=3, canary_suffix_tokens=3, n_reference=40,
+                  n_mia=8, synthetic_per_label=0, batch_size=32, device="cpu")
+
+# A review unlike the toy ones, long enough to stand out when copied verbatim.
+LONG_REVIEW = (
+    "Seldom has a lighthouse keeper's diary been turned into such an odd musical: the harbour choir sings "
+    "about barometers, the villain collects seashells, and the final storm is staged with umbrellas and a "
+    "single trombone that nobody in the audience will ever forget."
+)
+
+TINY_EVALUATE = {"epochs": 1, "lr": 3e-4, "batch_size": 16, "max_length": 24, "memorisation_threshold": 30}
+
+
+def build_run(root: Path, zero_shot: bool = True, generate: bool = True) -> RunDir:
+    """A prepared run (tiny-llama tokenizer, toy reviews plus LONG_REVIEW) with synthetic sets.
+
+    The synthetic set copies LONG_REVIEW verbatim (the memorisation screen must find it) and the
+    zero-shot set holds a single label (its classifier cannot learn; the metrics must say so).
+    """
+    from datasets import Dataset
+
+    from dpnb.config import GenerateConfig, PrepareConfig
+    from dpnb.rundir import RunDir
+    from dpnb.stages import prepare
+
+    source = root / "source"
+    write_csv(source / "train.csv", toy_reviews(31, seed=1) + [{"id": 999, "label": 1, "text": LONG_REVIEW}])
+    write_csv(source / "test.csv", toy_reviews(20, seed=2))
+    run = RunDir(root / "run")
+    prepare.run_stage(run, PrepareConfig(source=str(source), model="tiny-llama", max_length=128))
+    if not generate:
+        return run
+    names = ["negative", "positive"]
+    synthetic = toy_reviews(15, seed=3) + [{"label": 1, "text": LONG_REVIEW}]
+    sets = {run.synthetic: synthetic}
+    if zero_shot:
+        sets[run.zero_shot] = [{"label": 1, "text": text} for text in ("a film", "a film", "some movie", "ok")]
+    for path, rows in sets.items():
+        Dataset.from_dict({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows],
+                           "label_name": [names[r["label"]] for r in rows]}).save_to_disk(str(path))
+    run.mark_complete("generate", GenerateConfig(zero_shot=zero_shot), time.time())
+    return run
