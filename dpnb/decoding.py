@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from dpnb.errors import DpnbError, require
 
@@ -424,8 +425,6 @@ def _packing_available() -> bool:
 
 def _linear_weight(module: Any) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight as out x in, bias) of a plain linear layer (nn.Linear, GPT-2's Conv1D), else None."""
-    from transformers.pytorch_utils import Conv1D
-
     if module._forward_hooks or module._forward_pre_hooks:
         return None
     if type(module) is torch.nn.Linear:

@@ -64,12 +64,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from dpnb.errors import DpnbError
 from dpnb.models import load_encoder  # the models module owns every model load
 
 if TYPE_CHECKING:
-    from sklearn.linear_model import LogisticRegression
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_ENCODER = "minilm-l6"
@@ -93,8 +95,6 @@ def sentence_embeddings(
     Texts are batched longest first, so each batch pads to similar lengths, and the rows come back
     in input order. Identical texts give identical rows.
     """
-    import torch
-
     hidden = int(encoder.config.hidden_size)
     out = np.zeros((len(texts), hidden), dtype=np.float32)
     if not len(texts):
@@ -216,9 +216,6 @@ def fit_logistic_regression(
     too. Fewer than two texts in some class leaves nothing to cross-validate: C falls back to 1 and
     the record says so.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-
     y = np.asarray(labels, dtype=np.int64)
     if len(y) != len(features):
         raise DpnbError(f"{len(features)} embeddings but {len(y)} labels")

@@ -90,7 +90,11 @@ import math
 import time
 from typing import Any
 
+import dp_accounting
+from dp_accounting import pld, rdp
+
 from dpnb.errors import DpnbError, require
+from dpnb.privacy import calibrate_noise, epsilon_spent
 
 PLD_DISCRETIZATION = 1e-3  # PLD grid spacing in privacy loss up to PLD_REFERENCE_STEPS; pessimistic
 PLD_REFERENCE_STEPS = 1000  # beyond it the spacing shrinks as 1/sqrt(T): the error grows as spacing^2 * T
@@ -146,9 +150,6 @@ def google_epsilons(noise_multiplier: float, sample_rate: float, steps: int, del
     if steps == 0:
         return {"pld": 0.0, "rdp": 0.0, "rdp_order": None, "rdp_excluded_orders": [], "rdp_reliable": True,
                 "seconds": {"pld": 0.0, "rdp": 0.0}, "warnings": []}
-    import dp_accounting
-    from dp_accounting import pld, rdp
-
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(float(sample_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))),
         int(steps),
@@ -312,8 +313,6 @@ def comparison_table(qs: tuple[float, ...] = (0.004, 0.04, 0.125), step_counts: 
     epsilon is the target; PLD and PRV then come out 10-50% lower. Settings where PRV would need too
     large a grid report PRV as None.
     """
-    from dpnb.privacy import calibrate_noise, epsilon_spent
-
     rows = []
     for q in qs:
         for steps in step_counts:

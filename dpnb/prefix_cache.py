@@ -55,8 +55,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask
 
 from dpnb.errors import DpnbError
 
@@ -181,8 +183,6 @@ def frozen_fingerprint(model: nn.Module, start: int) -> str:
 
 def records_fingerprint(input_ids: Sequence[Sequence[int]]) -> str:
     """sha256 of the records' token ids and lengths."""
-    import numpy as np
-
     lengths = np.array([len(row) for row in input_ids], dtype=np.int64)
     flat = np.fromiter((t for row in input_ids for t in row), dtype=np.int64, count=int(lengths.sum()))
     digest = hashlib.sha256(lengths.tobytes())
@@ -445,8 +445,6 @@ class TopBlocks(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask
-
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
                                   cache=None, position_ids=position_ids)
         if self.kind == "llama":

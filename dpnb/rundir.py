@@ -10,6 +10,7 @@ One experiment is one directory, `runs/<name>/` by default; `RunDir` names every
     data_stats.json           01 prepare
     model/                    02 finetune: the trained model or adapter, with its tokenizer
     train_log.jsonl           02 finetune: one line per logical (noise-adding) step
+    before_after.json         02 finetune: a few samples of the base and the fine-tuned model
     privacy.json              02 finetune: the privacy guarantee of the run
     checkpoints/latest.pt     02 finetune: the latest resumable state (private: RNG states, optimizer)
     checkpoints/identity.json 02 finetune: hashes of the records the model was trained on (private)
@@ -105,6 +106,7 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     checkpoint = property(lambda self: self.path / "checkpoints" / CHECKPOINT_FILE)
     # what the finished training was made from (model, config, record hashes): private, like the records
+    before_after = property(lambda self: self.path / "before_after.json")  # 02: a few samples, shareable
     training_identity = property(lambda self: self.path / "checkpoints" / "identity.json")
     synthetic = property(lambda self: self.path / "synthetic")
     zero_shot = property(lambda self: self.path / "zero_shot")

@@ -37,6 +37,7 @@ from dpnb.checkpoints import (
     save_checkpoint,
     training_identity,
 )
+from dpnb.decoding import sample_continuations
 from dpnb.dpsgd import (
     Records,
     TrainingPlan,
@@ -160,6 +161,8 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
                 asked = should_stop is not None and should_stop(position.step)
                 if stop.reason or asked or position.step % cfg.checkpoint_every == 0:
                     save_checkpoint(out.checkpoint, session, position, identity, position.step + 1, wall)
+                    say(f"checkpoint at step {position.step}: {out.checkpoint.stat().st_size / 2**20:.1f} MiB "
+                        f"(replaces the previous one)")
                 if (stop.reason or asked) and position.step < plan.steps:
                     raise TrainingInterrupted(
                         f"training stopped at step {position.step} of {plan.steps} ({stop.reason or 'as asked'}); "
@@ -251,6 +254,8 @@ def run_stage(run: RunDir, cfg: FinetuneConfig, force: bool = False) -> dict[str
     plot_loss_vs_epsilon(read_train_log(run), ax=figure.subplots(), title=f"{manifest['model']}, {cfg.mode}")
     figure.tight_layout()
     save_figure(figure, run.figure(LOSS_FIGURE))
+    if cfg.samples_before_after:
+        write_json_atomic(run.before_after, sample_before_after(run, cfg))
     run.mark_complete(STAGE, cfg, started)
     return stage_summary(run)
 
@@ -364,22 +369,28 @@ def sample_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
     for label, ids in prompts.items():
         if n_per_label <= 0:
             continue
-        torch.manual_seed(seed)
-        inputs = torch.tensor([ids] * n_per_label, device=device)
-        with torch.no_grad():
-            out = model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=True, top_p=0.95,
-                                 top_k=0, temperature=1.0, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, len(ids):]:
-            rows.append({"label": label, "text": tokenizer.decode(row, skip_special_tokens=True).strip()})
+        generator = torch.Generator(device=device).manual_seed(seed)
+        samples = sample_continuations(model, ids, n_per_label, max_new_tokens=max_new_tokens,
+                                       stop_ids=[tokenizer.eos_token_id], top_p=0.95, batch_size=n_per_label,
+                                       generator=generator)
+        for new_ids, _ in samples:
+            rows.append({"label": label, "text": tokenizer.decode(new_ids, skip_special_tokens=True).strip()})
     return rows
 
 
 def before_after_samples(run: RunDir, cfg: FinetuneConfig) -> list[dict[str, str]]:
+    """The samples `run_stage` kept in before_after.json (sampled now for a run made without them)."""
+    if run.before_after.exists():
+        return read_json(run.before_after)
+    return sample_before_after(run, cfg)
+
+
+def sample_before_after(run: RunDir, cfg: FinetuneConfig) -> list[dict[str, str]]:
     """`cfg.samples_before_after` samples per label from the base model and from the fine-tuned one.
 
     Both are prompted with the label prompts stage 01 built and sampled with the same seed; each row
-    holds `label`, `before` and `after`.
+    holds `label`, `before` and `after`. (Both models are shareable: the base is public, the
+    fine-tuned one carries the DP guarantee, so the samples do too.)
     """
     manifest = read_json(run.manifest)
     device = resolve_device(cfg.device)
