@@ -83,7 +83,7 @@ MAKES = {
     "finetune": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
     "generate": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
     "evaluate": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
-    "audit": "`dpnb run configs/demo-audit.yaml` adds the audit to runs/demo in about 20 minutes (after `make demo`)",
+    "audit": "`dpnb run configs/demo-audit.yaml` adds the audit to runs/demo in about 30 minutes (after `make demo`)",
     "report": "`dpnb sweep configs/sweep-eps.yaml` makes runs/sweep-eps in about 50 minutes",
 }
 
