@@ -386,15 +386,20 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, n_positions: int = 512) -
 
 def load_classifier(name: str, num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A sequence classifier with a fresh `num_labels`-way head, and its tokenizer."""
-    preset = resolve(name)
-    if preset.kind == "generator":
-        raise DpnbError(f"'{name}' is a generator preset; choose a classifier (minilm-l6, distilbert-base-uncased)")
-    location: str | Path = preset.location
-    if preset.source == "package":
-        location = package_dir(preset.location) / (preset.subdir or "")
+    preset, location = _encoder_location(name, "a classifier")
     tokenizer = _from_pretrained(AutoTokenizer, preset, location)
     model = _from_pretrained(AutoModelForSequenceClassification, preset, location, num_labels=num_labels)
     return model, tokenizer
+
+
+def _encoder_location(name: str, role: str) -> tuple[ModelPreset, str | Path]:
+    """The preset of encoder `name` (classifier presets, local directories, Hub ids) and where it loads from."""
+    preset = resolve(name)
+    if preset.kind == "generator":
+        raise DpnbError(f"'{name}' is a generator preset; choose {role} (minilm-l6, distilbert-base-uncased)")
+    if preset.source == "package":
+        return preset, package_dir(preset.location) / (preset.subdir or "")
+    return preset, preset.location
 
 
 # --------------------------------------------------------------------------- the base and the trainable model
@@ -622,12 +627,7 @@ def load_encoder(name: str = "minilm-l6") -> tuple[PreTrainedModel, PreTrainedTo
     The base model without any head, in eval mode with gradients switched off: the sentence
     embeddings of `dpnb.embeddings`. `minilm-l6` loads offline from its PyPI package.
     """
-    preset = resolve(name)
-    if preset.kind == "generator":
-        raise DpnbError(f"'{name}' is a generator preset; choose an encoder (minilm-l6, distilbert-base-uncased)")
-    location: str | Path = preset.location
-    if preset.source == "package":
-        location = package_dir(preset.location) / (preset.subdir or "")
+    preset, location = _encoder_location(name, "an encoder")
     tokenizer = _from_pretrained(AutoTokenizer, preset, location)
     model = _from_pretrained(AutoModel, preset, location)
     model.eval().requires_grad_(False)

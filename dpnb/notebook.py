@@ -64,27 +64,23 @@ def open_stage(name: str, run_dir: str | os.PathLike, config: dict[str, Any] | N
     if spec.upstream and not run.path.is_dir():
         raise DpnbError(
             f"no run directory at {run.path} (run_dir={str(run_dir)!r}, relative paths are read from "
-            f"{project_home()}); make the run first: `make demo` or `dpnb run configs/demo.yaml` (about 10 "
-            f"minutes on 2 CPU cores), or set run_dir to a completed run"
+            f"{project_home()}); make the run first: {MAKES_DEMO} on 2 CPU cores, or set run_dir to a completed run"
         )
     if config is None:
         config = run.completed_config(name)
         if config is None:
             raise DpnbError(
                 f"stage '{name}' has not run in {run.path}, and config = None only reads a completed stage; "
-                f"{MAKES.get(name, MAKES['finetune'])}, or set config to a dict of its settings ({{}} for the "
+                f"{MAKES.get(name, MAKES_DEMO)}, or set config to a dict of its settings ({{}} for the "
                 f"defaults) to run it here")
     return run, build(spec.config_class, config)
 
 
 # What makes the runs the committed notebooks read, and about how long it takes on 2 CPU cores.
+MAKES_DEMO = "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 13 minutes"  # stages 01-04
 MAKES = {
-    "prepare": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
-    "finetune": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
-    "generate": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
-    "evaluate": "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes",
     "audit": "`dpnb run configs/demo-audit.yaml` adds the audit to runs/demo in about 30 minutes (after `make demo`)",
-    "report": "`dpnb sweep configs/sweep-eps.yaml` makes runs/sweep-eps in about 50 minutes",
+    "report": "`dpnb sweep configs/sweep-eps.yaml` makes runs/sweep-eps (four demo-sized runs, about an hour)",
 }
 
 
