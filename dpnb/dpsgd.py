@@ -50,6 +50,7 @@ import random
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,7 +65,15 @@ from dpnb import privacy
 from dpnb.errors import DpnbError, require
 from dpnb.head_loss import FrozenHeadLoss
 from dpnb.models import quiet_transformers
-from dpnb.prefix_cache import PrefixCache, TopBlocks, build_prefix_cache, collate_cached
+from dpnb.prefix_cache import (
+    CACHE_FILE,
+    PrefixCache,
+    TopBlocks,
+    build_prefix_cache,
+    collate_cached,
+    frozen_fingerprint,
+    records_fingerprint,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -294,8 +303,13 @@ class FrozenPrefix:
 
 
 def frozen_prefix(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_id: int,
-                  device: str) -> tuple[FrozenPrefix | None, str]:
-    """The fast path for `model` when it applies, else None; and a note saying which, and why."""
+                  device: str, shared_dir: Path | None = None) -> tuple[FrozenPrefix | None, str]:
+    """The fast path for `model` when it applies, else None; and a note saying which, and why.
+
+    With `shared_dir` (the runs of a sweep: `dpnb.rundir.shared_store`) the cache is kept there, under
+    a key naming the records, the frozen weights and how it was built, and a later run with the same
+    key maps it instead of building it again.
+    """
     if not cfg.prefix_cache:
         return None, "frozen-prefix cache off (finetune.prefix_cache: false): every step runs the whole model"
     if cfg.dp and cfg.grad_sample_mode == "ghost":
@@ -307,12 +321,39 @@ def frozen_prefix(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_i
         return None, f"frozen-prefix cache off: {why}"
     if top.start == 0:
         return None, "frozen-prefix cache off: the lowest block is trainable, so there is nothing to cache"
-    cache = build_prefix_cache(model, records, start=top.start, batch_size=cfg.physical_batch_size, device=device,
-                               pad_id=pad_id, fingerprint=False)
+    if shared_dir is None:
+        cache = build_prefix_cache(model, records, start=top.start, batch_size=cfg.physical_batch_size,
+                                   device=device, pad_id=pad_id, fingerprint=False)
+        kept = "in memory only: private, like the records"
+    else:
+        cache, kept = shared_prefix_cache(model, records, top.start, cfg.physical_batch_size, device, pad_id,
+                                          shared_dir)
     return FrozenPrefix(cache, top, head_loss), (
-        f"frozen-prefix cache: blocks 0-{top.start - 1} run once per record ({cache.nbytes / 2**20:.0f} MiB, in "
-        f"memory only: private, like the records); each step runs blocks {top.start}-{top.depth - 1} "
-        f"and the frozen head's loss at the review's tokens")
+        f"frozen-prefix cache: blocks 0-{top.start - 1} run once per record ({cache.nbytes / 2**20:.0f} MiB, "
+        f"{kept}); each step runs blocks {top.start}-{top.depth - 1} and the frozen head's loss at the "
+        f"review's tokens")
+
+
+def shared_prefix_cache(model: nn.Module, records: Records, start: int, batch_size: int, device: str, pad_id: int,
+                        shared_dir: Path) -> tuple[PrefixCache, str]:
+    """The prefix cache of these records and frozen weights from `shared_dir`, built and saved there first
+    if no earlier run did; and where it came from.
+
+    The key hashes the records, the frozen weights below `start` and the batch size and device it is
+    built with (batching changes the float rounding of the states, so a shared cache gives a run
+    exactly the states it would have built itself). The directory is private (0700), like the records.
+    """
+    records_hash, frozen_hash = records_fingerprint(records.input_ids), frozen_fingerprint(model, start)
+    key = hashlib.sha256(f"{records_hash}:{frozen_hash}:{batch_size}:{torch.device(device).type}".encode())
+    directory = shared_dir / f"prefix-cache-{key.hexdigest()[:16]}"
+    if (directory / CACHE_FILE).exists():
+        cache = PrefixCache.load(directory, mmap=True)
+        if cache.meta.get("records") == records_hash and cache.meta.get("frozen") == frozen_hash:
+            return cache, f"shared by the sweep's runs, mapped from {directory} (private)"
+    cache = build_prefix_cache(model, records, start=start, batch_size=batch_size, device=device, pad_id=pad_id)
+    shared_dir.mkdir(parents=True, exist_ok=True)
+    cache.save(directory)
+    return cache, f"built and saved for the sweep's other runs in {directory} (private)"
 
 
 # =========================================================================== one training session

@@ -21,6 +21,11 @@ One experiment is one directory, `runs/<name>/` by default; `RunDir` names every
                               twin directory is laid out like a run: model/, privacy.json, ...)
     figures/                  every stage's figures
 
+Runs of one sweep also share `<runs_dir>/shared/` (`shared_store`): results that several runs would
+compute alike, each under a key naming everything it depends on (the frozen-prefix cache of the
+same records and weights; the zero-shot set of the same base model, prompts and settings). It holds
+states computed from the private records: it is as private as the runs.
+
 A stage is complete when its marker exists; the marker is written last, atomically, so a crash
 never leaves a stage that looks complete. A completed stage is current when it finished with the
 same config and the same upstream results (`is_current`); a current stage is skipped when rerun, a
@@ -44,6 +49,7 @@ from dpnb import registry
 from dpnb.errors import DpnbError
 from dpnb.io import read_json, to_json, write_json_atomic
 
+SHARED_STORE_ENV = "DPNB_SHARED_DIR"  # set by `dpnb sweep` for its runs: <runs_dir>/shared
 CHECKPOINT_FILE = "latest.pt"  # the one resumable training state in checkpoints/
 TWINS_DIR = "audit"  # the audit's twins, each a run-like directory
 
@@ -82,6 +88,15 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def shared_store() -> Path | None:
+    """The directory that the runs of one sweep share results in (`$DPNB_SHARED_DIR`), else None.
+
+    `dpnb sweep` sets it for its runs; a single `dpnb run` keeps everything in its own directory.
+    """
+    value = os.environ.get(SHARED_STORE_ENV)
+    return Path(value) if value else None
 
 
 class RunDir:

@@ -31,6 +31,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -366,6 +367,37 @@ def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list
         model.train(was_training)
 
 
+def _shared_shards(shared_dir: Path, plan: dict[str, Any]) -> Path:
+    """The shared directory of the shards of exactly this plan (model weights, prompts, settings)."""
+    key = hashlib.sha256(to_json(plan).encode()).hexdigest()[:16]
+    return shared_dir / f"shards-{key}"
+
+
+def _complete(shards: Path, specs: list[ShardSpec]) -> bool:
+    return shards.is_dir() and all((shards / spec.name).exists() for spec in specs)
+
+
+def _copy_shards(source: Path, target: Path, specs: list[ShardSpec]) -> None:
+    """Link the shards of `source` that `target` lacks into it, with their log lines (the sampling time)."""
+    log = {entry["shard"]: entry for entry in read_jsonl(source / "log.jsonl")}
+    for spec in specs:
+        if not (target / spec.name).exists():
+            _link_or_copy(str(source / spec.name), str(target / spec.name))
+            if spec.index in log:
+                append_jsonl(target / "log.jsonl", log[spec.index])
+
+
+def _publish_shards(shards: Path, shared: Path) -> None:
+    """Put a complete copy of `shards` at `shared` in one rename (other runs of the sweep may read it)."""
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=shared.parent, prefix=f".{shared.name}."))
+    try:
+        shutil.copytree(shards, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
+        os.rename(staging, shared)  # fails if another run published it first: theirs is as good
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _link_or_copy(source: str, target: str) -> None:
     """Hard-link a finished shard into the new directory (instant, no extra space), else copy it."""
     try:
@@ -461,13 +493,16 @@ def sample_labelled(
     overwrite: bool = False,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    shared_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Sample `cfg.n_per_label` texts per label from any causal LM; write a labelled set to `out_dir`.
 
     Shards already in `out_dir/shards` that were sampled with the same model weights, prompts and
     settings are kept, so an interrupted call resumes; others are discarded (or, when `out_dir` holds
-    a finished set, refused unless `overwrite`). `on_shard(index)` runs after each shard is written
-    (tests interrupt there). Returns the generation.json summary.
+    a finished set, refused unless `overwrite`). With `shared_dir` (the runs of a sweep, for the
+    zero-shot set) the shards of the same plan are taken from there when an earlier run sampled them,
+    and left there for later runs (`_shared_shards`). `on_shard(index)` runs after each shard is
+    written (tests interrupt there). Returns the generation.json summary.
     """
     started = time.time()
     out_dir = Path(out_dir)
@@ -494,7 +529,13 @@ def sample_labelled(
     postprocessing = {"min_words": cfg.min_words, "max_repeat_fraction": cfg.max_repeat_fraction}
     _prepare_shard_dir(out_dir, plan, postprocessing, overwrite)
     shards = out_dir / "shards"
+    shared = _shared_shards(shared_dir, plan) if shared_dir is not None else None
+    if shared is not None and _complete(shared, specs):
+        _copy_shards(shared, shards, specs)
+        print(f"{out_dir.name}: {len(specs)} shards sampled alike by an earlier run of the sweep, from {shared}")
     _sample_shards(model, prompts, specs, shards, cfg, stop_ids, pad_id, label_names, progress, on_shard)
+    if shared is not None and not _complete(shared, specs):
+        _publish_shards(shards, shared)
 
     rows, counts = _postprocess(specs, shards, tokenizer, label_names, cfg)
     summary = {

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import string
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any
 
 from dpnb.errors import DpnbError
 from dpnb.io import write_text_atomic
 from dpnb.runconfig import RunConfig, read_config_values, run_config_from_dict, set_dotted, to_yaml
-from dpnb.rundir import RunDir
+from dpnb.rundir import SHARED_STORE_ENV, RunDir
 
 
 def expand_sweep(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -104,7 +106,13 @@ def _start_run(run: RunConfig, force: bool) -> tuple[subprocess.Popen, IO[str]]:
     write_text_atomic(run_dir.sweep_config, to_yaml(run))
     cmd = [sys.executable, "-m", "dpnb.cli", "run", str(run_dir.sweep_config)] + (["--force"] if force else [])
     log = open(run_dir.run_log, "a", encoding="utf-8")  # noqa: SIM115 - closed when the run ends
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
+    env = {**os.environ, SHARED_STORE_ENV: str(shared_dir(run))}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def shared_dir(run: RunConfig) -> Path:
+    """Where the runs of a sweep share what they would each compute alike: `<runs_dir>/shared`."""
+    return Path(run.runs_dir).resolve() / "shared"
 
 
 def run_sweep(path: str, jobs: int = 1, force: bool = False) -> list[str]:
@@ -112,7 +120,9 @@ def run_sweep(path: str, jobs: int = 1, force: bool = False) -> list[str]:
 
     Every run's full config is validated before the first one starts (a typo fails in a second, not
     an hour in) and written next to its results as `sweep-config.yaml`; its output goes to
-    `dpnb-run.log` there. Rerunning the sweep resumes: completed stages are skipped.
+    `dpnb-run.log` there. The runs share `<runs_dir>/shared/` (`dpnb.rundir.shared_store`): a
+    frozen-prefix cache or a zero-shot set that one run computed is reused by the next run that
+    would compute it alike (same key), not computed again. Rerunning the sweep resumes: completed stages are skipped.
     """
     configs = sweep_configs(path)
     total = len(configs)

@@ -20,6 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
@@ -63,7 +64,7 @@ from dpnb.models import (
     trainable_parameters,
 )
 from dpnb.prompts import PromptFormat
-from dpnb.rundir import RunDir
+from dpnb.rundir import RunDir, shared_store
 from dpnb.stages.prepare import load_prepared
 
 if TYPE_CHECKING:
@@ -83,7 +84,8 @@ LOSS_FIGURE = "loss_vs_epsilon.png"
 def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir: str | os.PathLike | RunDir, *,
           train_sha256: str = "", tokenizer: PreTrainedTokenizerBase | None = None,
           base_model: PreTrainedModel | None = None, resume: bool = True,
-          should_stop: Callable[[int], bool] | None = None, verbose: bool = True) -> dict[str, Any]:
+          should_stop: Callable[[int], bool] | None = None, verbose: bool = True,
+          shared_dir: Path | None = None) -> dict[str, Any]:
     """Fine-tune `model_name` on the records of `train`; write model/, train_log.jsonl, privacy.json.
 
     `out_dir` is laid out like a run directory (a run, or one of the audit's twins). Resumes from
@@ -92,7 +94,8 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     same training it is returned without training again. `base_model` (optional) is the loaded base
     to train, modified in place; `should_stop(step)` is asked after every logical step and, when it
     answers True, training checkpoints and raises `TrainingInterrupted`, as on SIGINT. Returns the
-    privacy record (privacy.json).
+    privacy record (privacy.json). `shared_dir` (the runs of a sweep) keeps the frozen-prefix cache
+    where the sweep's other runs on the same records find it (`dpnb.dpsgd.shared_prefix_cache`).
     """
     out = out_dir if isinstance(out_dir, RunDir) else RunDir(out_dir)
     records = Records.from_dataset(train)
@@ -127,7 +130,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
         position, wall_before = Position(**checkpoint["position"]), float(checkpoint["wall_s"])
         _truncate_log(out.train_log, int(checkpoint["log_length"]))
         say(f"resuming from the checkpoint at step {position.step} of {plan.steps}")
-    prefix, prefix_note = frozen_prefix(model, records, cfg, pad_id, device)
+    prefix, prefix_note = frozen_prefix(model, records, cfg, pad_id, device, shared_dir)
     say(prefix_note)
     session = make_session(model, cfg, plan, device, checkpoint["accountant"] if checkpoint else None, prefix)
     if checkpoint is not None:
@@ -249,7 +252,8 @@ def run_stage(run: RunDir, cfg: FinetuneConfig, force: bool = False) -> dict[str
         return stage_summary(run)
     started = time.time()
     train_set, _, manifest = load_prepared(run)
-    train(manifest["model"], train_set, cfg, run, train_sha256=manifest.get("train_sha256", ""), resume=not force)
+    train(manifest["model"], train_set, cfg, run, train_sha256=manifest.get("train_sha256", ""), resume=not force,
+          shared_dir=shared_store())
     figure = Figure(figsize=(6, 3.6))  # not pyplot's: the notebook shows the saved file, not a stray copy
     plot_loss_vs_epsilon(read_train_log(run), ax=figure.subplots(), title=f"{manifest['model']}, {cfg.mode}")
     figure.tight_layout()

@@ -28,7 +28,7 @@ from dpnb.dataset_card import Provenance
 from dpnb.io import read_json, save_figure
 from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device
 from dpnb.prompts import PromptFormat
-from dpnb.rundir import RunDir
+from dpnb.rundir import RunDir, shared_store
 from dpnb.sampling import load_synthetic, sample_labelled
 from dpnb.textstats import plot_length_histograms
 
@@ -106,6 +106,7 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
         summary["zero_shot"] = sample_labelled(
             base, load_tokenizer(base_name), prompt_format, label_names, cfg, run.zero_shot,
             provenance=Provenance("zero_shot", base_name, data), overwrite=True,
+            shared_dir=shared_store(),  # a sweep's runs share one zero-shot set when they sample it alike
         )
         del base
         release_memory()

@@ -10,6 +10,7 @@ import pytest
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance, dataset_card
 from dpnb.errors import DpnbError
+from dpnb.io import read_json
 from dpnb.models import load_causal_lm, load_tokenizer
 from dpnb.privacy import round_up
 from dpnb.prompts import PromptFormat
@@ -164,6 +165,29 @@ def test_interrupted_run_resumes_to_the_same_samples(sampled, tmp_path, tiny_mod
     assert resampled == [2, 3]  # only the shards that were missing
     assert shard_contents(out) == shard_contents(reference)
     assert load_synthetic(out)["text"] == load_synthetic(reference)["text"]
+
+
+def test_a_sweeps_runs_share_shards_sampled_alike(sampled, tmp_path, tiny_model, tokenizer):
+    """With a shared directory (a sweep's zero-shot sets) the first run leaves its shards there and the
+    next run with the same plan takes them instead of sampling again; another plan samples its own."""
+    reference, _ = sampled
+    shared = tmp_path / "shared"
+    first: list[int] = []
+    sample_labelled(tiny_model, tokenizer, PromptFormat(), LABELS, small_config(), tmp_path / "a" / "zero_shot",
+                    progress=False, on_shard=first.append, shared_dir=shared)
+    second: list[int] = []
+    sample_labelled(tiny_model, tokenizer, PromptFormat(), LABELS, small_config(), tmp_path / "b" / "zero_shot",
+                    progress=False, on_shard=second.append, shared_dir=shared)
+    assert first == [0, 1, 2, 3] and second == []  # the second run sampled nothing
+    for run in ("a", "b"):
+        out = tmp_path / run / "zero_shot"
+        assert shard_contents(out) == shard_contents(reference)
+        assert load_synthetic(out)["text"] == load_synthetic(reference)["text"]
+        assert read_json(out / "generation.json")["timed_shards"] == 4  # the log lines came along
+    other: list[int] = []
+    sample_labelled(tiny_model, tokenizer, PromptFormat(), LABELS, small_config(seed=8), tmp_path / "c" / "zero_shot",
+                    progress=False, on_shard=other.append, shared_dir=shared)
+    assert other == [0, 1, 2, 3] and len([p for p in shared.iterdir() if not p.name.startswith(".")]) == 2
 
 
 def test_other_model_discards_old_shards_and_refuses_to_replace_a_finished_set(tmp_path, tiny_model, tokenizer):

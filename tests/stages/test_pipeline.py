@@ -82,17 +82,26 @@ def test_whole_pipeline_skip_refuse_force(tmp_path, toy_data_dir, capsys):
 @pytest.mark.slow
 def test_sweep_of_two_runs_and_the_report(tmp_path, toy_data_dir):
     config = tiny_config(toy_data_dir, tmp_path / "runs")
-    config["stages"] = ["prepare", "finetune", "generate", "evaluate"]
-    config["generate"]["zero_shot"] = False
-    config["evaluate"]["sources"] = ["real", "synthetic"]
+    config["finetune"]["top_layers"] = 1  # the frozen-prefix cache, which the two runs share
     config["sweep"] = {"name": "eps{finetune.target_epsilon}", "grid": {"finetune.target_epsilon": [2, 8]}}
     names = run_sweep(write(tmp_path / "sweep.yaml", config), jobs=1)
     assert names == ["eps2", "eps8"]
-    epsilons = [read_json(RunDir(tmp_path / "runs" / n).privacy)["epsilon"] for n in names]
+    runs = [RunDir(tmp_path / "runs" / n) for n in names]
+    epsilons = [read_json(run.privacy)["epsilon"] for run in runs]
     assert epsilons[0] <= 2 < epsilons[1] <= 8
+
+    # What the two runs compute alike, the first computes and the second takes from runs/shared/.
+    shared = sorted(p.name.split("-")[0] for p in (tmp_path / "runs" / "shared").iterdir())
+    assert shared == ["prefix", "shards"]
+    finetune_notebook, generate_notebook = (runs[1].notebooks / STAGES[s].notebook for s in ("finetune", "generate"))
+    assert "shared by the sweep's runs, mapped from" in finetune_notebook.read_text()
+    assert "sampled alike by an earlier run of the sweep" in generate_notebook.read_text()
+    zero_shot = [(run.zero_shot / "samples.jsonl").read_text() for run in runs]
+    assert zero_shot[0] == zero_shot[1]
 
     out = pipeline.run_report(str(tmp_path / "runs"))
     table = (out / "table.csv").read_text().splitlines()
     assert table[0].startswith("source,run,model")
     assert sum(line.startswith("synthetic,") for line in table) == 2
     assert sum(line.startswith("real,") for line in table) == 1  # same data and classifier: one row
+    assert sum(line.startswith("zero_shot,") for line in table) == 1

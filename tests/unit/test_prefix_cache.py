@@ -21,7 +21,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from dpnb.dpsgd import Records, collate, per_record_loss
+from dpnb.dpsgd import Records, collate, per_record_loss, shared_prefix_cache
 from dpnb.errors import DpnbError
 from dpnb.head_loss import FrozenHeadLoss
 from dpnb.prefix_cache import (
@@ -225,3 +225,27 @@ def test_saved_cache_is_private_and_round_trips(tmp_path):
     os.chmod(shared, 0o755)
     with pytest.raises(DpnbError, match="readable by others"):
         cache.save(shared)
+
+
+def test_a_sweeps_runs_share_one_cache_per_records_and_weights(tmp_path):
+    """`shared_prefix_cache` (the runs of a sweep): built once and saved privately, then mapped by the
+    next run with the same records and frozen weights, holding exactly the states a run builds alone;
+    other records or other frozen weights get their own cache."""
+    model, recs, shared = top_lora("llama"), records(), tmp_path / "shared"
+    first, where = shared_prefix_cache(model, recs, 2, 2, "cpu", 0, shared)
+    assert where.startswith("built and saved")
+    second, where = shared_prefix_cache(model, recs, 2, 2, "cpu", 0, shared)
+    assert where.startswith("shared by the sweep's runs, mapped")
+    alone = build_prefix_cache(model, recs, start=2, batch_size=2)
+    for cache in (first, second):
+        assert torch.equal(cache.states, alone.states) and torch.equal(cache.offsets, alone.offsets)
+    (directory,) = shared.iterdir()
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700  # the states are as private as the records
+
+    fewer = Records(recs.input_ids[:4], recs.prompt_lengths[:4])
+    assert shared_prefix_cache(model, fewer, 2, 2, "cpu", 0, shared)[1].startswith("built")
+    with torch.no_grad():
+        model_parts(model).body.embed_tokens.weight.mul_(2)
+    changed, where = shared_prefix_cache(model, recs, 2, 2, "cpu", 0, shared)
+    assert where.startswith("built") and not torch.equal(changed.states, alone.states)
+    assert len(list(shared.iterdir())) == 3
