@@ -1,7 +1,7 @@
 """`dpnb`: run the pipeline's notebooks headlessly, sweep parameters, and report.
 
     dpnb run CONFIG [--force] [--stages prepare,finetune] [--set finetune.target_epsilon=3]
-    dpnb sweep SWEEP_CONFIG [--jobs N] [--force]
+    dpnb sweep SWEEP_CONFIG [--jobs N] [--force] [--print-commands]
     dpnb report [RUNS_DIR]
     dpnb verify RUN_DIR          recompute the run's epsilon from privacy.json with Opacus
     dpnb models                  list the model presets
@@ -26,7 +26,7 @@ from dpnb.errors import DpnbError
 from dpnb.io import read_json
 from dpnb.pipeline import refresh_notebooks, run_pipeline, run_report
 from dpnb.rundir import RunDir
-from dpnb.sweep import run_sweep
+from dpnb.sweep import run_sweep, sweep_commands
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="stream the notebooks' output")
     p = sub.add_parser("sweep", help="run a grid of experiments")
     p.add_argument("config")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (with GPUs: one GPU per run)")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--print-commands", action="store_true",
+                   help="print one `dpnb run` command per run (for a cluster scheduler) instead of running them")
     p = sub.add_parser("report", help="table and figures over every run in a directory")
     p.add_argument("runs_dir", nargs="?", default="runs")
     p.add_argument("--out", help="output directory (default RUNS_DIR/report)")
@@ -106,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sweep":
             if args.jobs < 1:
                 raise DpnbError("--jobs must be at least 1")
-            run_sweep(args.config, jobs=args.jobs, force=args.force)
+            if args.print_commands:
+                print("\n".join(sweep_commands(args.config, force=args.force)))
+            else:
+                run_sweep(args.config, jobs=args.jobs, force=args.force)
         elif args.command == "report":
             run_report(args.runs_dir, args.out)
         elif args.command == "verify":

@@ -179,6 +179,11 @@ class FinetuneConfig:
     # and their outputs kept in memory (dpnb.prefix_cache): the same gradients, several times faster per step.
     prefix_cache: bool = True
     dtype: str = "float32"  # "float32" or "bfloat16" for the trainable model
+    # "bf16-mixed": the forward and backward run under bf16 autocast while the weights, the per-sample
+    # gradients, their norms, the clipping, the noise and AdamW stay float32 (dpnb.dpsgd.compute_precision).
+    # "auto": bf16-mixed on a CUDA GPU with bf16 support, float32 elsewhere (a CPU without bf16 units runs
+    # a bf16 matmul at well under 1 GFLOP/s). Either way, TF32 for what stays float32 on CUDA.
+    precision: str = "auto"
     device: str = "auto"  # "auto", "cpu", "cuda"
     checkpoint_every: int = 50  # logical steps between resumable checkpoints (also on SIGINT/SIGTERM)
     samples_before_after: int = 2  # seeded samples per label the notebook shows before and after training
@@ -193,6 +198,13 @@ class FinetuneConfig:
         _one_of(self.accountant, ("prv", "rdp"), "finetune.accountant")
         _one_of(self.grad_sample_mode, ("hooks", "ghost"), "finetune.grad_sample_mode")
         _one_of(self.dtype, ("float32", "bfloat16"), "finetune.dtype")
+        _one_of(self.precision, ("auto", "fp32", "bf16-mixed"), "finetune.precision")
+        require(not (self.precision == "bf16-mixed" and self.dtype == "bfloat16"),
+                "finetune.precision bf16-mixed keeps float32 weights; it needs finetune.dtype float32")
+        require(not (self.precision == "bf16-mixed" and self.grad_sample_mode == "ghost"),
+                "finetune.precision bf16-mixed with ghost clipping would take the per-sample norms in bf16 "
+                "(Opacus computes them from bf16 activations), and a norm rounded down lets a record "
+                "exceed the clipping bound: use grad_sample_mode hooks, or precision fp32")
         _one_of(self.device, ("auto", "cpu", "cuda"), "finetune.device")
         _one_of(self.lr_schedule, ("constant", "linear"), "finetune.lr_schedule")
         require(

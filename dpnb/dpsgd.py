@@ -42,6 +42,7 @@ gradient of the logical batch's mean loss; no PrivacyEngine, no clipping, no noi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -280,6 +281,14 @@ class Session:
     noise_rng: torch.Generator | None
     ghost: bool
     prefix: FrozenPrefix | None = None  # the fast path for top-block training, when it applies
+    autocast: torch.dtype | None = None  # bf16 under precision bf16-mixed (compute_precision), else None
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Where the forward pass runs: bf16 autocast under mixed precision, else as it is."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        device_type = next(self.trainable.parameters()).device.type
+        return torch.autocast(device_type=device_type, dtype=self.autocast)
 
 
 # =========================================================================== the fast path for top-block training
@@ -356,6 +365,45 @@ def shared_prefix_cache(model: nn.Module, records: Records, start: int, batch_si
     return cache, f"built and saved for the sweep's other runs in {directory} (private)"
 
 
+# =========================================================================== precision
+
+
+def compute_precision(cfg: FinetuneConfig, device: str) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype of the forward pass (None: as the weights are) and a note saying why.
+
+    Mixed precision: the matmuls of the forward and backward pass run in bf16 (autocast), while the
+    weights, the per-sample gradients (`promote_grad_samples`), their norms, the clipping factors
+    min(1, C / ||g_i||), the clipped sum, the Gaussian noise and AdamW's state stay float32, so the
+    sensitivity bound C holds to float32 rounding. "auto" chooses it on a CUDA GPU that supports
+    bf16 and never on a CPU (most have no bf16 units). On CUDA, TF32 is allowed for what stays float32.
+    """
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (10-bit mantissa inputs)
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.precision == "bf16-mixed":
+        return torch.bfloat16, "precision: bf16 autocast for the forward and backward pass; weights, per-sample " \
+                               "gradients, norms, clipping, noise and AdamW in float32"
+    if cfg.precision == "auto" and cuda and cfg.dtype == "float32" and cfg.grad_sample_mode == "hooks" \
+            and torch.cuda.is_bf16_supported():
+        return torch.bfloat16, "precision auto: bf16 autocast on this GPU; weights, per-sample gradients, norms, " \
+                               "clipping, noise and AdamW in float32 (TF32 matmuls)"
+    return None, f"precision: {cfg.dtype} throughout" + (" (TF32 matmuls)" if cuda else "")
+
+
+def promote_grad_samples(params: Sequence[torch.Tensor]) -> None:
+    """Per-sample gradients computed in bf16 (under autocast) as float32, before Opacus takes their norms.
+
+    Opacus computes each record's norm from `p.grad_sample` in its own dtype; a bf16 norm is rounded to
+    8 significant bits, and one rounded down would let a record's clipped gradient exceed C by up to
+    0.4%. Promoting first makes the norms, and everything after them, float32.
+    """
+    for p in params:
+        sample = getattr(p, "grad_sample", None)
+        if isinstance(sample, torch.Tensor) and sample.dtype != torch.float32 and p.dtype == torch.float32:
+            p.grad_sample = sample.float()
+
+
 # =========================================================================== one training session
 
 
@@ -420,6 +468,7 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
             (dp_model, dp_optimizer, loader), criterion = wrapped, SequenceLoss("mean")
         session = Session(dp_model, model, dp_optimizer, adamw, scheduler, loader, criterion, engine,
                           sampler_rng, noise_rng, ghost, prefix)
+    session.autocast, _ = compute_precision(cfg, device)
     # Opacus computes q from the loader itself; training on any other q would void the calibration
     loader_rate = 1 / len(session.loader)
     if len(session.loader) != plan.steps_per_epoch or not math.isclose(loader_rate, plan.sample_rate):
@@ -454,11 +503,13 @@ def record_losses(session: Session, records: Records, indices: Sequence[int], pa
     batch = collate(records, indices, pad_id, loss_on_prompt)
     if session.prefix is not None:
         cached = collate_cached(session.prefix.cache, batch, indices).to(device)
-        final = session.model(**cached.model_inputs())
+        with session.forward_context():
+            final = session.model(**cached.model_inputs())
         return session.prefix.head_loss(final[:, :-1], cached.targets, cached.target_mask)
     batch = batch.to(device)
-    logits = session.model(**batch.model_inputs()).logits[:, :-1]
-    return per_record_loss(logits, batch.targets, batch.target_mask)
+    with session.forward_context():
+        logits = session.model(**batch.model_inputs()).logits[:, :-1]
+    return per_record_loss(logits, batch.targets, batch.target_mask)  # in float32
 
 
 def forward_losses(session: Session, records: Records, indices: Sequence[int], pad_id: int, loss_on_prompt: bool,
@@ -495,6 +546,8 @@ def dp_logical_steps(session: Session, batches: Iterator[Any], records: Records,
         if indices:
             losses, to_backward = forward_losses(session, records, indices, pad_id, cfg.loss_on_prompt, device)
             to_backward.backward()
+            if session.autocast is not None:
+                promote_grad_samples(session.optimizer.params)
             total, count = total + float(losses.sum()), count + len(indices)
         else:
             _empty_physical_batch(session)

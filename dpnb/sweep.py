@@ -9,6 +9,11 @@ A sweep file is a run config plus a `sweep:` section:
 
 Every run's full config is validated before the first one starts, and each run is its own
 `dpnb run` process, so one run's failure never stops the others and a rerun of the sweep resumes.
+
+Parallel runs: `--jobs N` runs N at a time; when the runs use GPUs each job gets a GPU of its own
+(CUDA_VISIBLE_DEVICES) and N above the number of visible GPUs is refused. `--print-commands` prints
+one `dpnb run` command per run instead, for a cluster scheduler (a SLURM job array, say). The runs
+share `<runs_dir>/shared/` (`dpnb.rundir.shared_store`) either way.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import shlex
 import string
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import torch
 
 from dpnb.errors import DpnbError
 from dpnb.io import write_text_atomic
@@ -99,15 +108,66 @@ def _dotted_get(values: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _start_run(run: RunConfig, force: bool) -> tuple[subprocess.Popen, IO[str]]:
-    """Start `dpnb run` on one sweep run, its config kept beside its results, its output in dpnb-run.log."""
+def _write_run_config(run: RunConfig) -> RunDir:
+    """Keep the run's full config beside its results (`sweep-config.yaml`): what `dpnb run` is given."""
     run_dir = RunDir(run.run_dir)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir.sweep_config, to_yaml(run))
+    return run_dir
+
+
+def _start_run(run: RunConfig, force: bool, gpu: str | None) -> tuple[subprocess.Popen, IO[str]]:
+    """Start `dpnb run` on one sweep run (on GPU `gpu` alone, when given), its output in dpnb-run.log."""
+    run_dir = _write_run_config(run)
     cmd = [sys.executable, "-m", "dpnb.cli", "run", str(run_dir.sweep_config)] + (["--force"] if force else [])
     log = open(run_dir.run_log, "a", encoding="utf-8")  # noqa: SIM115 - closed when the run ends
     env = {**os.environ, SHARED_STORE_ENV: str(shared_dir(run))}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu  # the job sees one GPU, as cuda:0
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None, count: int | None = None) -> list[str]:
+    """The GPUs this process may hand out, as CUDA_VISIBLE_DEVICES entries: the ones it already names,
+    else 0..count-1 (`count` defaults to torch's device count)."""
+    environ = os.environ if environ is None else environ
+    named = environ.get("CUDA_VISIBLE_DEVICES")
+    if named is not None:
+        return [entry.strip() for entry in named.split(",") if entry.strip() and entry.strip() != "-1"]
+    count = torch.cuda.device_count() if count is None else count
+    return [str(i) for i in range(count)]
+
+
+def uses_gpu(run: RunConfig) -> bool:
+    """Whether any stage of the run may take a GPU (device cuda, or auto with one present)."""
+    devices = {getattr(run.stage(stage), "device", "cpu") for stage in run.stages}
+    return "cuda" in devices or ("auto" in devices and torch.cuda.is_available())
+
+
+def gpu_slots(configs: list[RunConfig], jobs: int, gpus: list[str]) -> list[str | None]:
+    """One slot per parallel job: its own GPU when the runs use GPUs, else None (the CPU).
+
+    Two jobs on one GPU would compete for its memory (each run sizes its batches for a whole GPU), so
+    more jobs than GPUs is refused.
+    """
+    if not any(uses_gpu(run) for run in configs) or not gpus:
+        return [None] * jobs
+    if jobs > len(gpus):
+        raise DpnbError(f"--jobs {jobs} asks for more parallel runs than the {len(gpus)} GPU(s) visible "
+                        f"({','.join(gpus)}): each run takes a GPU of its own; use --jobs {len(gpus)} or fewer, or "
+                        f"--print-commands to spread the runs over a cluster")
+    return gpus[:jobs]
+
+
+def sweep_commands(path: str, force: bool = False) -> list[str]:
+    """One shell command per run, to hand to a scheduler (a SLURM job array, say): each run's config is
+    written beside its results, and every command shares the sweep's store (`shared_dir`)."""
+    commands = []
+    for run in sweep_configs(path):
+        run_dir = _write_run_config(run)
+        command = ["dpnb", "run", str(run_dir.sweep_config.resolve())] + (["--force"] if force else [])
+        commands.append(f"{SHARED_STORE_ENV}={shlex.quote(str(shared_dir(run)))} {shlex.join(command)}")
+    return commands
 
 
 def shared_dir(run: RunConfig) -> Path:
@@ -126,22 +186,26 @@ def run_sweep(path: str, jobs: int = 1, force: bool = False) -> list[str]:
     """
     configs = sweep_configs(path)
     total = len(configs)
-    print(f"sweep {path}: {total} runs, {jobs} at a time", flush=True)
+    free = gpu_slots(configs, jobs, visible_gpus())
+    where = f" on GPU(s) {','.join(s for s in free if s is not None)}" if free[0] is not None else ""
+    print(f"sweep {path}: {total} runs, {jobs} at a time{where}", flush=True)
     pending = list(configs)
-    active: list[tuple[str, subprocess.Popen, IO[str], float]] = []
+    active: list[tuple[str, subprocess.Popen, IO[str], float, str | None]] = []
     failed: list[str] = []
     while pending or active:
         while pending and len(active) < jobs:
-            run = pending.pop(0)
-            print(f"[{total - len(pending) - len(active) - 1}/{total} done] start {run.name}", flush=True)
-            proc, log = _start_run(run, force)
-            active.append((run.name, proc, log, time.time()))
+            run, gpu = pending.pop(0), free.pop(0)
+            on = f" on GPU {gpu}" if gpu is not None else ""
+            print(f"[{total - len(pending) - len(active) - 1}/{total} done] start {run.name}{on}", flush=True)
+            proc, log = _start_run(run, force, gpu)
+            active.append((run.name, proc, log, time.time(), gpu))
         time.sleep(1)
         for item in list(active):
-            name, proc, log, t0 = item
+            name, proc, log, t0, gpu = item
             if proc.poll() is None:
                 continue
             active.remove(item)
+            free.append(gpu)
             log.close()
             if proc.returncode != 0:
                 failed.append(name)

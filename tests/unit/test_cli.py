@@ -13,7 +13,7 @@ from dpnb import cli, models, pipeline, sweep
 from dpnb.config import EvaluateConfig, FinetuneConfig, PrepareConfig
 from dpnb.errors import DpnbError
 from dpnb.io import append_jsonl, write_json_atomic
-from dpnb.rundir import RunDir
+from dpnb.rundir import SHARED_STORE_ENV, RunDir
 from dpnb.stages import report
 
 
@@ -136,3 +136,67 @@ def test_verify_recomputes_with_two_accountant_libraries_and_catches_a_wrong_ste
     privacy.verify_privacy(low)  # the buggy path agrees with itself
     assert cli.main(["verify", str(run.path)]) != 0
     assert "UNDER-CLAIM" in capsys.readouterr().err
+
+
+def gpu_sweep(tmp_path, n_runs: int, device: str = "cuda"):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"runs_dir": str(tmp_path / "runs"), "finetune": {"device": device},
+                                    "sweep": {"name": "s{seed}", "grid": {"seed": list(range(n_runs))}}}))
+    return str(path)
+
+
+def test_visible_gpus_respect_the_callers_cuda_visible_devices():
+    assert sweep.visible_gpus({"CUDA_VISIBLE_DEVICES": "2, 3"}) == ["2", "3"]
+    assert sweep.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert sweep.visible_gpus({}, count=3) == ["0", "1", "2"]
+
+
+def test_more_parallel_gpu_runs_than_gpus_are_refused(tmp_path):
+    configs = sweep.sweep_configs(gpu_sweep(tmp_path, 3))
+    with pytest.raises(DpnbError, match="more parallel runs than the 2 GPU"):
+        sweep.gpu_slots(configs, 3, ["0", "1"])
+    assert sweep.gpu_slots(configs, 2, ["0", "1"]) == ["0", "1"]
+    cpu = sweep.sweep_configs(gpu_sweep(tmp_path, 3, device="cpu"))
+    assert sweep.gpu_slots(cpu, 3, ["0"]) == [None, None, None]  # CPU runs take no GPU
+
+
+def test_sweep_jobs_run_each_on_a_gpu_of_its_own(tmp_path, monkeypatch):
+    """Four runs, two at a time on GPUs 5 and 7: no two live runs ever share a GPU, and each run is
+    started with the sweep's shared store."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    monkeypatch.setattr(sweep.time, "sleep", lambda _: None)
+    live: list[str] = []
+    started: list[tuple[str, str]] = []
+
+    class FakeRun:
+        def __init__(self, cmd, stdout, stderr, env):
+            self.gpu, self.polls, self.returncode = env["CUDA_VISIBLE_DEVICES"], 0, None
+            assert self.gpu not in live and env[SHARED_STORE_ENV].endswith("shared")
+            live.append(self.gpu)
+            started.append((cmd[-1], self.gpu))
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            if self.returncode is None:
+                live.remove(self.gpu)
+                self.returncode = 0
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", FakeRun)
+    assert sweep.run_sweep(gpu_sweep(tmp_path, 4), jobs=2) == ["s0", "s1", "s2", "s3"]
+    assert [gpu for _, gpu in started[:2]] == ["5", "7"] and {gpu for _, gpu in started} == {"5", "7"}
+    with pytest.raises(DpnbError, match="more parallel runs"):
+        sweep.run_sweep(gpu_sweep(tmp_path, 4), jobs=3)
+
+
+def test_print_commands_gives_one_command_per_run_and_runs_nothing(tmp_path, capsys):
+    path = gpu_sweep(tmp_path, 2, device="cpu")
+    assert cli.main(["sweep", path, "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, name in zip(lines, ("s0", "s1"), strict=True):
+        config = tmp_path / "runs" / name / "sweep-config.yaml"
+        assert line == f"{SHARED_STORE_ENV}={tmp_path / 'runs' / 'shared'} dpnb run {config}"
+        assert config.exists() and not (tmp_path / "runs" / name / "stages").exists()

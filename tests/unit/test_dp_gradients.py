@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from dpnb import dpsgd, privacy
 from dpnb.config import FinetuneConfig
+from dpnb.errors import DpnbError
 from dpnb.independent_accounting import cross_check, google_epsilons
 from dpnb.models import build_model, is_quantized_4bit, load_causal_lm, load_tokenizer, quiet_transformers
 from dpnb.stages import finetune
@@ -270,6 +271,56 @@ def test_update_is_the_clipped_sum_of_per_record_gradients_over_the_expected_bat
     assert privacy.accountant_history(session.engine.accountant) == [(0.0, plan.sample_rate, 2)]
     if grad_sample_mode == "ghost" and mode == "full":
         assert any("untied" in note for note in notes)
+
+
+MIXED_CASES = [(arch, mode, cached) for arch in ("llama", "gpt2") for mode in ("full", "lora")
+               for cached in (False, True)]
+
+
+@pytest.mark.parametrize(("arch", "mode", "cached"), MIXED_CASES, ids=["-".join(map(str, c)) for c in MIXED_CASES])
+def test_bf16_mixed_precision_gives_the_float32_clipped_sum(arch, mode, cached, monkeypatch):
+    """precision bf16-mixed (the CUDA default, run here under CPU autocast): the update is the clipped
+    sum of float32 per-record gradients within bf16's tolerance (3e-2; measured below 1e-2), the weights
+    stay float32, and Opacus takes the per-sample norms from float32 gradients (promote_grad_samples)."""
+    records = small_records(12)
+    top = ({"lora_top_layers": 1} if mode == "lora" else {"top_layers": 1}) if cached else {}
+    cfg = config(mode=mode, lora_targets=lora_targets(arch), prefix_cache=cached, **top)
+    model, _ = build(arch, cfg)
+    grads, norms = per_record_gradients(model, records)
+    clip = sorted(norms)[len(norms) // 2]
+    updates = {}
+    for precision in ("fp32", "bf16-mixed"):
+        run_cfg = dataclasses.replace(cfg, max_grad_norm=clip, precision=precision)
+        model, _ = build(arch, run_cfg)
+        prefix = dpsgd.frozen_prefix(model, records, run_cfg, PAD, "cpu")[0]
+        assert (prefix is not None) == cached
+        session = dpsgd.make_session(model, run_cfg, fixed_noise_plan(run_cfg, len(records), 0.0), "cpu",
+                                     prefix=prefix)
+        assert session.autocast == (torch.bfloat16 if precision == "bf16-mixed" else None)
+        seen: list[torch.dtype] = []
+        clip_and_accumulate = session.optimizer.clip_and_accumulate
+
+        def spy(clip_and_accumulate=clip_and_accumulate, session=session, seen=seen):
+            seen.extend(g.dtype for g in session.optimizer.grad_samples)
+            return clip_and_accumulate()
+
+        monkeypatch.setattr(session.optimizer, "clip_and_accumulate", spy)
+        steps = take_steps(session, records, cfg, 1, monkeypatch)
+        assert seen and set(seen) == {torch.float32}
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        assert_update_is_clipped_sum(steps, grads, norms, clip, session.optimizer.expected_batch_size,
+                                     torch.float32 if precision == "fp32" else torch.bfloat16)
+        updates[precision] = steps.updates[0]
+    error = relative_error(updates["bf16-mixed"], updates["fp32"])
+    assert 1e-6 < error <= REL_TOL[torch.bfloat16]  # bf16 really ran, and stayed within tolerance
+
+
+def test_mixed_precision_is_refused_where_it_would_round_the_norms():
+    with pytest.raises(DpnbError, match="ghost"):
+        config(precision="bf16-mixed", grad_sample_mode="ghost")
+    with pytest.raises(DpnbError, match="float32 weights"):
+        config(precision="bf16-mixed", dtype="bfloat16")
+    assert dpsgd.compute_precision(config(), "cpu")[0] is None  # auto: never bf16 on a CPU
 
 
 TOP_CASES = [(arch, how, dtype) for arch in ("llama", "gpt2") for how in ("lora_top_layers", "top_layers")
