@@ -27,16 +27,22 @@ data assigns the label they were prompted with, mean_i [f(x_i) == prompted_i], o
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dpnb.config import EvaluateConfig
 from dpnb.embeddings import Embedder, EmbeddingClassifier, fit_embedding_classifier
@@ -168,6 +174,32 @@ def train_classifier(
     tail = losses[-10:]
     return TrainedClassifier(model, tokenizer, step, sum(tail) / len(tail) if tail else None,
                              time.time() - started)
+
+
+def save_classifier(classifier: TrainedClassifier, entry: dict[str, Any], directory: Path) -> None:
+    """Keep a trained classifier and its test entry at `directory` for another run to reuse, in one
+    rename (a directory another process already published is left as it is). It was trained on private
+    records without DP: the directory is private (0700), like them."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))  # mode 0700
+    try:
+        classifier.model.save_pretrained(staging)
+        classifier.tokenizer.save_pretrained(staging)
+        (staging / "entry.json").write_text(json.dumps(entry), encoding="utf-8")
+        os.rename(staging, directory)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_saved_classifier(directory: Path, device: str) -> tuple[dict[str, Any], TrainedClassifier] | None:
+    """The classifier and entry `save_classifier` kept at `directory`, or None when there is none."""
+    if not (directory / "entry.json").exists():
+        return None
+    entry = json.loads((directory / "entry.json").read_text(encoding="utf-8"))
+    with quiet_transformers(errors_only=True):
+        model = AutoModelForSequenceClassification.from_pretrained(directory).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    return entry, TrainedClassifier(model, tokenizer, entry["steps"], entry["final_loss"], 0.0)
 
 
 def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,6 +62,8 @@ and is skipped with a note in `meta.skipped` when generate ran with `zero_shot: 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -71,6 +73,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+import torch
 from IPython.display import display
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
@@ -81,7 +84,9 @@ from dpnb.classifier import (
     describe_classifier,
     f1_average,
     label_fidelity,
+    load_saved_classifier,
     predict,
+    save_classifier,
     train_and_test,
     train_and_test_embedding,
 )
@@ -91,7 +96,7 @@ from dpnb.errors import DpnbError, require
 from dpnb.io import cached, read_json, save_figure, write_json_atomic
 from dpnb.memorisation import longest_shared_runs, memorisation_summary, review_token_ids, text_token_ids
 from dpnb.models import load_tokenizer, release_memory, resolve_device
-from dpnb.rundir import RunDir
+from dpnb.rundir import RunDir, shared_store
 from dpnb.sampling import load_synthetic
 from dpnb.sources import stratified_indices
 from dpnb.stages.prepare import load_prepared
@@ -186,6 +191,17 @@ def _load_source(run: RunDir, name: str, num_labels: int) -> Source:
     return Source(name, list(data["text"]), labels)
 
 
+def real_classifier_key(real: Source, test: Source, cfg: EvaluateConfig, device: str) -> str:
+    """What the real-data classifier and its test entry depend on: its texts and labels, the test set,
+    the recipe and the device type (a sweep's runs on the same data share one)."""
+    recipe = {k: getattr(cfg, k) for k in ("classifier", "classifier_kind", "epochs", "lr", "batch_size",
+                                            "max_length", "seed")}
+    digest = hashlib.sha256(json.dumps([recipe, torch.device(device).type], sort_keys=True).encode())
+    for source in (real, test):
+        digest.update(json.dumps([source.texts, source.labels]).encode())
+    return digest.hexdigest()[:16]
+
+
 def _resumable(partial_dir: Path, name: str, key: str, compute: Callable[[], T]) -> T:
     """A source's result from an earlier, interrupted run with the same key, else computed and kept."""
     computed: list[bool] = []
@@ -269,8 +285,24 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
         n_reference = max((len(s.texts) for s in synthetic.values()), default=len(real.texts))
         reference_rows = sample_rows(len(real.texts), min(n_reference, cfg.mauve_max_texts), cfg.seed)
 
-        def evaluate_real() -> dict[str, Any]:
+        def fit_real() -> tuple[dict[str, Any], Any]:
+            store = shared_store()
+            if store is None or cfg.classifier_kind != "finetune":  # the embedding classifier takes seconds
+                return fit_and_score(real, keep_model=True)
+            directory = store / f"real-classifier-{real_classifier_key(real, test_set, cfg, device)}"
+            saved = load_saved_classifier(directory, device)
+            if saved is not None:
+                print(f"real: the classifier an earlier run of the sweep trained on the same texts, from {directory}",
+                      flush=True)
+                entry, classifier = saved
+                return {**entry, "shared_from_sweep": True}, classifier
             entry, classifier = fit_and_score(real, keep_model=True)
+            if classifier is not None:
+                save_classifier(classifier, entry, directory)
+            return entry, classifier
+
+        def evaluate_real() -> dict[str, Any]:
+            entry, classifier = fit_real()
             fidelity = {}
             for name, source in synthetic.items():
                 if classifier is None:

@@ -5,6 +5,7 @@ statistics in test_textstats."""
 from __future__ import annotations
 
 import json
+import stat
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from dpnb.config import EvaluateConfig, GenerateConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import write_json_atomic
 from dpnb.models import load_tokenizer
+from dpnb.rundir import SHARED_STORE_ENV
 from dpnb.stages import evaluate, report
 
 # --------------------------------------------------------------------------- metrics by hand
@@ -160,6 +162,28 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     run.mark_complete("generate", GenerateConfig(n_per_label=7), time.time())
     with pytest.raises(DpnbError, match="inputs that have since changed.*force=True"):
         evaluate.run_stage(run, cfg)
+
+
+def test_a_sweeps_runs_train_the_real_data_classifier_once(tmp_path, monkeypatch, capsys):
+    """With the sweep's shared store, the second run on the same real texts loads the fine-tuned
+    real-data classifier the first one trained (same entry, same label fidelity), and trains only its
+    synthetic sets' classifiers; other real texts get a classifier of their own."""
+    monkeypatch.setenv(SHARED_STORE_ENV, str(tmp_path / "shared"))
+    cfg = build(EvaluateConfig, {**TINY_EVALUATE, "sources": ["real", "synthetic"], "mauve": False})
+    first = evaluate.run_stage(build_run(tmp_path / "a", zero_shot=False), cfg)
+    assert "real: training" in capsys.readouterr().out
+    second = evaluate.run_stage(build_run(tmp_path / "b", zero_shot=False), cfg)
+    out = capsys.readouterr().out
+    assert "real: training" not in out and "synthetic: training" in out
+    assert "an earlier run of the sweep trained" in out and second["real"].pop("shared_from_sweep") is True
+    for key in ("accuracy", "f1", "confusion_matrix", "steps", "final_loss"):
+        assert second["real"][key] == first["real"][key]
+    assert second["synthetic"]["label_fidelity"] == first["synthetic"]["label_fidelity"]
+    (saved,) = (tmp_path / "shared").iterdir()
+    assert saved.name.startswith("real-classifier-") and stat.S_IMODE(saved.stat().st_mode) == 0o700
+    evaluate.run_stage(build_run(tmp_path / "c", zero_shot=False), build(EvaluateConfig, {**TINY_EVALUATE,
+                       "sources": ["real", "synthetic"], "mauve": False, "n_real_train": 20}))
+    assert "real: training" in capsys.readouterr().out and len(list((tmp_path / "shared").iterdir())) == 2
 
 
 def test_sources_need_their_inputs(tmp_path):
