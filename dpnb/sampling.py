@@ -46,11 +46,14 @@ from jinja2 import TemplateError
 from tqdm import tqdm  # not tqdm.auto: its notebook bars need ipywidgets, not a dependency
 from transformers import GenerationConfig
 
+from dpnb import vllm_engine
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance, dataset_card, guarantee_summary
 from dpnb.decoding import is_supported, sample_continuations
 from dpnb.errors import DpnbError, require
 from dpnb.io import append_jsonl, atomic_directory, read_json, read_jsonl, to_json, write_json_atomic, write_text_atomic
+from dpnb.models import release_memory
+from dpnb.vllm_engine import require_vllm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -164,17 +167,21 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | 
 
 
 def sampling_engine(cfg: GenerateConfig, model: PreTrainedModel) -> str:
-    """"fast" (dpnb.decoding) or "hf" (transformers' generate) for this config and model.
+    """"fast" (dpnb.decoding), "vllm" (dpnb.vllm_engine) or "hf" (transformers' generate) for this config
+    and model.
 
-    "auto" takes the fast sampler on the CPU when it supports the architecture; on a GPU it keeps
-    HF generate, whose CUDA path is the tested one.
+    "auto" takes vLLM on a GPU when it is installed, else the fast sampler for the architectures it
+    supports (on the CPU and the GPU: it refills finished rows), else HF generate.
     """
+    if cfg.engine == "vllm":
+        require_vllm()
+        return "vllm"
     if cfg.engine != "auto":
         if cfg.engine == "fast":
             is_supported(model)  # a clear error for an architecture it does not know
         return cfg.engine
-    if model.device.type != "cpu":
-        return "hf"
+    if model.device.type == "cuda" and vllm_engine.is_available() and not hasattr(model, "peft_config"):
+        return "vllm"
     try:
         is_supported(model)
     except DpnbError:
@@ -313,9 +320,9 @@ def _prepare_shard_dir(out_dir: Path, plan: dict[str, Any], postprocessing: dict
     write_json_atomic(plan_path, plan)
 
 
-def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list[ShardSpec], shards: Path,
-                   cfg: GenerateConfig, stop_ids: list[int], pad_id: int, label_names: Sequence[str],
-                   progress: bool, on_shard: Callable[[int], None] | None) -> None:
+def _sample_shards(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
+                   specs: list[ShardSpec], shards: Path, cfg: GenerateConfig, stop_ids: list[int], pad_id: int,
+                   label_names: Sequence[str], progress: bool, on_shard: Callable[[int], None] | None) -> None:
     """Sample every shard not on disk yet, writing each atomically as soon as it is complete."""
     gen_config = generation_config(cfg, stop_ids, pad_id)
     engine = sampling_engine(cfg, model)
@@ -325,6 +332,7 @@ def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list
     cuda_devices = [model.device] if model.device.type == "cuda" else []
     was_training = model.training
     model.eval()
+    vllm = _start_vllm(model, tokenizer, prompts, shards.parent, cfg) if engine == "vllm" and missing else None
     new_tokens_now, seconds_now = 0, 0.0
     bar = tqdm(total=total, initial=done, unit="sample", desc=f"sampling {shards.parent.name}",
                disable=not progress)
@@ -336,7 +344,10 @@ def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list
             # fork_rng: seeding the shard must not disturb the caller's random state
             with torch.random.fork_rng(devices=cuda_devices):
                 torch.manual_seed(shard_seed(cfg.seed, spec.label, spec.shard_in_label))
-                if engine == "fast":  # one call: finished rows take the next sample of the shard
+                if vllm is not None:  # one request: vLLM refills finished rows itself
+                    batches = [vllm.sample(prompts[spec.label], spec.n,
+                                           shard_seed(cfg.seed, spec.label, spec.shard_in_label), cfg, stop_ids)]
+                elif engine == "fast":  # one call: finished rows take the next sample of the shard
                     generator = torch.Generator(device=model.device).manual_seed(
                         shard_seed(cfg.seed, spec.label, spec.shard_in_label))
                     batches = [sample_continuations(
@@ -365,6 +376,25 @@ def _sample_shards(model: PreTrainedModel, prompts: list[list[int]], specs: list
     finally:
         bar.close()
         model.train(was_training)
+        if vllm is not None:
+            del vllm
+            model.to(cuda_devices[0] if cuda_devices else "cpu")  # back where the caller had it
+
+
+def _start_vllm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
+                out_dir: Path, cfg: GenerateConfig) -> vllm_engine.VllmSampler:
+    """vLLM over `model`'s weights, written to a temporary directory beside the set (removed once the
+    engine has loaded them); the torch copy moves to the CPU so that vLLM has the GPU's memory."""
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-weights."))
+    try:
+        vllm_engine.export_weights(model, tokenizer, staging)
+        dtype = str(model.dtype).removeprefix("torch.")
+        model.to("cpu")
+        release_memory()
+        return vllm_engine.VllmSampler(staging, dtype, cfg.seed,
+                                       max_model_len=max(map(len, prompts)) + cfg.max_new_tokens)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _shared_shards(shared_dir: Path, plan: dict[str, Any]) -> Path:
@@ -409,9 +439,7 @@ def _link_or_copy(source: str, target: str) -> None:
 def _write_set(out_dir: Path, rows: dict[str, list[Any]], summary: dict[str, Any],
                provenance: Provenance) -> None:
     """Write the data set, its exports, card and generation.json, and move them into place at once."""
-    string, integer = datasets.Value("string"), datasets.Value("int64")
-    features = datasets.Features({"text": string, "label": integer, "label_name": string})
-    dataset = datasets.Dataset.from_dict(rows, features=features)
+    dataset = datasets.Dataset.from_dict(rows, features=_set_features())
     with atomic_directory(out_dir) as staging:
         shutil.copytree(out_dir / "shards", staging / "shards", copy_function=_link_or_copy)
         bars_were_off = are_progress_bars_disabled()
@@ -533,7 +561,7 @@ def sample_labelled(
     if shared is not None and _complete(shared, specs):
         _copy_shards(shared, shards, specs)
         print(f"{out_dir.name}: {len(specs)} shards sampled alike by an earlier run of the sweep, from {shared}")
-    _sample_shards(model, prompts, specs, shards, cfg, stop_ids, pad_id, label_names, progress, on_shard)
+    _sample_shards(model, tokenizer, prompts, specs, shards, cfg, stop_ids, pad_id, label_names, progress, on_shard)
     if shared is not None and not _complete(shared, specs):
         _publish_shards(shards, shared)
 
@@ -572,9 +600,20 @@ def _check_context_fits(model: PreTrainedModel, length: int) -> None:
         )
 
 
+def _set_features() -> datasets.Features:
+    string, integer = datasets.Value("string"), datasets.Value("int64")
+    return datasets.Features({"text": string, "label": integer, "label_name": string})
+
+
 def load_synthetic(path: str | os.PathLike) -> datasets.Dataset:
-    """The labelled set (`text`, `label`, `label_name`) that `sample_labelled` or `run_stage` wrote."""
+    """The labelled set (`text`, `label`, `label_name`) that `sample_labelled` or `run_stage` wrote.
+
+    A set whose samples were all dropped as degenerate loads as an empty set: `datasets` saves one
+    with no data file, and its `load_from_disk` then fails with an IndexError.
+    """
     path = Path(path)
     if not (path / "state.json").exists():
         raise DpnbError(f"{path} holds no sampled data set: run the generate stage (03_generate) first")
+    if not read_json(path / "state.json").get("_data_files"):
+        return datasets.Dataset.from_dict({"text": [], "label": [], "label_name": []}, features=_set_features())
     return datasets.load_from_disk(str(path))

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance
 from dpnb.io import read_json, save_figure
-from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device
+from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device, resolve_dtype
 from dpnb.prompts import PromptFormat
 from dpnb.rundir import RunDir, shared_store
 from dpnb.sampling import load_synthetic, sample_labelled
@@ -90,8 +90,9 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
     label_names = list(manifest["label_names"])
     data = _data_description(manifest)
     device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
 
-    model, tokenizer = load_trained(run.model, device=device, dtype=cfg.dtype)
+    model, tokenizer = load_trained(run.model, device=device, dtype=dtype)
     provenance = Provenance("dp" if privacy.get("dp") else "non_dp", manifest["model"], data, privacy)
     summary: dict[str, Any] = {
         "synthetic": sample_labelled(model, tokenizer, prompt_format, label_names, cfg, run.synthetic,
@@ -102,7 +103,7 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
 
     if cfg.zero_shot:
         base_name, base_seed = _zero_shot_base(run, manifest)
-        base = load_base_model(base_name, mode="full", dtype=cfg.dtype, device=device, seed=base_seed)
+        base = load_base_model(base_name, mode="full", dtype=dtype, device=device, seed=base_seed)
         summary["zero_shot"] = sample_labelled(
             base, load_tokenizer(base_name), prompt_format, label_names, cfg, run.zero_shot,
             provenance=Provenance("zero_shot", base_name, data), overwrite=True,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
+from dpnb import vllm_engine
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance, dataset_card
 from dpnb.errors import DpnbError
@@ -334,3 +338,66 @@ def test_run_stage_refuses_samples_of_a_model_trained_again(prepared, tmp_path):
 def test_run_stage_needs_finetune(prepared):
     with pytest.raises(DpnbError, match="'finetune' has not completed"):
         generate.run_stage(prepared, stage_config())
+
+
+# --------------------------------------------------------------------------- the optional vLLM engine
+
+
+def test_vllm_settings_and_stop_tokens_in_its_terms():
+    params = vllm_engine.sampling_params(small_config(top_k=0, min_new_tokens=2), 5, 123, {2, 0})
+    assert params == {"n": 5, "temperature": 1.0, "top_p": 0.95, "top_k": -1, "max_tokens": 6, "min_tokens": 2,
+                      "seed": 123, "stop_token_ids": [0, 2], "detokenize": False}
+    assert vllm_engine.sampling_params(small_config(top_k=40), 1, 0, {2})["top_k"] == 40
+    assert vllm_engine.cut_at_stop([5, 6, 2, 7], "stop", {2}) == ([5, 6], True)  # the stop token returned
+    assert vllm_engine.cut_at_stop([5, 6], "stop", {2}) == ([5, 6], True)  # or not
+    assert vllm_engine.cut_at_stop([5, 6], "length", {2}) == ([5, 6], False)
+
+
+def test_vllm_engine_is_refused_with_the_fix_when_not_installed(tmp_path, tiny_model, tokenizer, monkeypatch):
+    monkeypatch.setattr(vllm_engine, "is_available", lambda: False)
+    with pytest.raises(DpnbError, match=r"pip install dpnb\[vllm\]"):
+        sample_labelled(tiny_model, tokenizer, PromptFormat(), LABELS, small_config(engine="vllm"), tmp_path / "s",
+                        progress=False)
+
+
+def test_vllm_engine_samples_shards_like_the_others(tmp_path, tiny_model, tokenizer, monkeypatch):
+    """vLLM itself is not installed here (it needs a GPU): a stand-in with its interface checks dpnb's side.
+    One request per shard, seeded as the other engines seed a shard, with the config's settings; the
+    weights it loads are the model's, exported beside the set and removed; samples cut at the stop token."""
+    requests, loaded = [], []
+    stop = tokenizer.eos_token_id
+
+    class Output:
+        def __init__(self, token_ids, finish_reason):
+            self.token_ids, self.finish_reason = token_ids, finish_reason
+
+    class StandInLLM:
+        def __init__(self, model, tokenizer, dtype, seed, max_model_len, gpu_memory_utilization,
+                     enable_prefix_caching):
+            weights = AutoModelForCausalLM.from_pretrained(model)
+            assert model_fingerprint(weights) == model_fingerprint(tiny_model)  # the very weights being sampled
+            loaded.append((dtype, max_model_len))
+
+        def generate(self, prompts, params, use_tqdm):
+            requests.append((prompts, params))
+            words = tokenizer(" a quiet film about trains", add_special_tokens=False)["input_ids"]
+            outputs = [Output(words[: 3 + i % 3] + [stop], "stop") for i in range(params["n"] - 1)]
+            return [type("Request", (), {"outputs": outputs + [Output(words, "length")]})()]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=StandInLLM, SamplingParams=lambda **kw: kw))
+    monkeypatch.setattr(vllm_engine, "is_available", lambda: True)
+    cfg = small_config(engine="vllm")
+    out = tmp_path / "synthetic"
+    summary = sample_labelled(tiny_model, tokenizer, PromptFormat(), LABELS, cfg, out, progress=False)
+
+    assert summary["sampling"]["engine"] == "vllm" and len(loaded) == 1
+    assert loaded[0] == ("float32", max(len(PromptFormat().prompt_ids(name, tokenizer)) for name in LABELS) + 6)
+    specs = plan_shards([3, 3], 2)
+    assert len(requests) == len(specs) == 4
+    for spec, (prompts, params) in zip(specs, requests, strict=True):
+        assert prompts == [{"prompt_token_ids": list(PromptFormat().prompt_ids(LABELS[spec.label], tokenizer))}]
+        assert params["n"] == spec.n and params["seed"] == shard_seed(7, spec.label, spec.shard_in_label)
+    rows = [json.loads(line) for line in (out / "shards" / "shard-00000.jsonl").read_text().splitlines()]
+    assert [r["stopped"] for r in rows] == [True, False] and stop not in rows[0]["ids"]
+    assert summary["kept_total"] == 6 and not list(tmp_path.glob(".*weights*"))  # the export is gone
+    assert tiny_model.device.type == "cpu"
