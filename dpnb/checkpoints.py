@@ -7,6 +7,11 @@ at once). Rerunning resumes from it with the same noise multiplier and the resto
 epsilon is never under-counted, and a resumed run reproduces the uninterrupted one bit for bit.
 A checkpoint resumes only the training it was written by: same model, records and config (up to
 the fields in `RESUME_NEUTRAL_FIELDS`, which do not change what is trained).
+
+Under torchrun (`dpnb.distributed`) the weights, optimizer and accountant are the same on every
+rank, but the random states are not (each rank samples its own share of the records): rank 0
+gathers every rank's states and writes them all (`rank_rngs`, in rank order), and each rank of the
+resumed run, which must have as many processes, restores its own.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dpnb import privacy
+from dpnb import distributed, privacy
 from dpnb.errors import DpnbError
 from dpnb.rundir import config_fingerprint  # the checkpoint's path is RunDir.checkpoint
 
@@ -95,15 +100,29 @@ def restore_global_rngs(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def this_rank_rng_states(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The random states this process restores: its rank's (a DpnbError when the process count differs)."""
+    return distributed.rank_states(checkpoint.get("rank_rngs") or [checkpoint["rng"]])
+
+
 def save_checkpoint(path: Path, session: Session, position: Position, identity: dict[str, Any],
                     log_length: int, wall_s: float) -> None:
-    """Write the resumable state atomically (a temporary file renamed over the old checkpoint)."""
+    """Write the resumable state atomically (a temporary file renamed over the old checkpoint).
+
+    Under torchrun every rank calls it: rank 0 writes every rank's random states, and all return
+    once the file is in place (so that no rank stops before it is).
+    """
+    every_rank_rngs = distributed.gather_to_main(rng_states(session))
+    if not distributed.is_main_process():
+        distributed.barrier()
+        return
     state = {
         "format": CHECKPOINT_FORMAT, "identity": identity, "position": dataclasses.asdict(position),
         "log_length": log_length, "wall_s": wall_s, "trainable": trainable_state(session.trainable),
         "optimizer": session.adamw.state_dict(), "scheduler": session.scheduler.state_dict(),
         "accountant": privacy.accountant_history(session.engine.accountant) if session.engine else None,
-        "rng": rng_states(session),
+        "rng": every_rank_rngs[0], "world_size": distributed.world_size(),
+        "rank_rngs": every_rank_rngs if distributed.is_distributed() else None,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -115,6 +134,7 @@ def save_checkpoint(path: Path, session: Session, position: Position, identity: 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    distributed.barrier()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

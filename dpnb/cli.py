@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from dpnb import independent_accounting, models, privacy, registry
+from dpnb.distributed import launched_by_torchrun
 from dpnb.errors import DpnbError
 from dpnb.io import read_json
 from dpnb.pipeline import refresh_notebooks, run_pipeline, run_report
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "sweep":
             if args.jobs < 1:
                 raise DpnbError("--jobs must be at least 1")
+            if launched_by_torchrun():
+                raise DpnbError("dpnb sweep starts its runs itself; run it without torchrun, and to spread one run "
+                                "over several GPUs, start that run under torchrun (dpnb sweep --print-commands gives "
+                                "each run's `dpnb run` command)")
             if args.print_commands:
                 print("\n".join(sweep_commands(args.config, force=args.force)))
             else:

@@ -62,7 +62,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
-from dpnb import privacy
+from dpnb import distributed, privacy
 from dpnb.errors import DpnbError, require
 from dpnb.head_loss import FrozenHeadLoss
 from dpnb.models import quiet_transformers
@@ -417,9 +417,14 @@ def noise_generators(cfg: FinetuneConfig, device: str) -> tuple[torch.Generator,
     the Gaussian samples are not hardened against floating-point attacks: Opacus's secure_mode
     would do both, but needs torchcsprng, which has no build for this torch. `deterministic: true`
     seeds them from the config seed instead: reproducible, for tests and teaching, not a DP release.
+
+    Under torchrun every rank has its own streams: OS entropy drawn by each process, or, when
+    deterministic, seeds seed + 2 r and seed + 2 r + 1 for rank r (rank 0's are the single-process
+    ones). Ranks sharing a sampler stream would keep the same positions of their shares together.
     """
     if cfg.deterministic:
-        sampler_seed, noise_seed = cfg.seed, cfg.seed + 1
+        offset = 2 * distributed.rank()
+        sampler_seed, noise_seed = cfg.seed + offset, cfg.seed + offset + 1
     else:
         sampler_seed, noise_seed = secrets.randbits(63), secrets.randbits(63)
     return torch.Generator().manual_seed(sampler_seed), torch.Generator(device=device).manual_seed(noise_seed)
@@ -430,8 +435,11 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
     """Wrap `model` for training: AdamW, the Poisson loader and, under DP, Opacus's PrivacyEngine.
 
     With `prefix`, what runs each step (and what Opacus wraps) is its top blocks, not the whole model;
-    the trainable weights are the model's own either way.
+    the trainable weights are the model's own either way. Under a process group (torchrun) that
+    module is wrapped in Opacus's DPDDP, so make_private builds the distributed optimizer (noise on
+    rank 0 only) and sampler (`dpnb.distributed`); q, sigma and E are the single-process ones.
     """
+    require_dp_when_distributed(cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     require(params, f"mode {cfg.mode} left no trainable parameter; check finetune.lora_targets")
@@ -447,6 +455,8 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
     plain = DataLoader(_RecordIndices(plan.dataset_size), batch_size=plan.logical_batch_size,
                        generator=sampler_rng)
     stepped = prefix.top if prefix is not None else model
+    if distributed.is_distributed():
+        stepped = distributed.wrap_for_dp(stepped)
     if not cfg.dp:
         loader = DPDataLoader.from_data_loader(plain)  # the same Poisson sampling, nothing private about it
         session = Session(stepped, model, adamw, adamw, scheduler, loader, SequenceLoss("none"), None,
@@ -466,6 +476,8 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
             dp_model, dp_optimizer, criterion, loader = wrapped
         else:
             (dp_model, dp_optimizer, loader), criterion = wrapped, SequenceLoss("mean")
+        if distributed.is_distributed():
+            loader = distributed.every_step_loader(loader, sampler_rng)
         session = Session(dp_model, model, dp_optimizer, adamw, scheduler, loader, criterion, engine,
                           sampler_rng, noise_rng, ghost, prefix)
     session.autocast, _ = compute_precision(cfg, device)
@@ -474,7 +486,21 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
     if len(session.loader) != plan.steps_per_epoch or not math.isclose(loader_rate, plan.sample_rate):
         raise RuntimeError(f"Opacus samples at q = {loader_rate} with {len(session.loader)} steps per epoch, "
                            f"the plan at q = {plan.sample_rate} with {plan.steps_per_epoch}")
+    if session.engine is not None:
+        # each rank divides by its share E / W of the public divisor E = int(N q); the sum over ranks then
+        # divides by E, as one process does (dpnb.distributed)
+        divisor = session.optimizer.expected_batch_size * distributed.world_size()
+        if not math.isclose(divisor, int(plan.dataset_size * plan.sample_rate)):
+            raise RuntimeError(f"the optimizer divides by {divisor} in all, the plan by int(N q) = "
+                               f"{int(plan.dataset_size * plan.sample_rate)}")
     return session
+
+
+def require_dp_when_distributed(cfg: FinetuneConfig) -> None:
+    """The non-DP baseline runs in one process: under torchrun it is refused, with the fix."""
+    require(cfg.dp or not distributed.is_distributed(),
+            "finetune.dp: false (the non-DP baseline) runs in one process only; launch it without torchrun "
+            "(dpnb run config.yaml), or keep dp: true to train across processes")
 
 
 def accounted_steps(session: Session, plan: TrainingPlan) -> int:
@@ -539,7 +565,11 @@ def _empty_physical_batch(session: Session) -> None:
 
 def dp_logical_steps(session: Session, batches: Iterator[Any], records: Records, cfg: FinetuneConfig,
                      pad_id: int, device: str) -> Iterator[StepResult]:
-    """Run physical batches from Opacus's BatchMemoryManager; yield after each noise-adding step."""
+    """Run physical batches from Opacus's BatchMemoryManager; yield after each noise-adding step.
+
+    Under torchrun each rank runs its own share of the logical batch; at its end the gradients are
+    summed across ranks (noise on rank 0 only) and the logged loss is the mean over all ranks' records.
+    """
     total, count = 0.0, 0
     for raw in batches:
         indices = batch_indices(raw)
@@ -556,10 +586,13 @@ def dp_logical_steps(session: Session, batches: Iterator[Any], records: Records,
         stepped = session.optimizer.pre_step()
         lr = session.adamw.param_groups[0]["lr"]
         if stepped:
+            distributed.reduce_gradients(session.optimizer)
             session.adamw.step()
             session.scheduler.step()
         session.optimizer.zero_grad(set_to_none=True)
         if stepped:
+            total, summed_count = distributed.sum_across_ranks(total, count)
+            count = round(summed_count)
             yield StepResult(total / count if count else None, count, lr)
             total, count = 0.0, 0
 

@@ -9,6 +9,13 @@ the run with its executed notebook kept, and the same command resumes.
 
 A stage's parameters reach its notebook as a plain dict (`to_dict` of the validated stage config),
 which the notebook turns back into the config with `dpnb.notebook.open_stage`.
+
+Under torchrun (`torchrun --nproc_per_node=N -m dpnb.cli run config.yaml`, `dpnb.distributed`) rank 0
+runs the pipeline as above, except the finetune stage: rank 0 tells the other ranks, which wait
+for it, to join, and every rank runs `stages.finetune.run_stage` in its own process (a notebook
+kernel could not join the process group); rank 0 then executes the finetune notebook, which finds
+the stage complete and current and only shows it. The other ranks exit after fine-tuning, or at
+once when rank 0 has no fine-tuning to run; the other stages run on rank 0 only.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from papermill.exceptions import PapermillExecutionError
 
-from dpnb import models, registry
+from dpnb import distributed, models, registry
+from dpnb.config import FinetuneConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import read_json, write_text_atomic
 from dpnb.notebook import HOME_ENV
@@ -171,9 +179,80 @@ def execute_stage(stage: str, run_dir: Path, config: dict[str, Any], force: bool
         ) from None
 
 
+class FinetunePeers:
+    """Rank 0's word to the other ranks under torchrun: join this finetune stage, or nothing to do.
+
+    The other ranks wait in `join_finetune` for exactly one message; leaving the block without
+    having sent one (no fine-tuning to run, or an error on rank 0) sends "nothing to do", so that
+    no rank waits for a stage that will not come.
+    """
+
+    def __init__(self) -> None:
+        self.told = False
+
+    def tell(self, order: dict[str, Any] | None) -> None:
+        if not self.told and distributed.is_distributed():
+            distributed.broadcast_from_main(order)
+        self.told = True
+
+    def __enter__(self) -> FinetunePeers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.tell(None)
+
+
+def join_finetune() -> Path | None:
+    """A rank other than 0: wait for rank 0's word, train with it when told to; return the run directory."""
+    print(f"dpnb: {distributed.describe()}: waiting for rank 0 to reach the finetune stage", flush=True)
+    order = distributed.broadcast_from_main()
+    if order is None:
+        print(f"dpnb: {distributed.describe()}: rank 0 has no fine-tuning for this process; exiting", flush=True)
+        return None
+    from dpnb.stages import finetune  # the stage module, loaded only by the ranks that train
+
+    run_dir = RunDir(order["run_dir"])
+    print(f"dpnb: {distributed.describe()}: fine-tuning {run_dir.path} with rank 0", flush=True)
+    finetune.run_stage(run_dir, build(FinetuneConfig, order["config"]), force=order["force"])
+    print(f"dpnb: {distributed.describe()}: fine-tuning done; rank 0 runs the rest", flush=True)
+    return run_dir.path
+
+
+def finetune_across_ranks(run_dir: RunDir, cfg: FinetuneConfig, force: bool, verbose: bool,
+                          peers: FinetunePeers) -> None:
+    """Rank 0's side of the finetune stage under torchrun: train with every rank, then show the notebook."""
+    from dpnb.stages import finetune
+
+    peers.tell({"run_dir": str(run_dir.path.resolve()), "config": to_dict(cfg), "force": force})
+    print(f"  {'finetune':<9} training in {distributed.world_size()} processes (rank 0 writes the outputs) ...",
+          flush=True)
+    finetune.run_stage(run_dir, cfg, force=force)
+    # complete and current now: the notebook reads the stage's outputs and shows them, training nothing
+    execute_stage("finetune", run_dir.path, to_dict(cfg), False, log_output=verbose)
+
+
 def run_pipeline(config_path: str, overrides: dict[str, Any], force: bool = False,
-                 stages: list[str] | None = None, verbose: bool = False) -> Path:
-    """Run (or resume) every stage of one config; return its run directory."""
+                 stages: list[str] | None = None, verbose: bool = False) -> Path | None:
+    """Run (or resume) every stage of one config; return its run directory.
+
+    Under torchrun, rank 0 runs the stages and the other ranks join its finetune stage only (the
+    module docstring); they return the run directory, or None when there was nothing to join.
+    """
+    if not distributed.launched_by_torchrun():
+        return run_stages(config_path, overrides, force, stages, verbose)
+    with distributed.process_group():
+        if not distributed.is_main_process():
+            return join_finetune()
+        others = "rank 1 joins" if distributed.world_size() == 2 else f"ranks 1-{distributed.world_size() - 1} join"
+        print(f"dpnb: torchrun with {distributed.world_size()} processes: rank 0 runs the pipeline, {others} "
+              f"its finetune stage", flush=True)
+        with FinetunePeers() as peers:
+            return run_stages(config_path, overrides, force, stages, verbose, peers)
+
+
+def run_stages(config_path: str, overrides: dict[str, Any], force: bool = False, stages: list[str] | None = None,
+               verbose: bool = False, peers: FinetunePeers | None = None) -> Path:
+    """The stages of one config in order, each as its notebook (the finetune stage with `peers`, when given)."""
     run = load_run_config(config_path, overrides)
     selected = list(stages or run.stages)
     for name in selected:
@@ -185,15 +264,22 @@ def run_pipeline(config_path: str, overrides: dict[str, Any], force: bool = Fals
     print(f"run {run.name} -> {run_dir.path}  (stages: {', '.join(selected)})", flush=True)
     started = time.time()
     upstream_ran = False
+    if peers is not None and "finetune" not in selected:
+        peers.tell(None)  # the other ranks need not wait for the stages rank 0 runs alone
     for name in selected:
         cfg = run.stage(name)
         forced = force or upstream_ran
         if not forced and run_dir.is_current(name, cfg):
             print(f"  {name:<9} done earlier, skipped", flush=True)
+            if name == "finetune" and peers is not None:
+                peers.tell(None)
             continue
         t0 = time.time()
-        print(f"  {name:<9} running ...", flush=True)
-        execute_stage(name, run_dir.path, to_dict(cfg), forced, log_output=verbose)
+        if name == "finetune" and peers is not None:
+            finetune_across_ranks(run_dir, cfg, forced, verbose, peers)
+        else:
+            print(f"  {name:<9} running ...", flush=True)
+            execute_stage(name, run_dir.path, to_dict(cfg), forced, log_output=verbose)
         upstream_ran = True
         print(f"  {name:<9} finished in {time.time() - t0:.0f} s", flush=True)
     print(f"run {run.name} complete in {time.time() - started:.0f} s: {run_dir.path}", flush=True)

@@ -15,6 +15,7 @@ weights (and what is sampled from them) are.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
-from dpnb import privacy
+from dpnb import distributed, privacy
 from dpnb.checkpoints import (
     Position,
     StopRequest,
@@ -36,6 +37,7 @@ from dpnb.checkpoints import (
     load_trainable_state,
     restore_global_rngs,
     save_checkpoint,
+    this_rank_rng_states,
     training_identity,
 )
 from dpnb.decoding import sample_continuations
@@ -48,6 +50,7 @@ from dpnb.dpsgd import (
     initial_loss,
     make_session,
     plan_training,
+    require_dp_when_distributed,
 )
 from dpnb.errors import DpnbError
 from dpnb.io import append_jsonl, read_json, read_jsonl, save_figure, write_json_atomic, write_text_atomic
@@ -59,6 +62,7 @@ from dpnb.models import (
     load_trained,
     model_card,
     quiet_transformers,
+    require_records_fit,
     resolve_device,
     save_trained,
     trainable_parameters,
@@ -96,10 +100,16 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     answers True, training checkpoints and raises `TrainingInterrupted`, as on SIGINT. Returns the
     privacy record (privacy.json). `shared_dir` (the runs of a sweep) keeps the frozen-prefix cache
     where the sweep's other runs on the same records find it (`dpnb.dpsgd.shared_prefix_cache`).
+
+    Under torchrun every rank calls it with the same arguments (`dpnb.distributed`): each trains on
+    its share of every logical batch, only rank 0 writes (log, checkpoints, model, privacy.json), and
+    every rank returns once the outputs are written.
     """
     out = out_dir if isinstance(out_dir, RunDir) else RunDir(out_dir)
     records = Records.from_dataset(train)
+    require_dp_when_distributed(cfg)
     plan = plan_training(cfg, len(records))  # every N-dependent check before any model is loaded
+    main = distributed.is_main_process()
     identity = training_identity(model_name, cfg, records, train_sha256)
     finished = _finished_record(out, identity)
     if finished is not None and resume:
@@ -108,42 +118,51 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     if checkpoint is not None and checkpoint.get("identity") != identity:
         raise DpnbError(f"{out.checkpoint} was written by another training setup (model, config or data "
                         f"differ); rerun with force=True to start afresh, or restore the original settings")
-    if checkpoint is None:
+    rng = this_rank_rng_states(checkpoint) if checkpoint is not None else None
+    distributed.barrier()  # every rank has read the files above before rank 0 clears them
+    if checkpoint is None and main:
         out.clear_training()
 
-    device = resolve_device(cfg.device)
+    device = distributed.rank_device(resolve_device(cfg.device))
     tokenizer = tokenizer or load_tokenizer(model_name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(cfg.seed)  # adapter initialisation
     with quiet_transformers():
         model, notes = build_model(model_name, cfg, device, base_model)
-    say = print if verbose else (lambda *a, **k: None)
+    require_records_fit(model, max(map(len, records.input_ids)))
+    say = print if verbose and main else (lambda *a, **k: None)
+    if distributed.is_distributed():
+        say(f"training across {distributed.world_size()} processes: each samples its share of the records at "
+            f"q = {plan.sample_rate:.6g}, rank 0 adds the noise once per step and writes every output")
     for note in notes:
         say(note)
     position, wall_before = Position(), 0.0
-    if checkpoint is None:
+    if checkpoint is None and main:
         loss0 = initial_loss(model, records, cfg, pad_id, device)
         append_jsonl(out.train_log, {"step": 0, "epoch": 0.0, "epsilon": 0.0 if cfg.dp else None, "loss": loss0,
                                      "lr": cfg.lr, "wall_s": 0.0})
-    else:
+    elif checkpoint is not None:
         load_trainable_state(model, checkpoint["trainable"])
         position, wall_before = Position(**checkpoint["position"]), float(checkpoint["wall_s"])
-        _truncate_log(out.train_log, int(checkpoint["log_length"]))
+        if main:
+            _truncate_log(out.train_log, int(checkpoint["log_length"]))
         say(f"resuming from the checkpoint at step {position.step} of {plan.steps}")
-    prefix, prefix_note = frozen_prefix(model, records, cfg, pad_id, device, shared_dir)
+    # a shared cache is built and saved by rank 0, then mapped by the others
+    with distributed.main_first() if shared_dir is not None else contextlib.nullcontext():
+        prefix, prefix_note = frozen_prefix(model, records, cfg, pad_id, device, shared_dir)
     say(prefix_note)
     session = make_session(model, cfg, plan, device, checkpoint["accountant"] if checkpoint else None, prefix)
     if checkpoint is not None:
         session.adamw.load_state_dict(checkpoint["optimizer"])
         session.scheduler.load_state_dict(checkpoint["scheduler"])
         if session.noise_rng is not None:
-            session.noise_rng.set_state(checkpoint["rng"]["noise"])
-        restore_global_rngs(checkpoint["rng"])
+            session.noise_rng.set_state(rng["noise"])
+        restore_global_rngs(rng)
     say(describe_plan(plan, trainable_parameters(model), cfg))
     tracker = (privacy.EpsilonTracker(plan.noise_multiplier, plan.sample_rate, plan.delta, cfg.accountant, plan.steps)
                if cfg.dp else None)
 
-    sampler_state = checkpoint["rng"]["sampler"] if checkpoint else None
+    sampler_state = rng["sampler"] if rng else None
     started = time.time()
     with StopRequest() as stop, quiet_transformers():
         while position.step < plan.steps:
@@ -159,14 +178,17 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
                 epsilon = tracker.epsilon(accounted_steps(session, plan)) if tracker else None
                 record = {"step": position.step, "epoch": round(position.step / plan.steps_per_epoch, 4),
                           "epsilon": epsilon, "loss": result.loss, "lr": result.lr, "wall_s": round(wall, 2)}
-                append_jsonl(out.train_log, record)
+                if main:
+                    append_jsonl(out.train_log, record)
                 _report_step(say, record, plan.steps)
                 asked = should_stop is not None and should_stop(position.step)
-                if stop.reason or asked or position.step % cfg.checkpoint_every == 0:
+                stopping = distributed.any_rank(bool(stop.reason) or asked)  # every rank stops at the same step
+                if stopping or position.step % cfg.checkpoint_every == 0:
                     save_checkpoint(out.checkpoint, session, position, identity, position.step + 1, wall)
-                    say(f"checkpoint at step {position.step}: {out.checkpoint.stat().st_size / 2**20:.1f} MiB "
-                        f"(replaces the previous one)")
-                if (stop.reason or asked) and position.step < plan.steps:
+                    if main:
+                        say(f"checkpoint at step {position.step}: {out.checkpoint.stat().st_size / 2**20:.1f} "
+                            f"MiB (replaces the previous one)")
+                if stopping and position.step < plan.steps:
                     raise TrainingInterrupted(
                         f"training stopped at step {position.step} of {plan.steps} ({stop.reason or 'as asked'}); "
                         f"the checkpoint in {out.checkpoint.parent} resumes it: rerun the stage")
@@ -176,11 +198,16 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
         steps_taken = accounted_steps(session, plan)
         if steps_taken != position.step:
             raise RuntimeError(f"the accountant counted {steps_taken} noise-adding steps, the loop {position.step}")
+        # every rank's accountant saw the same (sigma, q) at every step: the epsilon of one is the run's
+        distributed.require_same_on_every_rank(privacy.accountant_history(session.engine.accountant),
+                                               "the accountant's history")
     record = privacy.privacy_record(cfg, plan, steps_taken, trainable_parameters(model))
-    save_trained(session.trainable, tokenizer, out.model, model_card(model_name, cfg, notes))
-    write_json_atomic(out.training_identity, identity)
-    write_json_atomic(out.privacy, record)
-    out.checkpoint.unlink(missing_ok=True)  # model/ holds the weights now; the state is not needed
+    if main:
+        save_trained(session.trainable, tokenizer, out.model, model_card(model_name, cfg, notes))
+        write_json_atomic(out.training_identity, identity)
+        write_json_atomic(out.privacy, record)
+        out.checkpoint.unlink(missing_ok=True)  # model/ holds the weights now; the state is not needed
+    distributed.barrier()  # every rank returns once the outputs are written
     say(f"done: {position.step} steps in {wall:.0f} s" + (f", epsilon = {record['epsilon']:.3f}" if cfg.dp else ""))
     return record
 
@@ -246,14 +273,20 @@ def stage_summary(run: RunDir) -> dict[str, Any]:
 
 
 def run_stage(run: RunDir, cfg: FinetuneConfig, force: bool = False) -> dict[str, Any]:
-    """Fine-tune the run's generator on its prepared records (stage 02); skip when already done."""
+    """Fine-tune the run's generator on its prepared records (stage 02); skip when already done.
+
+    Under torchrun every rank calls it (`dpnb.pipeline`): all of them train, rank 0 alone then draws
+    the figure, samples before/after and marks the stage complete; the others return after training.
+    """
     run.require_stage("prepare")
     if not run.should_run(STAGE, cfg, force):
         return stage_summary(run)
     started = time.time()
     train_set, _, manifest = load_prepared(run)
-    train(manifest["model"], train_set, cfg, run, train_sha256=manifest.get("train_sha256", ""), resume=not force,
-          shared_dir=shared_store())
+    record = train(manifest["model"], train_set, cfg, run, train_sha256=manifest.get("train_sha256", ""),
+                   resume=not force, shared_dir=shared_store())
+    if not distributed.is_main_process():
+        return record
     figure = Figure(figsize=(6, 3.6))  # not pyplot's: the notebook shows the saved file, not a stray copy
     plot_loss_vs_epsilon(read_train_log(run), ax=figure.subplots(), title=f"{manifest['model']}, {cfg.mode}")
     figure.tight_layout()

@@ -200,3 +200,9 @@ def test_print_commands_gives_one_command_per_run_and_runs_nothing(tmp_path, cap
         config = tmp_path / "runs" / name / "sweep-config.yaml"
         assert line == f"{SHARED_STORE_ENV}={tmp_path / 'runs' / 'shared'} dpnb run {config}"
         assert config.exists() and not (tmp_path / "runs" / name / "stages").exists()
+
+
+def test_a_sweep_under_torchrun_is_refused_with_the_way_to_do_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["sweep", gpu_sweep(tmp_path, 2, device="cpu")]) == 2
+    assert "without torchrun" in capsys.readouterr().err and not (tmp_path / "runs").exists()
