@@ -48,7 +48,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_evaluate.py
 
 sweep: setup
-	$(BIN)/dpnb sweep configs/sweep-eps.yaml
+	$(BIN)/dpnb sweep configs/cpu-long.yaml
 
 report: setup
 	$(BIN)/dpnb report runs

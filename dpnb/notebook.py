@@ -80,7 +80,8 @@ def open_stage(name: str, run_dir: str | os.PathLike, config: dict[str, Any] | N
 MAKES_DEMO = "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 13 minutes"  # stages 01-04
 MAKES = {
     "audit": "`dpnb run configs/demo-audit.yaml` adds the audit to runs/demo in about 30 minutes (after `make demo`)",
-    "report": "`dpnb sweep configs/sweep-eps.yaml` makes runs/sweep-eps (four demo-sized runs, about an hour)",
+    "report": "`dpnb sweep configs/cpu-long.yaml` makes runs/cpu-long (four runs at epsilon 1, 3, 8 and without DP, "
+              "about 75 minutes)",
 }
 
 

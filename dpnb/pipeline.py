@@ -333,7 +333,7 @@ def refresh_notebooks(names: list[str] | None = None) -> list[Path]:
     """Execute the committed notebooks in place, as a reader's *Run all* would (for maintainers).
 
     Each runs with its committed parameters (so stages 01-04 and 06 read `runs/demo`, 05
-    `runs/sweep-eps`, none recomputes anything), its kernel started in notebooks/ as JupyterLab
+    `runs/cpu-long`, none recomputes anything), its kernel started in notebooks/ as JupyterLab
     starts it, relative paths read from this working directory. Its outputs become the ones the
     repository ships; a notebook whose run is missing fails with the command that makes it.
     """

@@ -73,7 +73,7 @@ def test_committed_notebooks_read_the_run_without_recomputing(home, tmp_path, mo
 def test_notebooks_whose_run_is_missing_stop_with_the_command_that_makes_it(tmp_path, monkeypatch):
     empty = tmp_path / "empty-home"
     empty.mkdir()
-    for name, command in (("05_report.ipynb", "dpnb sweep configs/sweep-eps.yaml"),
+    for name, command in (("05_report.ipynb", "dpnb sweep configs/cpu-long.yaml"),
                           ("06_audit.ipynb", "make demo"),
                           ("02_finetune.ipynb", "make demo")):
         with pytest.raises(PapermillExecutionError) as failure:
