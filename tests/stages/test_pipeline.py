@@ -92,10 +92,12 @@ def test_sweep_of_two_runs_and_the_report(tmp_path, toy_data_dir):
 
     # What the two runs compute alike, the first computes and the second takes from runs/shared/.
     shared = sorted(p.name.split("-")[0] for p in (tmp_path / "runs" / "shared").iterdir())
-    assert shared == ["prefix", "shards"]
-    finetune_notebook, generate_notebook = (runs[1].notebooks / STAGES[s].notebook for s in ("finetune", "generate"))
-    assert "shared by the sweep's runs, mapped from" in finetune_notebook.read_text()
-    assert "sampled alike by an earlier run of the sweep" in generate_notebook.read_text()
+    assert shared == ["prefix", "real", "shards"]  # the cache, the real-data classifier, the zero-shot shards
+    stages = ("finetune", "generate", "evaluate")
+    finetune, generate, evaluate = (runs[1].notebooks / STAGES[stage].notebook for stage in stages)
+    assert "shared by the sweep's runs, mapped from" in finetune.read_text()
+    assert "sampled alike by an earlier run of the sweep" in generate.read_text()
+    assert "an earlier run of the sweep trained on the same texts" in evaluate.read_text()
     zero_shot = [(run.zero_shot / "samples.jsonl").read_text() for run in runs]
     assert zero_shot[0] == zero_shot[1]
 
