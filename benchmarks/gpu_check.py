@@ -67,6 +67,7 @@ warnings.filterwarnings("ignore", message=".*(Full backward hook|is_gradient_che
                                           "Optimal order|sample_rate|optimizer.step|MatMul8bitLt|Linear4bit).*")
 
 import torch  # noqa: E402
+from bench_finetune import FixedBatches  # noqa: E402  (benchmarks/ is this script's directory)
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -153,19 +154,6 @@ except Exception as exc:  # noqa: BLE001 - any import failure means: no QLoRA he
     HAVE_BNB, BNB_WHY = False, f"bitsandbytes does not import ({type(exc).__name__}: {str(exc)[:120]})"
     say(f"QLoRA parts skipped: {BNB_WHY}")
     RESULT["notes"].append(f"QLoRA skipped: {BNB_WHY}")
-
-
-class FixedBatches:
-    """A batch sampler of fixed logical batches (`epoch_steps` sets `steps`): the same work every run."""
-
-    def __init__(self, batches: list[list[int]]):
-        self.batches, self.steps = batches, len(batches)
-
-    def __iter__(self):
-        yield from self.batches[: self.steps]
-
-    def __len__(self) -> int:
-        return self.steps
 
 
 def fixed_session(model, cfg: FinetuneConfig, sizes: list[int], sigma: float) -> dpsgd.Session:

@@ -1,6 +1,7 @@
 """Helpers shared by the test modules (not a test module itself; the fixtures are in conftest.py).
 
 - toy data: POSITIVE/NEGATIVE words, `toy_reviews`, `write_csv`;
+- token records for the DP-SGD tests: VOCAB, PAD, EOS, `small_records`, `as_dataset`;
 - notebooks: REPO, NOTEBOOKS, `execute_notebook`, `nbval_check` (see below);
 - stage settings: TINY_FINETUNE and TINY_AUDIT (a tiny audit), TINY_EVALUATE, LONG_REVIEW and
   `build_run` (a tiny prepared run with synthetic sets, for evaluate).
@@ -24,7 +25,37 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import datasets
+
+    from dpnb.dpsgd import Records
     from dpnb.rundir import RunDir
+
+# --------------------------------------------------------------------------- token records (DP-SGD tests)
+
+VOCAB, PAD, EOS = 97, 2, 2  # PAD = SmolLM2's pad id, so its tokenizer can serve train()
+
+
+def small_records(n: int, seed: int = 1) -> Records:
+    """`n` random records of 7-16 tokens (prompt of 1-3 tokens, then the review and EOS)."""
+    import torch
+
+    from dpnb.dpsgd import Records
+
+    g = torch.Generator().manual_seed(seed)
+    ids, prompts = [], []
+    for _ in range(n):
+        length = int(torch.randint(6, 16, (1,), generator=g))
+        ids.append(torch.randint(3, VOCAB, (length,), generator=g).tolist() + [EOS])
+        prompts.append(int(torch.randint(1, 4, (1,), generator=g)))
+    return Records(ids, prompts)
+
+
+def as_dataset(records: Records) -> datasets.Dataset:
+    """The records as the prepared data set `finetune.train` reads."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"input_ids": records.input_ids, "prompt_length": records.prompt_lengths})
+
 
 # --------------------------------------------------------------------------- toy data
 

@@ -33,14 +33,13 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import datasets
 import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
 from opacus.optimizers.optimizer import DPOptimizer
 from safetensors.torch import load_file
-from testkit import toy_reviews, write_csv
+from testkit import EOS, PAD, VOCAB, as_dataset, small_records, toy_reviews, write_csv
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dpnb import distributed, dpsgd, pipeline, privacy, registry
@@ -60,7 +59,6 @@ pytestmark = [
 ]
 
 WORLD = 2
-VOCAB, PAD, EOS = 97, 2, 2  # PAD = SmolLM2's pad id, so the tiny-llama tokenizer can serve train()
 REL_TOL = 1e-5
 SIGMA = 1.0  # the noise check's noise multiplier
 TRAIN_RECORDS, STOP_AT = 24, 3
@@ -77,20 +75,6 @@ def small_lm() -> AutoModelForCausalLM:
                          tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
     return AutoModelForCausalLM.from_config(config)
 
-
-def small_records(n: int, seed: int = 1) -> dpsgd.Records:
-    """`n` random records of 7-16 tokens (prompt of 1-3 tokens, then the review and EOS)."""
-    g = torch.Generator().manual_seed(seed)
-    ids, prompts = [], []
-    for _ in range(n):
-        length = int(torch.randint(6, 16, (1,), generator=g))
-        ids.append(torch.randint(3, VOCAB, (length,), generator=g).tolist() + [EOS])
-        prompts.append(int(torch.randint(1, 4, (1,), generator=g)))
-    return dpsgd.Records(ids, prompts)
-
-
-def as_dataset(records: dpsgd.Records) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"input_ids": records.input_ids, "prompt_length": records.prompt_lengths})
 
 
 def config(**overrides: Any) -> FinetuneConfig:

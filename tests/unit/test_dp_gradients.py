@@ -43,7 +43,7 @@ from opacus.optimizers.optimizer import DPOptimizer
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from safetensors.torch import load_file
 from scipy import stats
-from testkit import toy_reviews
+from testkit import EOS, PAD, VOCAB, as_dataset, small_records, toy_reviews
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from dpnb import dpsgd, privacy
@@ -61,7 +61,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning"),
 ]
 
-VOCAB, PAD, EOS = 97, 2, 2  # PAD = SmolLM2's pad id, so its tokenizer can serve train()
 ALPHA = 1e-6  # false-failure probability of each statistical check
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 BATCH_INDICES = dpsgd.batch_indices
@@ -82,20 +81,6 @@ def small_lm(arch: str) -> AutoModelForCausalLM:
                             embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
     return AutoModelForCausalLM.from_config(config)
 
-
-def small_records(n: int, seed: int = 1) -> dpsgd.Records:
-    """`n` random records of 7-16 tokens (prompt of 1-3 tokens, then the review and EOS)."""
-    g = torch.Generator().manual_seed(seed)
-    ids, prompts = [], []
-    for _ in range(n):
-        length = int(torch.randint(6, 16, (1,), generator=g))
-        ids.append(torch.randint(3, VOCAB, (length,), generator=g).tolist() + [EOS])
-        prompts.append(int(torch.randint(1, 4, (1,), generator=g)))
-    return dpsgd.Records(ids, prompts)
-
-
-def as_dataset(records: dpsgd.Records) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({"input_ids": records.input_ids, "prompt_length": records.prompt_lengths})
 
 
 def config(**overrides) -> FinetuneConfig:
