@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +43,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dpnb.config import EvaluateConfig
 from dpnb.embeddings import Embedder, EmbeddingClassifier, fit_embedding_classifier
+from dpnb.io import publish_once
 from dpnb.models import load_classifier, quiet_transformers, release_memory
 
 if TYPE_CHECKING:
@@ -180,15 +178,12 @@ def save_classifier(classifier: TrainedClassifier, entry: dict[str, Any], direct
     """Keep a trained classifier and its test entry at `directory` for another run to reuse, in one
     rename (a directory another process already published is left as it is). It was trained on private
     records without DP: the directory is private (0700), like them."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))  # mode 0700
-    try:
+    def fill(staging: Path) -> None:
         classifier.model.save_pretrained(staging)
         classifier.tokenizer.save_pretrained(staging)
         (staging / "entry.json").write_text(json.dumps(entry), encoding="utf-8")
-        os.rename(staging, directory)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    publish_once(directory, fill)
 
 
 def load_saved_classifier(directory: Path, device: str) -> tuple[dict[str, Any], TrainedClassifier] | None:

@@ -156,6 +156,26 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def publish_once(final: str | os.PathLike, fill: Callable[[Path], None]) -> bool:
+    """Build a private (0700) directory with `fill(staging)` and rename it to `final` in one step, unless
+    another process published `final` first; True when this call published it.
+
+    For work that runs share (`dpnb.rundir.shared_store`): readers see a complete directory or none, a
+    directory already there is never replaced under a reader, and any OSError (that one, a full disk)
+    drops the staging copy and leaves `final` as it was: whoever needs the work can redo it.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))  # mode 0700
+    try:
+        fill(staging)
+        os.rename(staging, final)  # fails when another process published `final` first: theirs is as good
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
+    return True
+
+
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure atomically (its format from the file suffix) and return the path."""
     path = Path(path)

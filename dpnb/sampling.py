@@ -51,7 +51,16 @@ from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance, dataset_card, guarantee_summary
 from dpnb.decoding import is_supported, sample_continuations
 from dpnb.errors import DpnbError, require
-from dpnb.io import append_jsonl, atomic_directory, read_json, read_jsonl, to_json, write_json_atomic, write_text_atomic
+from dpnb.io import (
+    append_jsonl,
+    atomic_directory,
+    publish_once,
+    read_json,
+    read_jsonl,
+    to_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 from dpnb.models import release_memory
 from dpnb.vllm_engine import require_vllm
 
@@ -419,13 +428,8 @@ def _copy_shards(source: Path, target: Path, specs: list[ShardSpec]) -> None:
 
 def _publish_shards(shards: Path, shared: Path) -> None:
     """Put a complete copy of `shards` at `shared` in one rename (other runs of the sweep may read it)."""
-    shared.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=shared.parent, prefix=f".{shared.name}."))
-    try:
-        shutil.copytree(shards, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
-        os.rename(staging, shared)  # fails if another run published it first: theirs is as good
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
+    publish_once(shared, lambda staging: shutil.copytree(shards, staging, dirs_exist_ok=True,
+                                                         copy_function=_link_or_copy))
 
 
 def _link_or_copy(source: str, target: str) -> None:
