@@ -66,6 +66,7 @@ from dpnb import distributed, privacy
 from dpnb.errors import DpnbError, require
 from dpnb.head_loss import FrozenHeadLoss
 from dpnb.models import quiet_transformers
+from dpnb.precision import Precision, choose
 from dpnb.prefix_cache import (
     CACHE_FILE,
     PrefixCache,
@@ -281,7 +282,7 @@ class Session:
     noise_rng: torch.Generator | None
     ghost: bool
     prefix: FrozenPrefix | None = None  # the fast path for top-block training, when it applies
-    autocast: torch.dtype | None = None  # bf16 under precision bf16-mixed (compute_precision), else None
+    autocast: torch.dtype | None = None  # bf16 under mixed precision (compute_precision), else None
 
     def forward_context(self) -> contextlib.AbstractContextManager:
         """Where the forward pass runs: bf16 autocast under mixed precision, else as it is."""
@@ -312,8 +313,13 @@ class FrozenPrefix:
 
 
 def frozen_prefix(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_id: int,
-                  device: str, shared_dir: Path | None = None) -> tuple[FrozenPrefix | None, str]:
+                  device: str, shared_dir: Path | None = None,
+                  precision: Precision | None = None) -> tuple[FrozenPrefix | None, str]:
     """The fast path for `model` when it applies, else None; and a note saying which, and why.
+
+    Under a bf16 `precision` the frozen blocks run under bf16 autocast while the cache is built, and
+    the frozen head's loss forms its logits from a bf16 copy of the head (softmax in float32): both
+    are frozen computations, so only their rounding changes, never the clipping bound.
 
     With `shared_dir` (the runs of a sweep: `dpnb.rundir.shared_store`) the cache is kept there, under
     a key naming the records, the frozen weights and how it was built, and a later run with the same
@@ -325,18 +331,20 @@ def frozen_prefix(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_i
         return None, "frozen-prefix cache off: it runs with Opacus hooks, not ghost clipping"
     try:
         top = TopBlocks(model)  # checks that nothing below is trainable or random
-        head_loss = FrozenHeadLoss.of_model(model)
+        head_loss = FrozenHeadLoss.of_model(model, dtype=precision.dtype if precision else None)
     except DpnbError as why:
         return None, f"frozen-prefix cache off: {why}"
     if top.start == 0:
         return None, "frozen-prefix cache off: the lowest block is trainable, so there is nothing to cache"
-    if shared_dir is None:
-        cache = build_prefix_cache(model, records, start=top.start, batch_size=cfg.physical_batch_size,
-                                   device=device, pad_id=pad_id, fingerprint=False)
-        kept = "in memory only: private, like the records"
-    else:
-        cache, kept = shared_prefix_cache(model, records, top.start, cfg.physical_batch_size, device, pad_id,
-                                          shared_dir)
+    with precision.frozen_forward() if precision else contextlib.nullcontext():
+        if shared_dir is None:
+            cache = build_prefix_cache(model, records, start=top.start, batch_size=cfg.physical_batch_size,
+                                       device=device, pad_id=pad_id, fingerprint=False)
+            kept = "in memory only: private, like the records"
+        else:
+            dtype = precision.dtype_name if precision else "float32"
+            cache, kept = shared_prefix_cache(model, records, top.start, cfg.physical_batch_size, device, pad_id,
+                                              shared_dir, dtype)
     return FrozenPrefix(cache, top, head_loss), (
         f"frozen-prefix cache: blocks 0-{top.start - 1} run once per record ({cache.nbytes / 2**20:.0f} MiB, "
         f"{kept}); each step runs blocks {top.start}-{top.depth - 1} and the frozen head's loss at the "
@@ -344,16 +352,17 @@ def frozen_prefix(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_i
 
 
 def shared_prefix_cache(model: nn.Module, records: Records, start: int, batch_size: int, device: str, pad_id: int,
-                        shared_dir: Path) -> tuple[PrefixCache, str]:
+                        shared_dir: Path, dtype: str = "float32") -> tuple[PrefixCache, str]:
     """The prefix cache of these records and frozen weights from `shared_dir`, built and saved there first
     if no earlier run did; and where it came from.
 
-    The key hashes the records, the frozen weights below `start` and the batch size and device it is
-    built with (batching changes the float rounding of the states, so a shared cache gives a run
-    exactly the states it would have built itself). The directory is private (0700), like the records.
+    The key hashes the records, the frozen weights below `start` and the batch size, device and
+    compute dtype it is built with (batching and the format change the float rounding of the states,
+    so a shared cache gives a run exactly the states it would have built itself). The directory is
+    private (0700), like the records.
     """
     records_hash, frozen_hash = records_fingerprint(records.input_ids), frozen_fingerprint(model, start)
-    key = hashlib.sha256(f"{records_hash}:{frozen_hash}:{batch_size}:{torch.device(device).type}".encode())
+    key = hashlib.sha256(f"{records_hash}:{frozen_hash}:{batch_size}:{torch.device(device).type}:{dtype}".encode())
     directory = shared_dir / f"prefix-cache-{key.hexdigest()[:16]}"
     if (directory / CACHE_FILE).exists():
         cache = PrefixCache.load(directory, mmap=True)
@@ -368,27 +377,29 @@ def shared_prefix_cache(model: nn.Module, records: Records, start: int, batch_si
 # =========================================================================== precision
 
 
-def compute_precision(cfg: FinetuneConfig, device: str) -> tuple[torch.dtype | None, str]:
-    """The autocast dtype of the forward pass (None: as the weights are) and a note saying why.
+def compute_precision(cfg: FinetuneConfig, device: str) -> Precision:
+    """The precision of this training run (`dpnb.precision`), and why: what `Precision.reason` says.
 
-    Mixed precision: the matmuls of the forward and backward pass run in bf16 (autocast), while the
-    weights, the per-sample gradients (`promote_grad_samples`), their norms, the clipping factors
-    min(1, C / ||g_i||), the clipped sum, the Gaussian noise and AdamW's state stay float32, so the
-    sensitivity bound C holds to float32 rounding. "auto" chooses it on a CUDA GPU that supports
-    bf16 and never on a CPU (most have no bf16 units). On CUDA, TF32 is allowed for what stays float32.
+    Mixed precision: the matmuls of the trainable blocks' forward and backward pass run in bf16
+    (autocast), and so do the frozen computations around them (the frozen-prefix cache, the frozen
+    head's loss), while the trainable weights, the per-sample gradients (`promote_grad_samples`),
+    their norms, the clipping factors min(1, C / ||g_i||), the clipped sum, the Gaussian noise and
+    AdamW's state stay float32, so the sensitivity bound C holds to float32 rounding. "auto" takes
+    it where bf16 is measured to be fast (a CUDA GPU with bf16, a CPU with bf16 units) and never
+    with ghost clipping (Opacus would take its norms from bf16 activations) or a 4-bit base on a CPU.
+    On CUDA, TF32 is allowed for what stays float32.
     """
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (10-bit mantissa inputs)
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.precision == "bf16-mixed":
-        return torch.bfloat16, "precision: bf16 autocast for the forward and backward pass; weights, per-sample " \
-                               "gradients, norms, clipping, noise and AdamW in float32"
-    if cfg.precision == "auto" and cuda and cfg.dtype == "float32" and cfg.grad_sample_mode == "hooks" \
-            and torch.cuda.is_bf16_supported():
-        return torch.bfloat16, "precision auto: bf16 autocast on this GPU; weights, per-sample gradients, norms, " \
-                               "clipping, noise and AdamW in float32 (TF32 matmuls)"
-    return None, f"precision: {cfg.dtype} throughout" + (" (TF32 matmuls)" if cuda else "")
+    if cfg.dtype == "bfloat16":
+        return Precision(torch.bfloat16, None, torch.device(device).type, None, "weights in bfloat16 (no DP)")
+    ghost = cfg.dp and cfg.grad_sample_mode == "ghost"
+    if cfg.precision == "auto" and (ghost or (cfg.mode == "qlora" and not cuda)):
+        why = "ghost clipping" if ghost else "a 4-bit base on the CPU"
+        return Precision(torch.float32, None, torch.device(device).type, None, f"precision auto: float32 with {why}")
+    return choose(cfg.precision, device, trainable=True)
 
 
 def promote_grad_samples(params: Sequence[torch.Tensor]) -> None:
@@ -431,7 +442,8 @@ def noise_generators(cfg: FinetuneConfig, device: str) -> tuple[torch.Generator,
 
 
 def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, device: str,
-                 accountant_history: list | None = None, prefix: FrozenPrefix | None = None) -> Session:
+                 accountant_history: list | None = None, prefix: FrozenPrefix | None = None,
+                 precision: Precision | None = None) -> Session:
     """Wrap `model` for training: AdamW, the Poisson loader and, under DP, Opacus's PrivacyEngine.
 
     With `prefix`, what runs each step (and what Opacus wraps) is its top blocks, not the whole model;
@@ -480,7 +492,7 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
             loader = distributed.every_step_loader(loader, sampler_rng)
         session = Session(dp_model, model, dp_optimizer, adamw, scheduler, loader, criterion, engine,
                           sampler_rng, noise_rng, ghost, prefix)
-    session.autocast, _ = compute_precision(cfg, device)
+    session.autocast = (precision or compute_precision(cfg, device)).autocast
     # Opacus computes q from the loader itself; training on any other q would void the calibration
     loader_rate = 1 / len(session.loader)
     if len(session.loader) != plan.steps_per_epoch or not math.isclose(loader_rate, plan.sample_rate):

@@ -155,22 +155,35 @@ class FrozenHeadLoss:
     Opacus hooks; the head's tensors are read at each call, so moving the model moves it too.
     """
 
-    def __init__(self, head: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(self, head: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE, dtype: torch.dtype | None = None):
         weight = getattr(head, "weight", None)
         if weight is None or weight.dim() != 2:
             raise DpnbError(f"{type(head).__name__} is not a linear LM head (no 2-D weight)")
         _check_frozen(weight, getattr(head, "bias", None))
         self.head = head
         self.chunk_size = chunk_size
+        self.dtype = dtype  # the logits' matmul format (None: the head's own); the softmax is float32 either way
+        self._copy: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
-    def of_model(cls, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FrozenHeadLoss:
+    def of_model(cls, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 dtype: torch.dtype | None = None) -> FrozenHeadLoss:
         """The head of a Hugging Face causal LM (plain or peft-wrapped)."""
         head = model.get_output_embeddings()
         if head is None:
             raise DpnbError(f"{type(model).__name__} has no output embeddings (LM head)")
-        return cls(head, chunk_size)
+        return cls(head, chunk_size, dtype)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's weight and bias in `dtype`: a copy made once (and again if the head moves or changes)."""
+        weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        if self.dtype is None or weight.dtype == self.dtype:
+            return weight, bias
+        key = (weight.data_ptr(), weight.device, weight._version)
+        if self._copy is None or self._copy[0] != key:
+            self._copy = (key, weight.detach().to(self.dtype), None if bias is None else bias.detach().to(self.dtype))
+        return self._copy[1], self._copy[2]
 
     def __call__(self, hidden_states: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        return head_loss(hidden_states, self.head.weight, targets, target_mask, getattr(self.head, "bias", None),
-                         self.chunk_size)
+        weight, bias = self.weights()
+        return head_loss(hidden_states, weight, targets, target_mask, bias, self.chunk_size)

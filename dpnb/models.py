@@ -61,7 +61,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from dpnb import gpt2_tokenizer
+from dpnb import gpt2_tokenizer, precision
 from dpnb.errors import DpnbError, require
 from dpnb.io import atomic_directory, read_json, write_json_atomic
 from dpnb.prefix_cache import model_parts
@@ -367,12 +367,11 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """"auto" is bfloat16 on a CUDA GPU that supports it, else float32 (most CPUs have no bf16 units:
-    a bf16 matmul there runs at well under 1 GFLOP/s, against about 70 in float32 per core)."""
+    """"auto" is bfloat16 where a bf16 matmul is measured at least twice as fast as float32 on `device`
+    (a CUDA GPU with bf16, a CPU with bf16 units: `dpnb.precision`), else float32."""
     if dtype != "auto":
         return dtype
-    cuda = torch.device(device).type == "cuda"
-    return "bfloat16" if cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    return precision.choose("auto", device).dtype_name
 
 
 def load_causal_lm(

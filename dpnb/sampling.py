@@ -526,8 +526,12 @@ def sample_labelled(
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
     shared_dir: Path | None = None,
+    precision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample `cfg.n_per_label` texts per label from any causal LM; write a labelled set to `out_dir`.
+
+    `precision` (`dpnb.precision.Precision.record()`) says which format the model samples in and why;
+    it is kept in generation.json.
 
     Shards already in `out_dir/shards` that were sampled with the same model weights, prompts and
     settings are kept, so an interrupted call resumes; others are discarded (or, when `out_dir` holds
@@ -586,6 +590,7 @@ def sample_labelled(
         "stop_tokens": tokenizer.convert_ids_to_tokens(stop_ids),
         "device": plan["device"],
         "dtype": plan["dtype"],
+        "precision": precision,
         "model_fingerprint": plan["model_fingerprint"],
         "shards": len(specs),
     }

@@ -13,6 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models gain nothing from threads, and on a busy machine two OpenMP threads crawl (10-20x slower
 # generation was measured here). Notebook kernels started by the tests inherit the variable.
 os.environ["OMP_NUM_THREADS"] = "1"
+# precision "auto" measures whether bf16 is fast on this machine (dpnb.precision); machines differ, so the
+# tests state the answer: float32 by default, and the bf16 tests set it themselves (monkeypatch.setenv)
+os.environ["DPNB_BF16_SPEEDUP"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)

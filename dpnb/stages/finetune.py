@@ -45,6 +45,7 @@ from dpnb.dpsgd import (
     Records,
     TrainingPlan,
     accounted_steps,
+    compute_precision,
     epoch_steps,
     frozen_prefix,
     initial_loss,
@@ -147,11 +148,14 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
         if main:
             _truncate_log(out.train_log, int(checkpoint["log_length"]))
         say(f"resuming from the checkpoint at step {position.step} of {plan.steps}")
+    precision = compute_precision(cfg, device)
+    say(precision.reason)
     # a shared cache is built and saved by rank 0, then mapped by the others
     with distributed.main_first() if shared_dir is not None else contextlib.nullcontext():
-        prefix, prefix_note = frozen_prefix(model, records, cfg, pad_id, device, shared_dir)
+        prefix, prefix_note = frozen_prefix(model, records, cfg, pad_id, device, shared_dir, precision)
     say(prefix_note)
-    session = make_session(model, cfg, plan, device, checkpoint["accountant"] if checkpoint else None, prefix)
+    session = make_session(model, cfg, plan, device, checkpoint["accountant"] if checkpoint else None, prefix,
+                           precision)
     if checkpoint is not None:
         session.adamw.load_state_dict(checkpoint["optimizer"])
         session.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -203,7 +207,8 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
                                                "the accountant's history")
     record = privacy.privacy_record(cfg, plan, steps_taken, trainable_parameters(model))
     if main:
-        save_trained(session.trainable, tokenizer, out.model, model_card(model_name, cfg, notes))
+        card = {**model_card(model_name, cfg, notes), "precision": precision.record()}
+        save_trained(session.trainable, tokenizer, out.model, card)
         write_json_atomic(out.training_identity, identity)
         write_json_atomic(out.privacy, record)
         out.checkpoint.unlink(missing_ok=True)  # model/ holds the weights now; the state is not needed

@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance
 from dpnb.io import read_json, save_figure
-from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device, resolve_dtype
+from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device
+from dpnb.precision import choose
 from dpnb.prompts import PromptFormat
 from dpnb.rundir import RunDir, shared_store
 from dpnb.sampling import load_synthetic, sample_labelled
@@ -90,13 +91,15 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
     label_names = list(manifest["label_names"])
     data = _data_description(manifest)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    precision = choose(cfg.dtype, device)  # "auto": bf16 where measured at least 2x float32 (dpnb.precision)
+    print(precision.reason)
+    dtype = precision.dtype_name
 
     model, tokenizer = load_trained(run.model, device=device, dtype=dtype)
     provenance = Provenance("dp" if privacy.get("dp") else "non_dp", manifest["model"], data, privacy)
     summary: dict[str, Any] = {
         "synthetic": sample_labelled(model, tokenizer, prompt_format, label_names, cfg, run.synthetic,
-                                     provenance=provenance, overwrite=True)
+                                     provenance=provenance, overwrite=True, precision=precision.record())
     }
     del model
     release_memory()
@@ -106,7 +109,7 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
         base = load_base_model(base_name, mode="full", dtype=dtype, device=device, seed=base_seed)
         summary["zero_shot"] = sample_labelled(
             base, load_tokenizer(base_name), prompt_format, label_names, cfg, run.zero_shot,
-            provenance=Provenance("zero_shot", base_name, data), overwrite=True,
+            provenance=Provenance("zero_shot", base_name, data), overwrite=True, precision=precision.record(),
             shared_dir=shared_store(),  # a sweep's runs share one zero-shot set when they sample it alike
         )
         del base
