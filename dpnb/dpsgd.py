@@ -224,7 +224,13 @@ def _calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, st
 
 
 def plan_training(cfg: FinetuneConfig, dataset_size: int) -> TrainingPlan:
-    """Check the N-dependent parameters and calibrate sigma for exactly the steps the loop will take."""
+    """Check the N-dependent parameters and calibrate sigma for exactly the steps the loop will take.
+
+    Refused here, before any model is loaded: a logical batch larger than N, a delta not below 1/N,
+    and a logical batch size whose batch count Opacus's float arithmetic would turn into another
+    step count and sampling rate (`privacy.opacus_counts_epoch`: k = 93, 99, 105, ...; the message
+    names the nearest sizes that work; nothing is adjusted silently).
+    """
     n, batch = dataset_size, cfg.logical_batch_size
     require(n > 0, "the training set is empty; prepare some records first")
     require(batch <= n, f"finetune.logical_batch_size ({batch}) is larger than the training set ({n} records); "

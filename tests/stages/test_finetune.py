@@ -427,6 +427,15 @@ def test_data_dependent_parameters_fail_before_any_model_loads(values, message, 
     assert not (tmp_path / "out").exists()
 
 
+def test_a_batch_count_opacus_would_miscount_fails_before_any_model_loads(tokenizer, tmp_path):
+    """93 records in logical batches of 1: 93 batches per epoch, which Opacus would count as 92 (and account
+    q = 1/92 while sampling at 1/93); refused in planning, naming the nearest size that works."""
+    with pytest.raises(DpnbError, match="makes 93 batches per epoch.*use logical_batch_size 2$"):
+        finetune.train("no-such-model", toy_dataset(tokenizer, 93), config(logical_batch_size=1, physical_batch_size=1),
+                       tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("values", "message"), [
     ({"target_epsilon": 0}, "target_epsilon must be a positive number"),
     ({"target_epsilon": -1}, "target_epsilon must be a positive number"),
