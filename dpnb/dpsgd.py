@@ -449,6 +449,8 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     require(params, f"mode {cfg.mode} left no trainable parameter; check finetune.lora_targets")
+    if cfg.dp:
+        require_float32_weights(params)
     adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     final = plan.steps
 
@@ -500,6 +502,19 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
             raise RuntimeError(f"the optimizer divides by {divisor} in all, the plan by int(N q) = "
                                f"{int(plan.dataset_size * plan.sample_rate)}")
     return session
+
+
+def require_float32_weights(params: Sequence[torch.Tensor]) -> None:
+    """Under DP every trainable tensor is float32 (a base model passed to `train` in bf16 is refused).
+
+    Opacus takes the per-record norms, the clipping factors, the clipped sum, its accumulation over
+    physical batches and the noise in the dtype of the per-sample gradients, which is the weights'
+    (or float32 after `promote_grad_samples` under bf16 autocast). In bf16 a norm rounded down lets a
+    record's clipped gradient exceed C (by up to 2^-8), and the noise is drawn on bf16's coarse grid.
+    """
+    other = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype != torch.float32})
+    require(not other, f"DP-SGD needs float32 trainable weights, but some are {', '.join(other)}; load the model in "
+                       f"float32 (finetune.dtype float32) and use finetune.precision bf16-mixed for bf16 speed")
 
 
 def require_dp_when_distributed(cfg: FinetuneConfig) -> None:

@@ -337,7 +337,9 @@ def audit_finetune_config(run: RunDir, cfg: AuditConfig) -> FinetuneConfig:
     """The run's completed fine-tuning config (stages/finetune.json), with audit.finetune_overrides."""
     run.require_stage("finetune")
     saved = run.completed_config("finetune") or {}
-    return build(FinetuneConfig, {**saved, **cfg.finetune_overrides}, "finetune config of the audit twins")
+    finetune_cfg = build(FinetuneConfig, {**saved, **cfg.finetune_overrides}, "finetune config of the audit twins")
+    twin_configs(finetune_cfg)  # the DP twin's config is checked too (a run trained without DP may use bf16 weights)
+    return finetune_cfg
 
 
 def synthetic_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat,
