@@ -182,7 +182,8 @@ class FinetuneConfig:
     # "bf16-mixed": the forward and backward run under bf16 autocast while the weights, the per-sample
     # gradients, their norms, the clipping, the noise and AdamW stay float32 (dpnb.dpsgd.compute_precision).
     # "auto": bf16-mixed on a CUDA GPU with bf16 support, float32 elsewhere (a CPU without bf16 units runs
-    # a bf16 matmul at well under 1 GFLOP/s). Either way, TF32 for what stays float32 on CUDA.
+    # a bf16 matmul at well under 1 GFLOP/s). Either way, on CUDA TF32 for the float32 matmuls of the forward
+    # and backward pass, never inside the clipping (nor with ghost clipping, which clips in the backward pass).
     precision: str = "auto"
     device: str = "auto"  # "auto", "cpu", "cuda"
     checkpoint_every: int = 50  # logical steps between resumable checkpoints (also on SIGINT/SIGTERM)

@@ -379,22 +379,51 @@ def compute_precision(cfg: FinetuneConfig, device: str) -> tuple[torch.dtype | N
 
     Mixed precision: the matmuls of the forward and backward pass run in bf16 (autocast), while the
     weights, the per-sample gradients (`promote_grad_samples`), their norms, the clipping factors
-    min(1, C / ||g_i||), the clipped sum, the Gaussian noise and AdamW's state stay float32, so the
-    sensitivity bound C holds to float32 rounding. "auto" chooses it on a CUDA GPU that supports
-    bf16 and never on a CPU (most have no bf16 units). On CUDA, TF32 is allowed for what stays float32.
+    min(1, C / ||g_i||), the clipped sum, the Gaussian noise and AdamW's state stay float32. "auto"
+    chooses it on a CUDA GPU that supports bf16 and never on a CPU (most have no bf16 units).
+
+    TF32 on CUDA. TF32 rounds a float32 matmul's inputs to a 10-bit mantissa. It is allowed for the
+    float32 matmuls of the forward and backward pass, which only compute each record's gradient g_i
+    (the norm is then taken of that g_i, whatever its rounding), and switched off while Opacus clips
+    and sums (`float32_clipping`, around `pre_step`): there the clipped sum
+    sum_i min(1, C / ||g_i||) g_i is an einsum that runs as a matmul, and TF32 would round g_i and the
+    clip factors after the norms were taken, letting a record move the sum by up to about 0.2% more
+    than C. So each record's contribution has norm at most C up to float32 rounding. Ghost clipping takes
+    its norms and forms the clipped sum inside the backward passes, so under DP with ghost clipping
+    TF32 stays off for the whole step.
     """
     cuda = torch.device(device).type == "cuda"
+    tf32 = cuda and not (cfg.dp and cfg.grad_sample_mode == "ghost")
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (10-bit mantissa inputs)
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # float32 matmuls on tensor cores (10-bit mantissa inputs)
+        torch.backends.cudnn.allow_tf32 = tf32
     if cfg.precision == "bf16-mixed":
         return torch.bfloat16, "precision: bf16 autocast for the forward and backward pass; weights, per-sample " \
                                "gradients, norms, clipping, noise and AdamW in float32"
     if cfg.precision == "auto" and cuda and cfg.dtype == "float32" and cfg.grad_sample_mode == "hooks" \
             and torch.cuda.is_bf16_supported():
         return torch.bfloat16, "precision auto: bf16 autocast on this GPU; weights, per-sample gradients, norms, " \
-                               "clipping, noise and AdamW in float32 (TF32 matmuls)"
-    return None, f"precision: {cfg.dtype} throughout" + (" (TF32 matmuls)" if cuda else "")
+                               "clipping, noise and AdamW in float32 (TF32 matmuls outside the clipping)"
+    return None, f"precision: {cfg.dtype} throughout" + (" (TF32 matmuls outside the clipping)" if tf32 else "")
+
+
+@contextlib.contextmanager
+def float32_clipping() -> Iterator[None]:
+    """TF32 off (CUDA matmuls and cuDNN) while Opacus clips, sums and noises; the flags as they were after.
+
+    Wraps `pre_step` (clip_and_accumulate: per-record norms, clip factors and the clipped sum as an
+    einsum, accumulated over physical batches; then the noise and the division by E), so that the sum
+    is formed in true float32 even when TF32 speeds up the forward and backward pass
+    (`compute_precision`). A no-op on the CPU, where TF32 does not exist.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def promote_grad_samples(params: Sequence[torch.Tensor]) -> None:
@@ -604,7 +633,8 @@ def dp_logical_steps(session: Session, batches: Iterator[Any], records: Records,
             _empty_physical_batch(session)
         # pre_step clips and accumulates; it returns True only at the end of a logical batch, after
         # adding the noise and letting the accountant count the step
-        stepped = session.optimizer.pre_step()
+        with float32_clipping():
+            stepped = session.optimizer.pre_step()
         lr = session.adamw.param_groups[0]["lr"]
         if stepped:
             distributed.reduce_gradients(session.optimizer)

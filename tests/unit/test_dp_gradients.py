@@ -373,6 +373,49 @@ def test_mixed_precision_is_refused_where_it_would_round_the_norms():
     assert dpsgd.compute_precision(config(), "cpu")[0] is None  # auto: never bf16 on a CPU
 
 
+def tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def set_tf32_flags(matmul: bool, cudnn: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.fixture
+def tf32_on():
+    """TF32 allowed (as compute_precision allows it on CUDA) for the test; the flags as they were after it."""
+    before = tf32_flags()
+    set_tf32_flags(True, True)
+    yield
+    set_tf32_flags(*before)
+
+
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost"])
+def test_tf32_is_off_while_opacus_clips_and_sums_and_restored_after(grad_sample_mode, tf32_on, monkeypatch):
+    """On CUDA, TF32 speeds up the forward and backward pass, but Opacus's clipped sum is an einsum (a matmul):
+    TF32 there would round the gradients and clip factors after the norms. The flags exist on a CPU build too:
+    with them on, they must be off while Opacus clips and accumulates (hooks: clip_and_accumulate; ghost:
+    accumulate, after clipping in the backward pass), and on again after. On CUDA, compute_precision allows
+    TF32 for hooks and keeps it off under ghost clipping, whose norms and clipped sum come from the backward."""
+    records = small_records(12)
+    cfg = config(grad_sample_mode=grad_sample_mode, precision="fp32")
+    model, _ = build("llama", cfg)
+    session = dpsgd.make_session(model, cfg, fixed_noise_plan(cfg, len(records), 0.0), "cpu")
+    name = "clip_and_accumulate" if grad_sample_mode == "hooks" else "accumulate"
+    original, seen = getattr(session.optimizer, name), []
+
+    def spy(*args, **kwargs):
+        seen.append(tf32_flags())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(session.optimizer, name, spy)
+    steps = take_steps(session, records, cfg, 1, monkeypatch)
+    assert len(seen) == len(steps.physical[0]) >= 3 and set(seen) == {(False, False)}
+    assert tf32_flags() == (True, True)  # restored for the next forward and backward pass
+    dpsgd.compute_precision(cfg, "cuda")
+    assert tf32_flags() == ((True, True) if grad_sample_mode == "hooks" else (False, False))
+
+
 TOP_CASES = [(arch, how) for arch in ("llama", "gpt2") for how in ("lora_top_layers", "top_layers")]
 
 
