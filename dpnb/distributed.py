@@ -250,15 +250,16 @@ class EveryStepSampler(DistributedUniformWithReplacementSampler):
         self.num_batches = value
 
 
-def every_step_loader(loader: DataLoader, generator: torch.Generator) -> DataLoader:
-    """`loader` (make_private's distributed DPDataLoader) with `EveryStepSampler` at the same q."""
+def every_step_loader(loader: DataLoader, generator: torch.Generator, dataset: Any) -> DataLoader:
+    """`loader` (make_private's distributed DPDataLoader) with `EveryStepSampler` at the same q, over `dataset`
+    (the records there are: the plan may be made for more, `dpnb.dpsgd.plan_training`)."""
     sampler = loader.batch_sampler
     require(isinstance(sampler, DistributedUniformWithReplacementSampler),
             "Opacus did not build a distributed Poisson sampler for this model (internal error)")
-    every_step = EveryStepSampler(total_size=sampler.total_size, sample_rate=sampler.sample_rate,
+    every_step = EveryStepSampler(total_size=len(dataset), sample_rate=sampler.sample_rate,
                                   shuffle=sampler.shuffle, shuffle_seed=sampler.shuffle_seed,
                                   steps=sampler.num_batches, generator=generator)
-    return DataLoader(loader.dataset, batch_sampler=every_step, collate_fn=loader.collate_fn, generator=generator)
+    return DataLoader(dataset, batch_sampler=every_step, collate_fn=loader.collate_fn, generator=generator)
 
 
 def reduce_gradients(optimizer: Any) -> None:

@@ -201,20 +201,31 @@ class SequenceLoss:
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """What the loop will do, fixed before it starts: the numbers the privacy guarantee is made of."""
+    """What the loop will do, fixed before it starts: the numbers the privacy guarantee is made of.
+
+    `plan_size` is the N that q, the steps, delta, sigma and the divisor E were planned for;
+    `dataset_size` the records actually sampled from. They are equal except for the audit's twins,
+    planned for every canary inserted so that their mechanism does not depend on the coins.
+    """
 
     dp: bool
-    dataset_size: int
+    dataset_size: int  # records the Poisson sampler draws from
+    plan_size: int  # the N the plan below is made for (>= dataset_size)
     logical_batch_size: int
     physical_batch_size: int
-    sample_rate: float  # q, the Poisson sampling probability of each record at each step
-    expected_batch_size: float  # N * q
+    sample_rate: float  # q = 1 / ceil(plan_size / B), the Poisson sampling probability of each record at each step
+    expected_batch_size: float  # dataset_size * q, the mean number of records in a logical batch
     steps_per_epoch: int
     steps: int  # logical steps the loop takes
     delta: float | None
     noise_multiplier: float | None  # sigma; None without DP
     accountant: str
     target_epsilon: float | None
+
+    @property
+    def divisor(self) -> int:
+        """E = int(plan_size q): the public constant the noisy sum is divided by (Opacus's expected_batch_size)."""
+        return int(self.plan_size * self.sample_rate)
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,8 +234,14 @@ def _calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, st
     return privacy.calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
 
 
-def plan_training(cfg: FinetuneConfig, dataset_size: int) -> TrainingPlan:
+def plan_training(cfg: FinetuneConfig, dataset_size: int, plan_size: int | None = None) -> TrainingPlan:
     """Check the N-dependent parameters and calibrate sigma for exactly the steps the loop will take.
+
+    The plan is made for N = `plan_size` (default: `dataset_size`): q = 1 / ceil(N / B), the steps,
+    delta (default 1 / N^1.1, and below 1/N) and sigma; E = int(N q). Training then samples the
+    `dataset_size` <= N records it has at exactly that q, for those steps, divided by that E, and the
+    accountant is fed that q: the guarantee of the Poisson-subsampled Gaussian mechanism depends on
+    (q, sigma, T, delta) and on no data set size, and delta < 1/N <= 1/dataset_size.
 
     Refused here, before any model is loaded: a logical batch larger than N, a delta not below 1/N,
     and a logical batch size whose batch count Opacus's float arithmetic would turn into another
@@ -233,18 +250,23 @@ def plan_training(cfg: FinetuneConfig, dataset_size: int) -> TrainingPlan:
     """
     n, batch = dataset_size, cfg.logical_batch_size
     require(n > 0, "the training set is empty; prepare some records first")
-    require(batch <= n, f"finetune.logical_batch_size ({batch}) is larger than the training set ({n} records); "
-                        f"make it at most {n}")
-    sample_rate = privacy.poisson_sample_rate(n, batch)
-    per_epoch = privacy.steps_per_epoch(n, batch)
-    steps = privacy.planned_steps(n, batch, cfg.epochs, cfg.max_steps)
+    planned = n if plan_size is None else plan_size
+    require(planned >= n, f"the plan is made for {planned} records but the training set has {n}; plan for at least {n}")
+    require(batch <= planned, f"finetune.logical_batch_size ({batch}) is larger than the training set ({planned} "
+                              f"records); make it at most {planned}")
+    sample_rate = privacy.poisson_sample_rate(planned, batch)
+    per_epoch = privacy.steps_per_epoch(planned, batch)
+    steps = privacy.planned_steps(planned, batch, cfg.epochs, cfg.max_steps)
     delta = sigma = None
     if cfg.dp:
-        delta = cfg.delta if cfg.delta is not None else privacy.default_delta(n)
-        privacy.validate_delta(delta, n)
+        delta = cfg.delta if cfg.delta is not None else privacy.default_delta(planned)
+        privacy.validate_delta(delta, planned)
         sigma = _calibrate_noise(cfg.target_epsilon, delta, sample_rate, steps, cfg.accountant)
-    return TrainingPlan(cfg.dp, n, batch, cfg.physical_batch_size, sample_rate, n * sample_rate, per_epoch,
-                        steps, delta, sigma, cfg.accountant, cfg.target_epsilon if cfg.dp else None)
+    return TrainingPlan(dp=cfg.dp, dataset_size=n, plan_size=planned, logical_batch_size=batch,
+                        physical_batch_size=cfg.physical_batch_size, sample_rate=sample_rate,
+                        expected_batch_size=n * sample_rate, steps_per_epoch=per_epoch, steps=steps, delta=delta,
+                        noise_multiplier=sigma, accountant=cfg.accountant,
+                        target_epsilon=cfg.target_epsilon if cfg.dp else None)
 
 
 class _RecordIndices:
@@ -488,15 +510,15 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_factor)
     sampler_rng, noise_rng = noise_generators(cfg, device)
-    # batch_size only sets len(loader) = ceil(N / B); Opacus derives q = 1 / len(loader) from it
-    plain = DataLoader(_RecordIndices(plan.dataset_size), batch_size=plan.logical_batch_size,
-                       generator=sampler_rng)
+    # Opacus derives the accounted q = 1 / len(loader) and E = int(len(dataset) q) from this loader over the
+    # plan's N (batch_size only sets len(loader) = ceil(N / B)); the records sampled are the dataset_size there are
+    plain = DataLoader(_RecordIndices(plan.plan_size), batch_size=plan.logical_batch_size, generator=sampler_rng)
+    poisson = DPDataLoader(_RecordIndices(plan.dataset_size), sample_rate=plan.sample_rate, generator=sampler_rng)
     stepped = prefix.top if prefix is not None else model
     if distributed.is_distributed():
         stepped = distributed.wrap_for_dp(stepped)
-    if not cfg.dp:
-        loader = DPDataLoader.from_data_loader(plain)  # the same Poisson sampling, nothing private about it
-        session = Session(stepped, model, adamw, adamw, scheduler, loader, SequenceLoss("none"), None,
+    if not cfg.dp:  # the same Poisson sampling, nothing private about it
+        session = Session(stepped, model, adamw, adamw, scheduler, poisson, SequenceLoss("none"), None,
                           sampler_rng, None, False, prefix)
     else:
         with quiet_transformers():
@@ -514,22 +536,23 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
         else:
             (dp_model, dp_optimizer, loader), criterion = wrapped, SequenceLoss("mean")
         if distributed.is_distributed():
-            loader = distributed.every_step_loader(loader, sampler_rng)
+            loader = distributed.every_step_loader(loader, sampler_rng, poisson.dataset)
+        else:
+            loader = poisson
         session = Session(dp_model, model, dp_optimizer, adamw, scheduler, loader, criterion, engine,
                           sampler_rng, noise_rng, ghost, prefix)
     session.autocast, _ = compute_precision(cfg, device)
-    # Opacus computes q from the loader itself; training on any other q would void the calibration
-    loader_rate = 1 / len(session.loader)
-    if len(session.loader) != plan.steps_per_epoch or not math.isclose(loader_rate, plan.sample_rate):
-        raise RuntimeError(f"Opacus samples at q = {loader_rate} with {len(session.loader)} steps per epoch, "
+    # training on any other q, steps or divisor than the plan's would void the calibration
+    loader_rate = session.loader.batch_sampler.sample_rate
+    if len(session.loader) != plan.steps_per_epoch or loader_rate != plan.sample_rate:
+        raise RuntimeError(f"the loader samples at q = {loader_rate} with {len(session.loader)} steps per epoch, "
                            f"the plan at q = {plan.sample_rate} with {plan.steps_per_epoch}")
     if session.engine is not None:
         # each rank divides by its share E / W of the public divisor E = int(N q); the sum over ranks then
         # divides by E, as one process does (dpnb.distributed)
         divisor = session.optimizer.expected_batch_size * distributed.world_size()
-        if not math.isclose(divisor, int(plan.dataset_size * plan.sample_rate)):
-            raise RuntimeError(f"the optimizer divides by {divisor} in all, the plan by int(N q) = "
-                               f"{int(plan.dataset_size * plan.sample_rate)}")
+        if not math.isclose(divisor, plan.divisor):
+            raise RuntimeError(f"the optimizer divides by {divisor} in all, the plan by int(N q) = {plan.divisor}")
     return session
 
 

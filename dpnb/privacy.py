@@ -570,11 +570,20 @@ def privacy_record(cfg: FinetuneConfig, plan: TrainingPlan, steps: int, trainabl
     sample_rate, steps, delta, accountant). A run without DP has a null epsilon. The record is meant
     to be shared: it holds no hash, index or count of private records beyond N (the data set size,
     which the accounting needs), and no seed that determines the noise.
+
+    The mechanism it states: each of the `dataset_size` records joins each of the `steps` logical
+    batches with probability `sample_rate` (`expected_batch_size` records on average), each record's
+    gradient is clipped to `max_grad_norm`, the sum gets Gaussian noise of std noise_multiplier *
+    max_grad_norm and is divided by `divisor` (E = int(planned_dataset_size * sample_rate), a public
+    constant). `planned_dataset_size` is the N the plan was made for: the dataset size, except for the
+    audit's twins, planned as if every canary were inserted so that the mechanism is the same
+    whichever canaries the coins inserted.
     """
     common = {
-        "dp": cfg.dp, "mode": cfg.mode, "dataset_size": plan.dataset_size,
+        "dp": cfg.dp, "mode": cfg.mode, "dataset_size": plan.dataset_size, "planned_dataset_size": plan.plan_size,
         "logical_batch_size": plan.logical_batch_size, "physical_batch_size": plan.physical_batch_size,
-        "expected_batch_size": plan.expected_batch_size, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "expected_batch_size": plan.expected_batch_size, "divisor": plan.divisor if cfg.dp else None,
+        "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "planned_steps": plan.steps, "trainable_parameters": trainable, "versions": library_versions(),
         **noise_source(cfg),
     }

@@ -89,7 +89,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
           train_sha256: str = "", tokenizer: PreTrainedTokenizerBase | None = None,
           base_model: PreTrainedModel | None = None, resume: bool = True,
           should_stop: Callable[[int], bool] | None = None, verbose: bool = True,
-          shared_dir: Path | None = None) -> dict[str, Any]:
+          shared_dir: Path | None = None, plan_size: int | None = None) -> dict[str, Any]:
     """Fine-tune `model_name` on the records of `train`; write model/, train_log.jsonl, privacy.json.
 
     `out_dir` is laid out like a run directory (a run, or one of the audit's twins). Resumes from
@@ -100,6 +100,8 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     answers True, training checkpoints and raises `TrainingInterrupted`, as on SIGINT. Returns the
     privacy record (privacy.json). `shared_dir` (the runs of a sweep) keeps the frozen-prefix cache
     where the sweep's other runs on the same records find it (`dpnb.dpsgd.shared_prefix_cache`).
+    `plan_size` (the audit's twins) is the N that q, the steps, delta, sigma and the divisor are planned
+    for, at least len(train) (`dpnb.dpsgd.plan_training`); by default len(train).
 
     Under torchrun every rank calls it with the same arguments (`dpnb.distributed`): each trains on
     its share of every logical batch, only rank 0 writes (log, checkpoints, model, privacy.json), and
@@ -108,9 +110,11 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     out = out_dir if isinstance(out_dir, RunDir) else RunDir(out_dir)
     records = Records.from_dataset(train)
     require_dp_when_distributed(cfg)
-    plan = plan_training(cfg, len(records))  # every N-dependent check before any model is loaded
+    plan = plan_training(cfg, len(records), plan_size)  # every N-dependent check before any model is loaded
     main = distributed.is_main_process()
     identity = training_identity(model_name, cfg, records, train_sha256)
+    if plan.plan_size != len(records):
+        identity["plan_size"] = plan.plan_size  # another plan is another training
     finished = _finished_record(out, identity)
     if finished is not None and resume:
         return finished
@@ -243,6 +247,9 @@ def describe_plan(plan: TrainingPlan, trainable: int, cfg: FinetuneConfig) -> st
         f"q = {plan.sample_rate:.6g} per step (expected logical batch {plan.expected_batch_size:.1f}, physical "
         f"batches of at most {plan.physical_batch_size}); {trainable:,} trainable parameters ({cfg.mode})."
     ]
+    if plan.plan_size != plan.dataset_size:
+        lines.append(f"Planned for N = {plan.plan_size} records (q, steps, delta, sigma, and the divisor "
+                     f"E = {plan.divisor}), whatever part of them is present.")
     if plan.dp:
         sigma = plan.noise_multiplier
         lines.append(

@@ -82,6 +82,8 @@ def opacus_mechanism(n: int, batch: int) -> tuple[float, int, float, float]:
 
 
 @pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning")
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning")
 def test_a_batch_count_opacus_loses_is_refused_in_planning_over_a_range_of_sizes():
     """Every logical batch size of the paper's 25,000 records (316 batch counts k = ceil(25000 / B)):
     planning refuses exactly those where Opacus's sampler q (1/k) is not the q make_private accounts
