@@ -331,7 +331,7 @@ def require_same_on_every_rank(value: Any, what: str, fix: str = "", hidden: Seq
         seen = [v if key is None else v.get(key) for v in values]
         if key in hidden:
             ranks = ", ".join(str(r) for r, v in enumerate(seen) if v != seen[0])
-            parts.append(f"{key} (rank {ranks} against rank 0)")
+            parts.append(f"{key} (rank {ranks}: not rank 0's)")
         else:
             parts.append((f"{key} " if key is not None else "") + "(" + ", ".join(
                 f"rank {r}: {v}" for r, v in enumerate(seen)) + ")")

@@ -410,9 +410,9 @@ def compute_precision(cfg: FinetuneConfig, device: str) -> tuple[torch.dtype | N
     and sums (`float32_clipping`, around `pre_step`): there the clipped sum
     sum_i min(1, C / ||g_i||) g_i is an einsum that runs as a matmul, and TF32 would round g_i and the
     clip factors after the norms were taken, letting a record move the sum by up to about 0.2% more
-    than C. So each record's contribution has norm at most C up to float32 rounding. Ghost clipping takes
-    its norms and forms the clipped sum inside the backward passes, so under DP with ghost clipping
-    TF32 stays off for the whole step.
+    than C. So each record's contribution has norm at most C up to float32 rounding. Ghost clipping
+    takes its norms and forms the clipped sum inside the backward passes, so under DP with ghost
+    clipping TF32 stays off for the whole step.
     """
     cuda = torch.device(device).type == "cuda"
     tf32 = cuda and not (cfg.dp and cfg.grad_sample_mode == "ghost")

@@ -398,7 +398,7 @@ def test_ranks_that_disagree_fail_together_naming_what_differs(runs):
     records, plan = ([r["faults"][case] for r in runs["ranks"]] for case in ("records", "plan"))
     assert records[0] == records[1] and plan[0] == plan[1]  # one message, on every rank at once
     assert records[0].startswith("DpnbError: the prepared records and the plan differ between ranks: prepared "
-                                 "records (rank 1 against rank 0); every rank must read the same prepared run")
+                                 "records (rank 1: not rank 0's); every rank must read the same prepared run")
     assert "sigma" not in records[0] and "\n" not in records[0]
     differing = plan[0].split(" differ between ranks: ", 1)[1].split("; every rank")[0]
     assert differing.startswith("sigma (rank 0: ") and "prepared records" not in differing  # only sigma differs
