@@ -71,18 +71,28 @@ Groups = dict[str, tuple[list[list[int]], list[tuple[int, int]]]]
 # =========================================================================== one-run epsilon audit
 
 
+def tie_break_stream(seed: int) -> np.random.Generator:
+    """The guesses' own random stream: the first child of the seed's SeedSequence.
+
+    The audit draws its canaries and their coins from `np.random.default_rng(seed)`; a spawned child
+    is a stream independent of that one, so the tie-breaks carry nothing about the coins.
+    """
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+
+
 def guess_membership(scores: Sequence[float], n_guesses: int, seed: int = 0) -> np.ndarray:
     """Guesses for the one-run audit: +1 "inserted", -1 "not inserted", 0 abstain.
 
     The n_guesses // 2 highest scores are guessed +1 and the n_guesses - n_guesses // 2 lowest -1;
-    the rest abstain (Steinke et al.'s k+ / k- scheme with k+ = k-). Ties are broken at random
-    (seeded), never by index, so record order cannot leak into the guesses.
+    the rest abstain (Steinke et al.'s k+ / k- scheme with k+ = k-). Ties are broken at random, never
+    by index, so record order cannot leak into the guesses, by `tie_break_stream(seed)`: seeded, and
+    independent of the stream the coins come from.
     """
     scores = np.asarray(scores, dtype=float)
     if not 0 < n_guesses <= scores.size:
         raise DpnbError(f"audit.n_guesses = {n_guesses} must be between 1 and the number of canaries "
                         f"({scores.size})")
-    tie_break = np.random.default_rng(seed).random(scores.size)
+    tie_break = tie_break_stream(seed).random(scores.size)
     order = np.lexsort((tie_break, scores))  # ascending by score, ties in random order
     guesses = np.zeros(scores.size, dtype=int)
     n_in = n_guesses // 2

@@ -113,28 +113,27 @@ def save_checkpoint(path: Path, session: Session, position: Position, identity: 
     once the file is in place (so that no rank stops before it is).
     """
     every_rank_rngs = distributed.gather_to_main(rng_states(session))
-    if not distributed.is_main_process():
-        distributed.barrier()
-        return
-    state = {
-        "format": CHECKPOINT_FORMAT, "identity": identity, "position": dataclasses.asdict(position),
-        "log_length": log_length, "wall_s": wall_s, "trainable": trainable_state(session.trainable),
-        "optimizer": session.adamw.state_dict(), "scheduler": session.scheduler.state_dict(),
-        "accountant": privacy.accountant_history(session.engine.accountant) if session.engine else None,
-        "rng": every_rank_rngs[0], "world_size": distributed.world_size(),
-        "rank_rngs": every_rank_rngs if distributed.is_distributed() else None,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    distributed.barrier()
+    with distributed.shared_section("writing the checkpoint"):  # a failure on rank 0 stops every rank at once
+        if not distributed.is_main_process():
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT, "identity": identity, "position": dataclasses.asdict(position),
+            "log_length": log_length, "wall_s": wall_s, "trainable": trainable_state(session.trainable),
+            "optimizer": session.adamw.state_dict(), "scheduler": session.scheduler.state_dict(),
+            "accountant": privacy.accountant_history(session.engine.accountant) if session.engine else None,
+            "rng": every_rank_rngs[0], "world_size": distributed.world_size(),
+            "rank_rngs": every_rank_rngs if distributed.is_distributed() else None,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

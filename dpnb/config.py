@@ -178,11 +178,12 @@ class FinetuneConfig:
     # When only the top blocks train (lora_top_layers, top_layers), the blocks below are run once per record
     # and their outputs kept in memory (dpnb.prefix_cache): the same gradients, several times faster per step.
     prefix_cache: bool = True
-    dtype: str = "float32"  # "float32" or "bfloat16" for the trainable model
+    dtype: str = "float32"  # the trainable model's: "float32", or "bfloat16" without DP (under DP see precision)
     # "bf16-mixed": the forward and backward run under bf16 autocast while the weights, the per-sample
     # gradients, their norms, the clipping, the noise and AdamW stay float32 (dpnb.dpsgd.compute_precision).
     # "auto": bf16-mixed on a CUDA GPU with bf16 support, float32 elsewhere (a CPU without bf16 units runs
-    # a bf16 matmul at well under 1 GFLOP/s). Either way, TF32 for what stays float32 on CUDA.
+    # a bf16 matmul at well under 1 GFLOP/s). Either way, on CUDA TF32 for the float32 matmuls of the forward
+    # and backward pass, never inside the clipping (nor with ghost clipping, which clips in the backward pass).
     precision: str = "auto"
     device: str = "auto"  # "auto", "cpu", "cuda"
     checkpoint_every: int = 50  # logical steps between resumable checkpoints (also on SIGINT/SIGTERM)
@@ -199,6 +200,12 @@ class FinetuneConfig:
         _one_of(self.grad_sample_mode, ("hooks", "ghost"), "finetune.grad_sample_mode")
         _one_of(self.dtype, ("float32", "bfloat16"), "finetune.dtype")
         _one_of(self.precision, ("auto", "fp32", "bf16-mixed"), "finetune.precision")
+        # bf16 weights would make Opacus take the per-record norms, the clipping, the clipped sum and the noise
+        # in bf16: a norm rounded down lets a record move the update by more than C (every mode, hooks or ghost)
+        require(not (self.dp and self.dtype == "bfloat16"),
+                "finetune.dtype bfloat16 with dp: true would clip and noise the gradients in bf16, where a record "
+                "can exceed the clipping bound; use dtype float32 with precision: bf16-mixed (float32 weights, "
+                "bf16 autocast)")
         require(not (self.precision == "bf16-mixed" and self.dtype == "bfloat16"),
                 "finetune.precision bf16-mixed keeps float32 weights; it needs finetune.dtype float32")
         require(not (self.precision == "bf16-mixed" and self.grad_sample_mode == "ghost"),
@@ -372,3 +379,6 @@ class AuditConfig:
                              f"valid keys are FinetuneConfig fields: {', '.join(sorted(known))}")
         require("dp" not in self.finetune_overrides,
                 "audit.finetune_overrides must not set dp: the audit trains one twin with DP and one without")
+        require(self.finetune_overrides.get("dtype") != "bfloat16",
+                "audit.finetune_overrides dtype bfloat16 would clip and noise the DP twin's gradients in bf16; use "
+                "dtype float32 with precision: bf16-mixed (float32 weights, bf16 autocast)")

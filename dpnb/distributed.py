@@ -40,6 +40,14 @@ What is not distributed: the non-DP baseline (dp: false) refuses torchrun (it wo
 reduction of the mean loss; run it in one process), and only rank 0 writes outputs (model,
 train_log.jsonl, privacy.json, checkpoints). Checkpoints hold every rank's random states, so a
 resumed run must use the same number of processes.
+
+Ranks that disagree, ranks that fail. Right after planning, every rank checks that all of them hold
+the same prepared records (a fingerprint) and the same plan (q, steps, sigma, delta, E), and all fail
+at once with one message naming what differs (`require_same_on_every_rank`): a stale copy on one
+node would otherwise train on other records, or the ranks would wait at a collective. Where rank 0
+works alone while the others wait (writing outputs, checkpoints, the log, a shared cache), the work
+is a `shared_section`: a failure inside it reaches every rank at its end, and every rank stops with
+one message instead of waiting for the timeout.
 """
 
 from __future__ import annotations
@@ -201,14 +209,48 @@ def broadcast_from_main(value: Any = None) -> Any:
 
 
 @contextlib.contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first, then the others (e.g. rank 0 builds a shared cache, the others map it)."""
+def shared_section(what: str) -> Iterator[None]:
+    """A block every rank leaves together: when any rank fails inside it, every rank fails at its end.
+
+    Rank 0 often works alone while the others wait (writing the outputs, a checkpoint, a cache).
+    Without this, a rank 0 that raised would leave the others at their next collective until the
+    timeout (`DPNB_DIST_TIMEOUT_MIN`, 6 hours by default). At the end of the block every rank tells
+    the others whether it failed (one all_gather, which is also the block's barrier): a rank that
+    failed raises its own error, every other rank a one-line DpnbError naming that failure. Every
+    rank must enter the block, and any collective inside it must be reached by every rank. In one
+    process, just the block.
+    """
+    if not is_distributed():
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        with contextlib.suppress(Exception):  # the others must hear of it; this rank's own error comes first
+            all_gather(f"{describe()} failed while {what}: {message}")
+        raise
+    failures = [failure for failure in all_gather(None) if failure]
+    if failures:
+        raise DpnbError(f"{'; '.join(failures)}; {describe()} stops too")
+
+
+@contextlib.contextmanager
+def main_first(what: str = "preparing what the ranks share") -> Iterator[None]:
+    """Rank 0 runs the block first, then the others (e.g. rank 0 builds a shared cache, the others map it).
+
+    Each turn is a `shared_section`: a rank that fails in its turn makes every rank fail at its end.
+    """
     if is_main_process():
-        yield
-        barrier()
+        with shared_section(what):
+            yield
+        with shared_section(what):  # the others' turn
+            pass
     else:
-        barrier()
-        yield
+        with shared_section(what):  # rank 0's turn
+            pass
+        with shared_section(what):
+            yield
 
 
 # =========================================================================== the DP pieces
@@ -250,15 +292,16 @@ class EveryStepSampler(DistributedUniformWithReplacementSampler):
         self.num_batches = value
 
 
-def every_step_loader(loader: DataLoader, generator: torch.Generator) -> DataLoader:
-    """`loader` (make_private's distributed DPDataLoader) with `EveryStepSampler` at the same q."""
+def every_step_loader(loader: DataLoader, generator: torch.Generator, dataset: Any) -> DataLoader:
+    """`loader` (make_private's distributed DPDataLoader) with `EveryStepSampler` at the same q, over `dataset`
+    (the records there are: the plan may be made for more, `dpnb.dpsgd.plan_training`)."""
     sampler = loader.batch_sampler
     require(isinstance(sampler, DistributedUniformWithReplacementSampler),
             "Opacus did not build a distributed Poisson sampler for this model (internal error)")
-    every_step = EveryStepSampler(total_size=sampler.total_size, sample_rate=sampler.sample_rate,
+    every_step = EveryStepSampler(total_size=len(dataset), sample_rate=sampler.sample_rate,
                                   shuffle=sampler.shuffle, shuffle_seed=sampler.shuffle_seed,
                                   steps=sampler.num_batches, generator=generator)
-    return DataLoader(loader.dataset, batch_sampler=every_step, collate_fn=loader.collate_fn, generator=generator)
+    return DataLoader(dataset, batch_sampler=every_step, collate_fn=loader.collate_fn, generator=generator)
 
 
 def reduce_gradients(optimizer: Any) -> None:
@@ -271,11 +314,28 @@ def reduce_gradients(optimizer: Any) -> None:
         optimizer.reduce_gradients()
 
 
-def require_same_on_every_rank(value: Any, what: str) -> None:
-    """Raise when `value` differs between ranks (e.g. the accountant's history)."""
+def require_same_on_every_rank(value: Any, what: str, fix: str = "", hidden: Sequence[str] = ()) -> None:
+    """Raise the same one-line DpnbError on every rank at once when `value` differs between ranks.
+
+    A mapping is compared entry by entry and the message names each entry that differs with every
+    rank's value; an entry in `hidden` (a fingerprint of private records) only says which ranks differ
+    from rank 0. `fix` ends the message.
+    """
     values = all_gather(value)
-    if any(other != values[0] for other in values[1:]):
-        raise RuntimeError(f"{what} differs between ranks: {values}")
+    if all(other == values[0] for other in values[1:]):
+        return
+    keys = [k for k in value if any(v.get(k) != values[0].get(k) for v in values[1:])] if isinstance(value, dict) \
+        else [None]
+    parts = []
+    for key in keys:
+        seen = [v if key is None else v.get(key) for v in values]
+        if key in hidden:
+            ranks = ", ".join(str(r) for r, v in enumerate(seen) if v != seen[0])
+            parts.append(f"{key} (rank {ranks}: not rank 0's)")
+        else:
+            parts.append((f"{key} " if key is not None else "") + "(" + ", ".join(
+                f"rank {r}: {v}" for r, v in enumerate(seen)) + ")")
+    raise DpnbError(f"{what} differ between ranks: {'; '.join(parts)}" + (f"; {fix}" if fix else ""))
 
 
 def rank_states(states: Sequence[Any]) -> Any:

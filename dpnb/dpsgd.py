@@ -43,6 +43,7 @@ gradient of the logical batch's mean loss; no PrivacyEngine, no clipping, no noi
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -202,20 +203,31 @@ class SequenceLoss:
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """What the loop will do, fixed before it starts: the numbers the privacy guarantee is made of."""
+    """What the loop will do, fixed before it starts: the numbers the privacy guarantee is made of.
+
+    `plan_size` is the N that q, the steps, delta, sigma and the divisor E were planned for;
+    `dataset_size` the records actually sampled from. They are equal except for the audit's twins,
+    planned for every canary inserted so that their mechanism does not depend on the coins.
+    """
 
     dp: bool
-    dataset_size: int
+    dataset_size: int  # records the Poisson sampler draws from
+    plan_size: int  # the N the plan below is made for (>= dataset_size)
     logical_batch_size: int
     physical_batch_size: int
-    sample_rate: float  # q, the Poisson sampling probability of each record at each step
-    expected_batch_size: float  # N * q
+    sample_rate: float  # q = 1 / ceil(plan_size / B), the Poisson sampling probability of each record at each step
+    expected_batch_size: float  # dataset_size * q, the mean number of records in a logical batch
     steps_per_epoch: int
     steps: int  # logical steps the loop takes
     delta: float | None
     noise_multiplier: float | None  # sigma; None without DP
     accountant: str
     target_epsilon: float | None
+
+    @property
+    def divisor(self) -> int:
+        """E = int(plan_size q): the public constant the noisy sum is divided by (Opacus's expected_batch_size)."""
+        return int(self.plan_size * self.sample_rate)
 
 
 @functools.lru_cache(maxsize=64)
@@ -224,22 +236,39 @@ def _calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, st
     return privacy.calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
 
 
-def plan_training(cfg: FinetuneConfig, dataset_size: int) -> TrainingPlan:
-    """Check the N-dependent parameters and calibrate sigma for exactly the steps the loop will take."""
+def plan_training(cfg: FinetuneConfig, dataset_size: int, plan_size: int | None = None) -> TrainingPlan:
+    """Check the N-dependent parameters and calibrate sigma for exactly the steps the loop will take.
+
+    The plan is made for N = `plan_size` (default: `dataset_size`): q = 1 / ceil(N / B), the steps,
+    delta (default 1 / N^1.1, and below 1/N) and sigma; E = int(N q). Training then samples the
+    `dataset_size` <= N records it has at exactly that q, for those steps, divided by that E, and the
+    accountant is fed that q: the guarantee of the Poisson-subsampled Gaussian mechanism depends on
+    (q, sigma, T, delta) and on no data set size, and delta < 1/N <= 1/dataset_size.
+
+    Refused here, before any model is loaded: a logical batch larger than N, a delta not below 1/N,
+    and a logical batch size whose batch count Opacus's float arithmetic would turn into another
+    step count and sampling rate (`privacy.opacus_counts_epoch`: k = 93, 99, 105, ...; the message
+    names the nearest sizes that work; nothing is adjusted silently).
+    """
     n, batch = dataset_size, cfg.logical_batch_size
     require(n > 0, "the training set is empty; prepare some records first")
-    require(batch <= n, f"finetune.logical_batch_size ({batch}) is larger than the training set ({n} records); "
-                        f"make it at most {n}")
-    sample_rate = privacy.poisson_sample_rate(n, batch)
-    per_epoch = privacy.steps_per_epoch(n, batch)
-    steps = privacy.planned_steps(n, batch, cfg.epochs, cfg.max_steps)
+    planned = n if plan_size is None else plan_size
+    require(planned >= n, f"the plan is made for {planned} records but the training set has {n}; plan for at least {n}")
+    require(batch <= planned, f"finetune.logical_batch_size ({batch}) is larger than the training set ({planned} "
+                              f"records); make it at most {planned}")
+    sample_rate = privacy.poisson_sample_rate(planned, batch)
+    per_epoch = privacy.steps_per_epoch(planned, batch)
+    steps = privacy.planned_steps(planned, batch, cfg.epochs, cfg.max_steps)
     delta = sigma = None
     if cfg.dp:
-        delta = cfg.delta if cfg.delta is not None else privacy.default_delta(n)
-        privacy.validate_delta(delta, n)
+        delta = cfg.delta if cfg.delta is not None else privacy.default_delta(planned)
+        privacy.validate_delta(delta, planned)
         sigma = _calibrate_noise(cfg.target_epsilon, delta, sample_rate, steps, cfg.accountant)
-    return TrainingPlan(cfg.dp, n, batch, cfg.physical_batch_size, sample_rate, n * sample_rate, per_epoch,
-                        steps, delta, sigma, cfg.accountant, cfg.target_epsilon if cfg.dp else None)
+    return TrainingPlan(dp=cfg.dp, dataset_size=n, plan_size=planned, logical_batch_size=batch,
+                        physical_batch_size=cfg.physical_batch_size, sample_rate=sample_rate,
+                        expected_batch_size=n * sample_rate, steps_per_epoch=per_epoch, steps=steps, delta=delta,
+                        noise_multiplier=sigma, accountant=cfg.accountant,
+                        target_epsilon=cfg.target_epsilon if cfg.dp else None)
 
 
 class _RecordIndices:
@@ -336,23 +365,39 @@ def frozen_prefix(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_i
         return None, f"frozen-prefix cache off: {why}"
     if top.start == 0:
         return None, "frozen-prefix cache off: the lowest block is trainable, so there is nothing to cache"
+    frozen = frozen_copy(model, precision)
     with precision.frozen_forward() if precision else contextlib.nullcontext():
         if shared_dir is None:
-            cache = build_prefix_cache(model, records, start=top.start, batch_size=cfg.physical_batch_size,
+            cache = build_prefix_cache(frozen, records, start=top.start, batch_size=cfg.physical_batch_size,
                                        device=device, pad_id=pad_id, fingerprint=False)
             kept = "in memory only: private, like the records"
         else:
             dtype = precision.dtype_name if precision else "float32"
             cache, kept = shared_prefix_cache(model, records, top.start, cfg.physical_batch_size, device, pad_id,
-                                              shared_dir, dtype)
+                                              shared_dir, dtype, frozen)
+    del frozen
+    if cache.states.dtype != torch.float32:  # the trained blocks' residual stream stays float32
+        cache = PrefixCache(cache.states.float(), cache.offsets, cache.start, cache.meta)
     return FrozenPrefix(cache, top, head_loss), (
         f"frozen-prefix cache: blocks 0-{top.start - 1} run once per record ({cache.nbytes / 2**20:.0f} MiB, "
         f"{kept}); each step runs blocks {top.start}-{top.depth - 1} and the frozen head's loss at the "
         f"review's tokens")
 
 
+def frozen_copy(model: nn.Module, precision: Precision | None) -> nn.Module:
+    """What runs the frozen blocks while the cache is built: a bf16 copy of `model` on a CPU where bf16
+    was chosen (measured 4x float32 there, against 2.7x for autocast, which casts the float32 weights at
+    every call), else `model` itself (on a GPU autocast is as fast; a 4-bit base is never copied)."""
+    if precision is None or precision.dtype != torch.bfloat16 or precision.device_type != "cpu":
+        return model
+    if any(getattr(p, "quant_state", None) is not None or p.dtype == torch.uint8 for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
+
+
 def shared_prefix_cache(model: nn.Module, records: Records, start: int, batch_size: int, device: str, pad_id: int,
-                        shared_dir: Path, dtype: str = "float32") -> tuple[PrefixCache, str]:
+                        shared_dir: Path, dtype: str = "float32",
+                        frozen: nn.Module | None = None) -> tuple[PrefixCache, str]:
     """The prefix cache of these records and frozen weights from `shared_dir`, built and saved there first
     if no earlier run did; and where it came from.
 
@@ -368,7 +413,9 @@ def shared_prefix_cache(model: nn.Module, records: Records, start: int, batch_si
         cache = PrefixCache.load(directory, mmap=True)
         if cache.meta.get("records") == records_hash and cache.meta.get("frozen") == frozen_hash:
             return cache, f"shared by the sweep's runs, mapped from {directory} (private)"
-    cache = build_prefix_cache(model, records, start=start, batch_size=batch_size, device=device, pad_id=pad_id)
+    cache = build_prefix_cache(frozen if frozen is not None else model, records, start=start, batch_size=batch_size,
+                               device=device, pad_id=pad_id, fingerprint=False)
+    cache.meta["frozen"] = frozen_hash  # the float32 weights' identity, whatever format ran them
     shared_dir.mkdir(parents=True, exist_ok=True)
     cache.save(directory)
     return cache, f"built and saved for the sweep's other runs in {directory} (private)"
@@ -384,15 +431,25 @@ def compute_precision(cfg: FinetuneConfig, device: str) -> Precision:
     (autocast), and so do the frozen computations around them (the frozen-prefix cache, the frozen
     head's loss), while the trainable weights, the per-sample gradients (`promote_grad_samples`),
     their norms, the clipping factors min(1, C / ||g_i||), the clipped sum, the Gaussian noise and
-    AdamW's state stay float32, so the sensitivity bound C holds to float32 rounding. "auto" takes
-    it where bf16 is measured to be fast (a CUDA GPU with bf16, a CPU with bf16 units) and never
-    with ghost clipping (Opacus would take its norms from bf16 activations) or a 4-bit base on a CPU.
-    On CUDA, TF32 is allowed for what stays float32.
+    AdamW's state stay float32. "auto" takes it where bf16 is measured to be fast (a CUDA GPU with
+    bf16, a CPU with bf16 units) and never with ghost clipping (Opacus would take its norms from bf16
+    activations) or a 4-bit base on a CPU.
+
+    TF32 on CUDA. TF32 rounds a float32 matmul's inputs to a 10-bit mantissa. It is allowed for the
+    float32 matmuls of the forward and backward pass, which only compute each record's gradient g_i
+    (the norm is then taken of that g_i, whatever its rounding), and switched off while Opacus clips
+    and sums (`float32_clipping`, around `pre_step`): there the clipped sum
+    sum_i min(1, C / ||g_i||) g_i is an einsum that runs as a matmul, and TF32 would round g_i and the
+    clip factors after the norms were taken, letting a record move the sum by up to about 0.2% more
+    than C. So each record's contribution has norm at most C up to float32 rounding. Ghost clipping
+    takes its norms and forms the clipped sum inside the backward passes, so under DP with ghost
+    clipping TF32 stays off for the whole step.
     """
     cuda = torch.device(device).type == "cuda"
+    tf32 = cuda and not (cfg.dp and cfg.grad_sample_mode == "ghost")
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (10-bit mantissa inputs)
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # float32 matmuls on tensor cores (10-bit mantissa inputs)
+        torch.backends.cudnn.allow_tf32 = tf32
     if cfg.dtype == "bfloat16":
         return Precision(torch.bfloat16, None, torch.device(device).type, None, "weights in bfloat16 (no DP)")
     ghost = cfg.dp and cfg.grad_sample_mode == "ghost"
@@ -400,6 +457,25 @@ def compute_precision(cfg: FinetuneConfig, device: str) -> Precision:
         why = "ghost clipping" if ghost else "a 4-bit base on the CPU"
         return Precision(torch.float32, None, torch.device(device).type, None, f"precision auto: float32 with {why}")
     return choose(cfg.precision, device, trainable=True)
+
+
+@contextlib.contextmanager
+def float32_clipping() -> Iterator[None]:
+    """TF32 off (CUDA matmuls and cuDNN) while Opacus clips, sums and noises; the flags as they were after.
+
+    Wraps `pre_step` (clip_and_accumulate: per-record norms, clip factors and the clipped sum as an
+    einsum, accumulated over physical batches; then the noise and the division by E), so that the sum
+    is formed in true float32 even when TF32 speeds up the forward and backward pass
+    (`compute_precision`). A no-op on the CPU, where TF32 does not exist.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def promote_grad_samples(params: Sequence[torch.Tensor]) -> None:
@@ -455,6 +531,8 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     require(params, f"mode {cfg.mode} left no trainable parameter; check finetune.lora_targets")
+    if cfg.dp:
+        require_float32_weights(params)
     adamw = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     final = plan.steps
 
@@ -463,15 +541,15 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_factor)
     sampler_rng, noise_rng = noise_generators(cfg, device)
-    # batch_size only sets len(loader) = ceil(N / B); Opacus derives q = 1 / len(loader) from it
-    plain = DataLoader(_RecordIndices(plan.dataset_size), batch_size=plan.logical_batch_size,
-                       generator=sampler_rng)
+    # Opacus derives the accounted q = 1 / len(loader) and E = int(len(dataset) q) from this loader over the
+    # plan's N (batch_size only sets len(loader) = ceil(N / B)); the records sampled are the dataset_size there are
+    plain = DataLoader(_RecordIndices(plan.plan_size), batch_size=plan.logical_batch_size, generator=sampler_rng)
+    poisson = DPDataLoader(_RecordIndices(plan.dataset_size), sample_rate=plan.sample_rate, generator=sampler_rng)
     stepped = prefix.top if prefix is not None else model
     if distributed.is_distributed():
         stepped = distributed.wrap_for_dp(stepped)
-    if not cfg.dp:
-        loader = DPDataLoader.from_data_loader(plain)  # the same Poisson sampling, nothing private about it
-        session = Session(stepped, model, adamw, adamw, scheduler, loader, SequenceLoss("none"), None,
+    if not cfg.dp:  # the same Poisson sampling, nothing private about it
+        session = Session(stepped, model, adamw, adamw, scheduler, poisson, SequenceLoss("none"), None,
                           sampler_rng, None, False, prefix)
     else:
         with quiet_transformers():
@@ -489,23 +567,37 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
         else:
             (dp_model, dp_optimizer, loader), criterion = wrapped, SequenceLoss("mean")
         if distributed.is_distributed():
-            loader = distributed.every_step_loader(loader, sampler_rng)
+            loader = distributed.every_step_loader(loader, sampler_rng, poisson.dataset)
+        else:
+            loader = poisson
         session = Session(dp_model, model, dp_optimizer, adamw, scheduler, loader, criterion, engine,
                           sampler_rng, noise_rng, ghost, prefix)
     session.autocast = (precision or compute_precision(cfg, device)).autocast
-    # Opacus computes q from the loader itself; training on any other q would void the calibration
-    loader_rate = 1 / len(session.loader)
-    if len(session.loader) != plan.steps_per_epoch or not math.isclose(loader_rate, plan.sample_rate):
-        raise RuntimeError(f"Opacus samples at q = {loader_rate} with {len(session.loader)} steps per epoch, "
+    # training on any other q, steps or divisor than the plan's would void the calibration
+    loader_rate = session.loader.batch_sampler.sample_rate
+    if len(session.loader) != plan.steps_per_epoch or loader_rate != plan.sample_rate:
+        raise RuntimeError(f"the loader samples at q = {loader_rate} with {len(session.loader)} steps per epoch, "
                            f"the plan at q = {plan.sample_rate} with {plan.steps_per_epoch}")
     if session.engine is not None:
         # each rank divides by its share E / W of the public divisor E = int(N q); the sum over ranks then
         # divides by E, as one process does (dpnb.distributed)
         divisor = session.optimizer.expected_batch_size * distributed.world_size()
-        if not math.isclose(divisor, int(plan.dataset_size * plan.sample_rate)):
-            raise RuntimeError(f"the optimizer divides by {divisor} in all, the plan by int(N q) = "
-                               f"{int(plan.dataset_size * plan.sample_rate)}")
+        if not math.isclose(divisor, plan.divisor):
+            raise RuntimeError(f"the optimizer divides by {divisor} in all, the plan by int(N q) = {plan.divisor}")
     return session
+
+
+def require_float32_weights(params: Sequence[torch.Tensor]) -> None:
+    """Under DP every trainable tensor is float32 (a base model passed to `train` in bf16 is refused).
+
+    Opacus takes the per-record norms, the clipping factors, the clipped sum, its accumulation over
+    physical batches and the noise in the dtype of the per-sample gradients, which is the weights'
+    (or float32 after `promote_grad_samples` under bf16 autocast). In bf16 a norm rounded down lets a
+    record's clipped gradient exceed C (by up to 2^-8), and the noise is drawn on bf16's coarse grid.
+    """
+    other = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype != torch.float32})
+    require(not other, f"DP-SGD needs float32 trainable weights, but some are {', '.join(other)}; load the model in "
+                       f"float32 (finetune.dtype float32) and use finetune.precision bf16-mixed for bf16 speed")
 
 
 def require_dp_when_distributed(cfg: FinetuneConfig) -> None:
@@ -595,7 +687,8 @@ def dp_logical_steps(session: Session, batches: Iterator[Any], records: Records,
             _empty_physical_batch(session)
         # pre_step clips and accumulates; it returns True only at the end of a logical batch, after
         # adding the noise and letting the accountant count the step
-        stepped = session.optimizer.pre_step()
+        with float32_clipping():
+            stepped = session.optimizer.pre_step()
         lr = session.adamw.param_groups[0]["lr"]
         if stepped:
             distributed.reduce_gradients(session.optimizer)

@@ -5,10 +5,16 @@ For every synthetic text q and a reference set R (the training records, as the g
     shared(q) = max over r in R, i, j of { L : q[i : i + L] == r[j : j + L] },
 
 the longest common substring of q with any reference sequence, with the row r and the offsets where
-it occurs. Samples with shared(q) >= threshold are flagged so that verbatim copies are caught before
-the data is shared. Lengths are counted in generator tokens: the generator can only copy what it saw,
-and it saw token ids of (possibly truncated) records; extraction studies also measure in tokens (e.g.
-"50-token" verbatim matches).
+it occurs. Samples with shared(q) >= threshold are flagged for someone to look at. Lengths are counted
+in generator tokens: the generator can only copy what it saw, and it saw token ids of (possibly
+truncated) records; extraction studies also measure in tokens (e.g. "50-token" verbatim matches).
+
+**What the screen is, privately.** It reads the private training records, so nothing it finds is
+covered by the DP guarantee: the figures (`memorisation_summary`: counts, maximum, median, histogram)
+are aggregates outside the guarantee, and the flagged list (`flagged_samples`: which sample copies
+which training row, at which offsets) points at private records and is itself private. Removing
+flagged samples from a synthetic set filters it against the private data: the filtered set is outside
+the DP guarantee too (the dataset card says so). The screen reports; it does not make a set safe.
 
 **Method** (exact, no pairwise comparison): a generalised suffix array over all reference and query
 tokens, each sequence closed by its own separator symbol, built by prefix doubling (`suffix_array`).
@@ -307,24 +313,29 @@ def longest_shared_runs(reference: Sequence[Sequence[int]], queries: Sequence[Se
 
 
 def memorisation_summary(runs: SharedRuns, threshold: int) -> dict[str, Any]:
-    """The screen's figures: max, mean, histogram (`counts[k]` = samples whose longest shared run is k
-    tokens) and every sample at or above `threshold`, longest first, with the training row it copies."""
+    """The screen's figures, aggregates only: max, mean, median, how many samples reach `threshold`, and the
+    histogram (`counts[k]` = samples whose longest shared run is k tokens). No sample or training row is named
+    (`flagged_samples` does that, privately)."""
     length = runs.length
-    flagged_idx = np.flatnonzero(length >= threshold)
-    flagged_idx = flagged_idx[np.argsort(-length[flagged_idx], kind="stable")]
-    flagged = [
-        {"sample": int(i), "length": int(length[i]), "train_row": int(runs.reference_row[i]),
-         "train_offset": int(runs.reference_offset[i]), "sample_offset": int(runs.query_offset[i])}
-        for i in flagged_idx
-    ]
+    n_flagged = int(np.count_nonzero(length >= threshold))
     return {
         "unit": "generator tokens",
         "threshold": threshold,
         "max": int(length.max(initial=0)),
         "mean": float(length.mean()) if len(length) else None,
         "median": float(np.median(length)) if len(length) else None,
-        "n_flagged": len(flagged),
-        "share_flagged": len(flagged) / len(length) if len(length) else None,
-        "flagged": flagged,
+        "n_flagged": n_flagged,
+        "share_flagged": n_flagged / len(length) if len(length) else None,
         "counts": np.bincount(length).tolist() if len(length) else [],
     }
+
+
+def flagged_samples(runs: SharedRuns, threshold: int) -> list[dict[str, int]]:
+    """Every sample at or above `threshold`, longest first: its index, the run's length, the training row it
+    copies and where the run starts in each. PRIVATE: these are positions of training records."""
+    length = runs.length
+    flagged_idx = np.flatnonzero(length >= threshold)
+    flagged_idx = flagged_idx[np.argsort(-length[flagged_idx], kind="stable")]
+    return [{"sample": int(i), "length": int(length[i]), "train_row": int(runs.reference_row[i]),
+             "train_offset": int(runs.reference_offset[i]), "sample_offset": int(runs.query_offset[i])}
+            for i in flagged_idx]

@@ -48,9 +48,15 @@ Sampling rate and step counts
 Opacus's `DPDataLoader.from_data_loader` sets `q = 1 / len(data_loader)`, i.e. `1 / ceil(N / B)`
 for a loader of batch size `B` without `drop_last`: the expected batch is `N q`, which is at most
 `B` (for N = 25,000 and B = 1028: q = 1/25 and an expected batch of 1,000). One epoch is
-`len(DPDataLoader) = int(1 / q)` steps (Opacus's own float arithmetic; this is `ceil(N / B)`, except
-for a few values such as 93 where `int(1 / (1 / 93)) == 92`). Functions here return exactly those
-numbers so the accountant sees what the loop does.
+`len(DPDataLoader) = int(1 / q)` steps (Opacus's own float arithmetic). Functions here return exactly
+those numbers so the accountant sees what the loop does.
+
+For some batch counts k = ceil(N / B) that float arithmetic loses one: `1 / (1 / k)` rounds to just
+below k and `int` gives k - 1 (k = 93, 99, 105, 117, 123, 186, ...; about 6% of the k up to 200,000).
+The sampler then draws at q = 1 / k while `make_private` hands the accountant 1 / len(DPDataLoader) =
+1 / (k - 1) and divides by int(N / (k - 1)): a mechanism other than the one accounted.
+`poisson_sample_rate` refuses such a logical batch size in planning, before any model is loaded,
+naming the nearest sizes that work (`opacus_counts_epoch`); it never adjusts the size silently.
 
 PRV cost
 --------
@@ -130,7 +136,9 @@ def poisson_sample_rate(n: int, logical_batch_size: int) -> float:
     """The sample rate q that `DPDataLoader.from_data_loader` uses for `n` records and batch size B.
 
     Opacus sets `q = 1 / len(data_loader)`; a DataLoader with `drop_last=False` has `ceil(n / B)`
-    batches, so `q = 1 / ceil(n / B)` and the expected batch size `n q` is at most B.
+    batches, so `q = 1 / ceil(n / B)` and the expected batch size `n q` is at most B. A batch count
+    Opacus would turn into another step count (`opacus_counts_epoch`) is refused, with the nearest
+    logical batch sizes that work.
     """
     require(isinstance(n, int) and n >= 1, f"the data set size must be a positive integer, got {n!r}")
     require(
@@ -142,7 +150,36 @@ def poisson_sample_rate(n: int, logical_batch_size: int) -> float:
         f"logical_batch_size ({logical_batch_size}) is larger than the data set ({n} records); "
         f"use a logical_batch_size of at most {n}",
     )
-    return 1.0 / math.ceil(n / logical_batch_size)
+    batches = math.ceil(n / logical_batch_size)
+    if not opacus_counts_epoch(batches):
+        below, above = (_nearest_working_batch_size(n, logical_batch_size, step) for step in (-1, 1))
+        fixes = " or ".join(str(b) for b in (below, above) if b is not None)
+        raise DpnbError(
+            f"logical_batch_size {logical_batch_size} over {n} records makes {batches} batches per epoch, a count "
+            f"Opacus's float arithmetic turns into {int(1 / (1 / batches))} (int(1 / (1 / {batches}))): it would "
+            f"sample at q = 1/{batches} but account q = 1/{batches - 1}; use logical_batch_size {fixes}"
+        )
+    return 1.0 / batches
+
+
+def opacus_counts_epoch(batches: int) -> bool:
+    """Whether Opacus gets `batches` back from q = 1 / batches: `int(1 / (1 / k)) == k` in float64.
+
+    `DPDataLoader.from_data_loader` sets q = 1 / k for a loader of k batches, its sampler runs
+    int(1 / q) steps, and `make_private` accounts 1 / len(DPDataLoader) and divides by
+    int(N / len(DPDataLoader)): all three agree exactly when this holds (false for k = 93, 99, 105, ...).
+    """
+    return int(1 / (1 / batches)) == batches
+
+
+def _nearest_working_batch_size(n: int, logical_batch_size: int, step: int) -> int | None:
+    """The nearest logical batch size below (`step` -1) or above (+1) whose batch count Opacus keeps."""
+    size = logical_batch_size + step
+    while 1 <= size <= n:
+        if opacus_counts_epoch(math.ceil(n / size)):
+            return size
+        size += step
+    return None
 
 
 def steps_per_epoch(n: int, logical_batch_size: int) -> int:
@@ -533,11 +570,20 @@ def privacy_record(cfg: FinetuneConfig, plan: TrainingPlan, steps: int, trainabl
     sample_rate, steps, delta, accountant). A run without DP has a null epsilon. The record is meant
     to be shared: it holds no hash, index or count of private records beyond N (the data set size,
     which the accounting needs), and no seed that determines the noise.
+
+    The mechanism it states: each of the `dataset_size` records joins each of the `steps` logical
+    batches with probability `sample_rate` (`expected_batch_size` records on average), each record's
+    gradient is clipped to `max_grad_norm`, the sum gets Gaussian noise of std noise_multiplier *
+    max_grad_norm and is divided by `divisor` (E = int(planned_dataset_size * sample_rate), a public
+    constant). `planned_dataset_size` is the N the plan was made for: the dataset size, except for the
+    audit's twins, planned as if every canary were inserted so that the mechanism is the same
+    whichever canaries the coins inserted.
     """
     common = {
-        "dp": cfg.dp, "mode": cfg.mode, "dataset_size": plan.dataset_size,
+        "dp": cfg.dp, "mode": cfg.mode, "dataset_size": plan.dataset_size, "planned_dataset_size": plan.plan_size,
         "logical_batch_size": plan.logical_batch_size, "physical_batch_size": plan.physical_batch_size,
-        "expected_batch_size": plan.expected_batch_size, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "expected_batch_size": plan.expected_batch_size, "divisor": plan.divisor if cfg.dp else None,
+        "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "planned_steps": plan.steps, "trainable_parameters": trainable, "versions": library_versions(),
         **noise_source(cfg),
     }

@@ -16,7 +16,9 @@ One experiment is one directory, `runs/<name>/` by default; `RunDir` names every
     checkpoints/identity.json 02 finetune: hashes of the records the model was trained on (private)
     synthetic/, zero_shot/    03 generate: labelled synthetic data sets with a dataset card; shards/
                               holds the samples written so far, so an interrupted run resumes
-    metrics.json              04 evaluate (evaluate/ holds finished sources while it runs)
+    metrics.json              04 evaluate: aggregates only (evaluate/ holds finished sources while it runs)
+    memorisation_flagged.json 04 evaluate: the memorisation screen's flagged samples, each with the training
+                              row and offsets it copies (private: positions of training records)
     audit.json, audit/        06 audit: the summary, and the DP and non-DP twins it trained (each
                               twin directory is laid out like a run: model/, privacy.json, ...)
     figures/                  every stage's figures
@@ -126,6 +128,8 @@ class RunDir:
     synthetic = property(lambda self: self.path / "synthetic")
     zero_shot = property(lambda self: self.path / "zero_shot")
     metrics = property(lambda self: self.path / "metrics.json")
+    # which samples copy which training rows, at which offsets: private, like the records
+    memorisation_flagged = property(lambda self: self.path / "memorisation_flagged.json")
     audit = property(lambda self: self.path / "audit.json")
     audit_dir = property(lambda self: self.path / TWINS_DIR)
     figures = property(lambda self: self.path / "figures")

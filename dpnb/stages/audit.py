@@ -15,6 +15,13 @@ coin came up "inserted" (`dpnb.canaries`), and both are attacked three ways (`dp
 Everything both twins share (canaries, coins, membership samples) is drawn once from the seed
 before any training (`plan_audit`), so the guesses can depend only on the trained models.
 
+The one-run theorem assumes one fixed mechanism whose input the coins choose. So the twins' plan
+(the sampling rate q, the steps, delta, sigma and the divisor E) is made for N = n_train + repeats
+x n_canaries records, as if every canary were inserted (`twin_plan_size`), and training runs that
+plan on the records the coins actually put in (`dpnb.dpsgd.plan_training`): flipping a coin changes
+the data, never the mechanism. The guesses break ties with a stream of their own
+(`dpnb.attacks.guess_membership`), not the one the coins are drawn from.
+
 Writes `audit.json` (the summary) and `audit/`: canaries.json, base_losses.json and per twin
 `<twin>/` (the finetune outputs, losses.json, synthetic/, audit.json with every per-record detail),
 and the figures audit_exposure.png and audit_roc.png. Trained twins and computed losses are kept,
@@ -163,27 +170,34 @@ def cached_losses(path: Path, key: str, compute: Callable[[], dict[str, np.ndarr
 # =========================================================================== the twins
 
 
+def twin_plan_size(n_train: int, cfg: AuditConfig) -> int:
+    """The N the twins are planned for: every canary inserted, `canary_repeats` times. It depends on no coin."""
+    return n_train + cfg.canary_repeats * cfg.n_canaries
+
+
 def twin_configs(finetune_cfg: FinetuneConfig) -> dict[str, FinetuneConfig]:
     """The DP twin (the run's DP settings) and its non-DP twin (the same loop, no clipping or noise)."""
     return {"dp": dataclasses.replace(finetune_cfg, dp=True), "nodp": dataclasses.replace(finetune_cfg, dp=False)}
 
 
 def train_twin(model_name: str, train: datasets.Dataset, train_hash: str, finetune_cfg: FinetuneConfig,
-               twin_dir: Path, tokenizer: PreTrainedTokenizerBase, verbose: bool = True) -> dict[str, Any]:
+               twin_dir: Path, tokenizer: PreTrainedTokenizerBase, verbose: bool = True,
+               plan_size: int | None = None) -> dict[str, Any]:
     """Fine-tune one twin with `finetune.train`, exactly as stage 02 does; returns its privacy record.
 
+    `plan_size` (`twin_plan_size`) is the N its q, steps, delta, sigma and divisor are planned for.
     `finetune.train` itself returns a finished result of the same training, and resumes its own
     checkpoint. A twin directory left by other inputs (an interrupted audit with another config or
     other canaries, named by `inputs.json`) is cleared first: it is unfinished work, not a result.
     """
     inputs = {"model": model_name, "finetune": to_dict(finetune_cfg), "train_sha256": train_hash,
-              "n_records": len(train)}
+              "n_records": len(train), "plan_size": plan_size}
     inputs_path = twin_dir / "inputs.json"
     if twin_dir.exists() and (not inputs_path.exists() or read_json(inputs_path) != json.loads(to_json(inputs))):
         shutil.rmtree(twin_dir)
     write_json_atomic(inputs_path, inputs)
     return finetune.train(model_name, train, finetune_cfg, twin_dir, train_sha256=train_hash, tokenizer=tokenizer,
-                          verbose=verbose)
+                          verbose=verbose, plan_size=plan_size)
 
 
 def claimed_guarantee(privacy: dict[str, Any], repeats: int) -> dict[str, Any] | None:
@@ -304,7 +318,8 @@ def audit_twin(name: str, tokenizer: PreTrainedTokenizerBase, privacy: dict[str,
     result: dict[str, Any] = {
         "twin": name,
         "privacy": {k: privacy.get(k) for k in ("dp", "epsilon", "delta", "accountant", "noise_multiplier",
-                                                "sample_rate", "steps", "dataset_size")},
+                                                "sample_rate", "steps", "dataset_size", "planned_dataset_size",
+                                                "divisor")},
         "claim": claim,
         "audit_delta": delta,
         "judgement": judge(claim, canaries["one_run"], cfg.canary_repeats),
@@ -337,7 +352,9 @@ def audit_finetune_config(run: RunDir, cfg: AuditConfig) -> FinetuneConfig:
     """The run's completed fine-tuning config (stages/finetune.json), with audit.finetune_overrides."""
     run.require_stage("finetune")
     saved = run.completed_config("finetune") or {}
-    return build(FinetuneConfig, {**saved, **cfg.finetune_overrides}, "finetune config of the audit twins")
+    finetune_cfg = build(FinetuneConfig, {**saved, **cfg.finetune_overrides}, "finetune config of the audit twins")
+    twin_configs(finetune_cfg)  # the DP twin's config is checked too (a run trained without DP may use bf16 weights)
+    return finetune_cfg
 
 
 def synthetic_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_format: PromptFormat,
@@ -390,7 +407,8 @@ def run_audit(model_name: str, train: datasets.Dataset, test: datasets.Dataset, 
     results: dict[str, dict[str, Any]] = {}
     for name, twin_cfg in twin_configs(finetune_cfg).items():
         twin_dir = out_dir / name
-        privacy = train_twin(model_name, augmented, train_hash, twin_cfg, twin_dir, tokenizer)
+        privacy = train_twin(model_name, augmented, train_hash, twin_cfg, twin_dir, tokenizer,
+                             plan_size=twin_plan_size(len(train), cfg))
         model, _ = load_trained(twin_dir / "model", device=device)
         losses = cached_losses(twin_dir / "losses.json", f"{plan_key}:{model_fingerprint(model)}",
                                lambda m=model: model_losses(m, groups, batch_size=cfg.batch_size, device=device))
@@ -409,6 +427,7 @@ def run_audit(model_name: str, train: datasets.Dataset, test: datasets.Dataset, 
         "model": model_name,
         "n_train": len(train),
         "n_train_with_canaries": len(augmented),
+        "n_train_planned": twin_plan_size(len(train), cfg),  # the twins' plan: every canary inserted
         "canaries": {
             "n_canaries": len(plan.canaries), "n_inserted": int(inserted.sum()), "repeats": cfg.canary_repeats,
             "prefix_tokens": cfg.canary_prefix_tokens, "suffix_tokens": cfg.canary_suffix_tokens,

@@ -43,17 +43,21 @@ Both n are stored in `mauve_details`: below a few hundred texts per side, MAUVE 
 
 **Memorisation screen** (`dpnb.memorisation`). For every synthetic text, the longest run of
 consecutive generator tokens it shares with any training record, with the training row it matches.
-Samples sharing `memorisation_threshold` tokens or more are listed by index so that verbatim copies
-are caught before the data is shared. The same screen is run on the real test split as a reference:
-how much held-out real reviews share with the training set without any model involved.
+Samples sharing `memorisation_threshold` tokens or more are flagged for inspection. The same screen
+is run on the real test split as a reference: how much held-out real reviews share with the training
+set without any model involved. The screen reads the private records, so it is outside the DP
+guarantee: metrics.json keeps its counts only, the flagged samples (which training row each copies,
+at which offsets) go to the private `memorisation_flagged.json`, and a set filtered by them is no
+longer covered by the guarantee (the dataset card says so).
 
 Outputs: `metrics.json` with one entry per training source (`real`, `synthetic`, `zero_shot`:
 accuracy, f1, confusion_matrix, n_train, n_test, mauve, mauve_details, ...) and a `meta` entry
-(classifier, classifier_kind, classifier_description, mauve settings, embedding timings, ...);
-figures `confusion_<source>.png`, `lengths.png`, `memorisation.png`, written before the stage is
-marked complete. Each source's result is also kept in `evaluate/<source>.json` as soon
-as it is done (`dpnb.io.cached`), so an interrupted stage resumes after the last finished source (a
-rerun with another config or other inputs ignores them).
+(classifier, classifier_kind, classifier_description, mauve settings, embedding timings, ...), no
+record index or offset anywhere; `memorisation_flagged.json` (private); figures
+`confusion_<source>.png`, `lengths.png`, `memorisation.png`, written before the stage is marked
+complete. Each source's result is also kept in `evaluate/<source>.json` (private, like the run) as
+soon as it is done (`dpnb.io.cached`), so an interrupted stage resumes after the last finished source
+(a rerun with another config or other inputs ignores them).
 
 Which sources run: `real` needs only prepare. `synthetic` needs a completed generate stage (an error
 with the fix otherwise: the stage exists to evaluate it). `zero_shot` is used when generate wrote it
@@ -94,7 +98,13 @@ from dpnb.config import EvaluateConfig
 from dpnb.embeddings import DEFAULT_ENCODER, Embedder, mauve_score
 from dpnb.errors import DpnbError, require
 from dpnb.io import cached, read_json, save_figure, write_json_atomic
-from dpnb.memorisation import longest_shared_runs, memorisation_summary, review_token_ids, text_token_ids
+from dpnb.memorisation import (
+    flagged_samples,
+    longest_shared_runs,
+    memorisation_summary,
+    review_token_ids,
+    text_token_ids,
+)
 from dpnb.models import load_tokenizer, release_memory, resolve_device
 from dpnb.rundir import RunDir, shared_store
 from dpnb.sampling import load_synthetic
@@ -119,7 +129,11 @@ def synthetic_quality(
     source: Source, source_ids: list[np.ndarray], train_ids: list[np.ndarray], train_texts: Sequence[str],
     label_names: Sequence[str], cfg: EvaluateConfig,
 ) -> dict[str, Any]:
-    """Diversity (with an equal-size real reference), lengths and the memorisation screen of one set."""
+    """Diversity (with an equal-size real reference), lengths and the memorisation screen of one set.
+
+    `memorisation_flagged` (the flagged samples with the training rows they copy) is private: `run_stage`
+    moves it out of the metrics into memorisation_flagged.json.
+    """
     rng = np.random.default_rng(cfg.seed)
     reference_rows = rng.permutation(len(train_texts))[: len(source.texts)]
     runs = longest_shared_runs(train_ids, source_ids)
@@ -128,7 +142,21 @@ def synthetic_quality(
                       "real_reference": diversity([train_texts[i] for i in reference_rows])},
         "length": length_summary([len(ids) for ids in source_ids]),
         "memorisation": memorisation_summary(runs, cfg.memorisation_threshold),
+        "memorisation_flagged": flagged_samples(runs, cfg.memorisation_threshold),
     }
+
+
+def take_flagged(metrics: dict[str, Any]) -> dict[str, list[dict[str, int]]]:
+    """Move every flagged list out of `metrics` (in place), by source; the real test reference as "real_test"."""
+    flagged = {}
+    for source in _synthetic_sources(metrics):
+        older = metrics[source]["memorisation"].pop("flagged", [])  # where an older dpnb's partial result kept them
+        flagged[source] = metrics[source].pop("memorisation_flagged", older)
+    reference = metrics["meta"].get("real_reference")
+    if reference:
+        older = reference["test_memorisation"].pop("flagged", [])
+        flagged["real_test"] = reference.pop("test_memorisation_flagged", older)
+    return flagged
 
 
 # --------------------------------------------------------------------------- MAUVE against held-out real texts
@@ -335,9 +363,10 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
     def evaluate_reference() -> dict[str, Any]:
         print("real test reviews: memorisation screen against the training set (reference) ...", flush=True)
         test_ids = review_token_ids(test, generator_tokenizer.eos_token_id)
+        runs = longest_shared_runs(train_ids, test_ids)
         return {"train_length": length_summary([len(ids) for ids in train_ids]),
-                "test_memorisation": memorisation_summary(longest_shared_runs(train_ids, test_ids),
-                                                          cfg.memorisation_threshold)}
+                "test_memorisation": memorisation_summary(runs, cfg.memorisation_threshold),
+                "test_memorisation_flagged": flagged_samples(runs, cfg.memorisation_threshold)}
 
     reference = _resumable(partial_dir, "reference", key, evaluate_reference) if synthetic else None
     metrics["meta"] = {
@@ -360,6 +389,11 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
         # this session's loading and embedding times (an interrupted run resumed counts only the rest)
         "embedding_timing": [e.timing() for e in embedders.values()],
     }
+    flagged = take_flagged(metrics)  # positions of training records: private, never in metrics.json
+    write_json_atomic(run.memorisation_flagged, {
+        "private": "which samples copy which training rows (data/train), at which token offsets: keep with the "
+                   "private data; removing these samples from a set puts it outside the DP guarantee",
+        "unit": "generator tokens", "threshold": cfg.memorisation_threshold, "flagged": flagged})
     write_json_atomic(run.metrics, metrics)
     for name, figure in figures(metrics).items():
         save_figure(figure, run.figure(name))
@@ -487,10 +521,17 @@ def memorisation_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def flagged_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """Every synthetic sample at or above the memorisation threshold, with the training row it shares."""
-    rows = [{"source": source, **flag} for source in _synthetic_sources(metrics)
-            for flag in metrics[source]["memorisation"]["flagged"]]
+def flagged_table(run: RunDir) -> pd.DataFrame:
+    """Every synthetic sample at or above the memorisation threshold, with the training row it shares, read
+    from the PRIVATE memorisation_flagged.json (positions of training records; metrics.json holds counts
+    only). The file also holds the real test reviews' reference screen ("real_test"), left out here.
+    """
+    require(run.memorisation_flagged.exists(),
+            f"{run.memorisation_flagged} is missing: it is written by the evaluate stage; rerun it (with force=True "
+            f"when it completed with an older dpnb, whose metrics.json held the flagged samples)")
+    saved = read_json(run.memorisation_flagged)
+    rows = [{"source": source, **flag} for source, flags in saved["flagged"].items() if source in SYNTHETIC_SOURCES
+            for flag in flags]
     return pd.DataFrame(rows, columns=["source", "sample", "length", "train_row", "train_offset", "sample_offset"])
 
 

@@ -90,7 +90,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
           train_sha256: str = "", tokenizer: PreTrainedTokenizerBase | None = None,
           base_model: PreTrainedModel | None = None, resume: bool = True,
           should_stop: Callable[[int], bool] | None = None, verbose: bool = True,
-          shared_dir: Path | None = None) -> dict[str, Any]:
+          shared_dir: Path | None = None, plan_size: int | None = None) -> dict[str, Any]:
     """Fine-tune `model_name` on the records of `train`; write model/, train_log.jsonl, privacy.json.
 
     `out_dir` is laid out like a run directory (a run, or one of the audit's twins). Resumes from
@@ -101,6 +101,8 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     answers True, training checkpoints and raises `TrainingInterrupted`, as on SIGINT. Returns the
     privacy record (privacy.json). `shared_dir` (the runs of a sweep) keeps the frozen-prefix cache
     where the sweep's other runs on the same records find it (`dpnb.dpsgd.shared_prefix_cache`).
+    `plan_size` (the audit's twins) is the N that q, the steps, delta, sigma and the divisor are planned
+    for, at least len(train) (`dpnb.dpsgd.plan_training`); by default len(train).
 
     Under torchrun every rank calls it with the same arguments (`dpnb.distributed`): each trains on
     its share of every logical batch, only rank 0 writes (log, checkpoints, model, privacy.json), and
@@ -109,9 +111,17 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     out = out_dir if isinstance(out_dir, RunDir) else RunDir(out_dir)
     records = Records.from_dataset(train)
     require_dp_when_distributed(cfg)
-    plan = plan_training(cfg, len(records))  # every N-dependent check before any model is loaded
+    plan = plan_training(cfg, len(records), plan_size)  # every N-dependent check before any model is loaded
     main = distributed.is_main_process()
     identity = training_identity(model_name, cfg, records, train_sha256)
+    if plan.plan_size != len(records):
+        identity["plan_size"] = plan.plan_size  # another plan is another training
+    # under torchrun every rank must hold the same records and plan: a stale copy on one node would train on others
+    distributed.require_same_on_every_rank(
+        {"prepared records": identity["records"], "q": plan.sample_rate, "steps": plan.steps,
+         "sigma": plan.noise_multiplier, "delta": plan.delta, "E": plan.divisor},
+        "the prepared records and the plan", hidden=("prepared records",),
+        fix="every rank must read the same prepared run directory and config (prepare on one copy, share it)")
     finished = _finished_record(out, identity)
     if finished is not None and resume:
         return finished
@@ -121,8 +131,9 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
                         f"differ); rerun with force=True to start afresh, or restore the original settings")
     rng = this_rank_rng_states(checkpoint) if checkpoint is not None else None
     distributed.barrier()  # every rank has read the files above before rank 0 clears them
-    if checkpoint is None and main:
-        out.clear_training()
+    with distributed.shared_section("clearing the earlier training outputs"):
+        if checkpoint is None and main:
+            out.clear_training()
 
     device = distributed.rank_device(resolve_device(cfg.device))
     tokenizer = tokenizer or load_tokenizer(model_name)
@@ -138,20 +149,22 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     for note in notes:
         say(note)
     position, wall_before = Position(), 0.0
-    if checkpoint is None and main:
-        loss0 = initial_loss(model, records, cfg, pad_id, device)
-        append_jsonl(out.train_log, {"step": 0, "epoch": 0.0, "epsilon": 0.0 if cfg.dp else None, "loss": loss0,
-                                     "lr": cfg.lr, "wall_s": 0.0})
-    elif checkpoint is not None:
-        load_trainable_state(model, checkpoint["trainable"])
-        position, wall_before = Position(**checkpoint["position"]), float(checkpoint["wall_s"])
-        if main:
-            _truncate_log(out.train_log, int(checkpoint["log_length"]))
-        say(f"resuming from the checkpoint at step {position.step} of {plan.steps}")
+    with distributed.shared_section("logging the loss before training or resuming"):
+        if checkpoint is None and main:
+            loss0 = initial_loss(model, records, cfg, pad_id, device)
+            append_jsonl(out.train_log, {"step": 0, "epoch": 0.0, "epsilon": 0.0 if cfg.dp else None,
+                                         "loss": loss0, "lr": cfg.lr, "wall_s": 0.0})
+        elif checkpoint is not None:
+            load_trainable_state(model, checkpoint["trainable"])
+            position, wall_before = Position(**checkpoint["position"]), float(checkpoint["wall_s"])
+            if main:
+                _truncate_log(out.train_log, int(checkpoint["log_length"]))
+            say(f"resuming from the checkpoint at step {position.step} of {plan.steps}")
     precision = compute_precision(cfg, device)
     say(precision.reason)
     # a shared cache is built and saved by rank 0, then mapped by the others
-    with distributed.main_first() if shared_dir is not None else contextlib.nullcontext():
+    with distributed.main_first("building the shared frozen-prefix cache") if shared_dir is not None \
+            else contextlib.nullcontext():
         prefix, prefix_note = frozen_prefix(model, records, cfg, pad_id, device, shared_dir, precision)
     say(prefix_note)
     session = make_session(model, cfg, plan, device, checkpoint["accountant"] if checkpoint else None, prefix,
@@ -182,8 +195,9 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
                 epsilon = tracker.epsilon(accounted_steps(session, plan)) if tracker else None
                 record = {"step": position.step, "epoch": round(position.step / plan.steps_per_epoch, 4),
                           "epsilon": epsilon, "loss": result.loss, "lr": result.lr, "wall_s": round(wall, 2)}
-                if main:
-                    append_jsonl(out.train_log, record)
+                with distributed.shared_section(f"logging step {position.step}"):
+                    if main:
+                        append_jsonl(out.train_log, record)
                 _report_step(say, record, plan.steps)
                 asked = should_stop is not None and should_stop(position.step)
                 stopping = distributed.any_rank(bool(stop.reason) or asked)  # every rank stops at the same step
@@ -204,15 +218,15 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
             raise RuntimeError(f"the accountant counted {steps_taken} noise-adding steps, the loop {position.step}")
         # every rank's accountant saw the same (sigma, q) at every step: the epsilon of one is the run's
         distributed.require_same_on_every_rank(privacy.accountant_history(session.engine.accountant),
-                                               "the accountant's history")
+                                               "the accountants' histories")
     record = privacy.privacy_record(cfg, plan, steps_taken, trainable_parameters(model))
-    if main:
-        card = {**model_card(model_name, cfg, notes), "precision": precision.record()}
-        save_trained(session.trainable, tokenizer, out.model, card)
-        write_json_atomic(out.training_identity, identity)
-        write_json_atomic(out.privacy, record)
-        out.checkpoint.unlink(missing_ok=True)  # model/ holds the weights now; the state is not needed
-    distributed.barrier()  # every rank returns once the outputs are written
+    with distributed.shared_section("writing the model and privacy.json"):  # every rank returns once they are written
+        if main:
+            card = {**model_card(model_name, cfg, notes), "precision": precision.record()}
+            save_trained(session.trainable, tokenizer, out.model, card)
+            write_json_atomic(out.training_identity, identity)
+            write_json_atomic(out.privacy, record)
+            out.checkpoint.unlink(missing_ok=True)  # model/ holds the weights now; the state is not needed
     say(f"done: {position.step} steps in {wall:.0f} s" + (f", epsilon = {record['epsilon']:.3f}" if cfg.dp else ""))
     return record
 
@@ -248,6 +262,9 @@ def describe_plan(plan: TrainingPlan, trainable: int, cfg: FinetuneConfig) -> st
         f"q = {plan.sample_rate:.6g} per step (expected logical batch {plan.expected_batch_size:.1f}, physical "
         f"batches of at most {plan.physical_batch_size}); {trainable:,} trainable parameters ({cfg.mode})."
     ]
+    if plan.plan_size != plan.dataset_size:
+        lines.append(f"Planned for N = {plan.plan_size} records (q, steps, delta, sigma, and the divisor "
+                     f"E = {plan.divisor}), whatever part of them is present.")
     if plan.dp:
         sigma = plan.noise_multiplier
         lines.append(

@@ -131,6 +131,23 @@ def test_guesses_take_the_extremes():
     assert guesses.tolist() == [0, 1, -1, 0, 1, -1]
 
 
+def test_tie_breaks_come_from_a_stream_apart_from_the_coins():
+    """Every score tied: the guesses are the tie-break order alone. It must come from a stream of its own (a
+    spawned child of the seed's SeedSequence), not from default_rng(seed), the stream plan_audit draws the
+    canaries and their coins from."""
+    m, seed = 200, 5
+
+    def guesses_ranked_by(draws: np.ndarray) -> np.ndarray:
+        rank = np.argsort(np.argsort(draws, kind="stable"), kind="stable")
+        return np.where(rank < m - m // 2, -1, 1)
+
+    guesses = attacks.guess_membership(np.zeros(m), m, seed=seed)
+    assert not np.array_equal(guesses, guesses_ranked_by(np.random.default_rng(seed).random(m)))
+    child = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0]).random(m)
+    assert np.array_equal(guesses, guesses_ranked_by(child))
+    assert np.array_equal(guesses, attacks.guess_membership(np.zeros(m), m, seed=seed))  # still seeded
+
+
 def test_group_privacy():
     assert attacks.group_privacy(1.0, 1e-6, 1) == (1.0, 1e-6)
     eps, delta = attacks.group_privacy(0.5, 1e-6, 3)
@@ -366,6 +383,48 @@ def test_canaries_are_shaped_like_training_records(tiny_prepared):
     assert augmented.features == train.features
 
 
+def test_flipping_a_coin_leaves_the_twins_mechanism_unchanged(tiny_prepared, tmp_path, monkeypatch):
+    """The one-run theorem assumes one mechanism whatever the coins: run_audit with one coin flipped plans the
+    DP twin with the same q, steps, sigma, delta and divisor E; only the records it trains on differ. (Each
+    run stops once planned: no twin is trained.)"""
+    import dataclasses
+
+    from dpnb.config import AuditConfig, FinetuneConfig
+    from dpnb.models import load_tokenizer
+    from dpnb.prompts import PromptFormat
+    from dpnb.stages import finetune
+
+    train, test, manifest = tiny_prepared
+    cfg = AuditConfig(**TINY_AUDIT)
+    drawn = audit.plan_audit(train, test, manifest["label_names"], load_tokenizer("tiny-llama"),
+                             PromptFormat.from_dict(manifest["prompt"]), 16, cfg)
+    plans, plan_training = [], finetune.plan_training
+
+    class Planned(Exception):
+        pass
+
+    def planned(*args, **kwargs):
+        plans.append(plan_training(*args, **kwargs))
+        raise Planned
+
+    monkeypatch.setattr(finetune, "plan_training", planned)
+    for flip in (False, True):
+        coins = drawn.inserted ^ (np.arange(cfg.n_canaries) == 0) if flip else drawn.inserted
+        plan = dataclasses.replace(drawn, canaries=[{**c, "inserted": bool(k)} for c, k in zip(drawn.canaries, coins,
+                                                                                               strict=True)])
+        monkeypatch.setattr(audit, "plan_audit", lambda *args, plan=plan, **kwargs: plan)
+        with pytest.raises(Planned):
+            audit.run_audit("tiny-llama", train, test, manifest, FinetuneConfig(**TINY_FINETUNE), cfg,
+                            tmp_path / str(flip))
+    kept, flipped = plans
+    assert abs(kept.dataset_size - flipped.dataset_size) == cfg.canary_repeats  # the records differ ...
+    mechanism = [(p.sample_rate, p.steps, p.noise_multiplier, p.delta) for p in plans]
+    assert mechanism[0] == mechanism[1]  # ... the mechanism does not
+    assert kept.divisor == flipped.divisor == int(kept.plan_size * kept.sample_rate)
+    assert kept.plan_size == flipped.plan_size == len(train) + cfg.canary_repeats * cfg.n_canaries
+    assert kept.dp and kept.delta < 1 / kept.plan_size
+
+
 def test_synthetic_text_that_echoes_canaries_gives_them_away(tiny_prepared):
     """Released text containing the inserted canaries (a generator that regurgitates): AUC 1."""
     from dpnb.config import AuditConfig
@@ -510,7 +569,12 @@ def test_audit_finds_memorised_canaries_without_dp_and_none_with_dp(tiny_prepare
 
     record_epsilon = dp["privacy"]["epsilon"]
     assert record_epsilon == pytest.approx(0.5, rel=0.05)
-    assert dp["privacy"]["dataset_size"] == summary["n_train_with_canaries"]  # canaries count in N
+    assert dp["privacy"]["dataset_size"] == summary["n_train_with_canaries"]  # the records trained on
+    # the mechanism, planned as if every canary were inserted: q, delta and E from that N, whatever the coins
+    planned = summary["n_train_planned"]
+    assert planned == len(train) + cfg.canary_repeats * cfg.n_canaries == dp["privacy"]["planned_dataset_size"]
+    assert dp["privacy"]["sample_rate"] == 1 / math.ceil(planned / 16)
+    assert dp["privacy"]["divisor"] == int(planned * dp["privacy"]["sample_rate"])
     assert dp["canaries"]["exposure"]["inserted"]["mean"] < 0.5 * top
     assert dp["canaries"]["roc"]["auc"] < 0.9
     judgement = dp["judgement"]

@@ -115,6 +115,15 @@ def test_sets_the_classifier_cannot_learn_from_are_reported_not_fatal():
 # --------------------------------------------------------------------------- the stage
 
 
+def json_keys(value) -> list[str]:
+    """Every key of every mapping anywhere inside a JSON value."""
+    if isinstance(value, dict):
+        return [*value, *(k for v in value.values() for k in json_keys(v))]
+    if isinstance(value, list):
+        return [k for v in value for k in json_keys(v)]
+    return []
+
+
 def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     run = build_run(tmp_path)
     cfg = build(EvaluateConfig, TINY_EVALUATE)
@@ -128,15 +137,21 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     assert sum(map(sum, real["confusion_matrix"])) == 20
     # the single-label zero-shot set: the constant prediction "positive" on 10 + 10 test reviews
     assert zero_shot["trained"] is False and zero_shot["accuracy"] == pytest.approx(0.5)
-    # the verbatim copy of LONG_REVIEW is flagged, pointing at its training row, copied in full
+    # the verbatim copy of LONG_REVIEW is flagged, pointing at its training row, copied in full: in the
+    # private memorisation_flagged.json; metrics.json (shareable aggregates) names no record anywhere
     train = __import__("datasets").load_from_disk(str(run.data / "train"))
     row = train["text"].index(LONG_REVIEW)
     eos = load_tokenizer("tiny-llama").eos_token_id
     review_tokens = memorisation.review_token_ids(train.select([row]), eos)[0]
-    flagged = synthetic["memorisation"]["flagged"]
-    assert [f["sample"] for f in flagged] == [15] and flagged[0]["train_row"] == row
-    assert flagged[0]["length"] == len(review_tokens) > 30  # the whole review, copied
-    assert synthetic["memorisation"]["max"] == flagged[0]["length"]
+    positions = {"flagged", "sample", "train_row", "train_offset", "sample_offset", "memorisation_flagged",
+                 "test_memorisation_flagged"}
+    assert not positions & set(json_keys(json.loads(run.metrics.read_text())))
+    flagged = json.loads(run.memorisation_flagged.read_text())["flagged"]
+    assert [f["sample"] for f in flagged["synthetic"]] == [15] and flagged["synthetic"][0]["train_row"] == row
+    assert flagged["synthetic"][0]["length"] == len(review_tokens) > 30  # the whole review, copied
+    assert synthetic["memorisation"]["max"] == flagged["synthetic"][0]["length"]
+    assert synthetic["memorisation"]["n_flagged"] == 1 and flagged["zero_shot"] == flagged["real_test"] == []
+    assert list(evaluate.flagged_table(run)["train_row"]) == [row]
     assert synthetic["label_fidelity"]["n"] == 16
     assert set(synthetic["label_fidelity"]["per_label"]) == {"negative", "positive"}
     assert zero_shot["diversity"]["duplicate_share"] == pytest.approx(1 / 4)  # "a film" twice

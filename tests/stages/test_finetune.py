@@ -413,6 +413,33 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(toy, tokenizer, tmp_path)
     assert record["steps"] == 3
 
 
+def test_a_plan_made_for_more_records_runs_on_the_records_there_are(toy, tokenizer, tmp_path):
+    """The audit's twins: planned for N = 40 (q = 1/5 with B = 8, E = 8, delta 1/40^1.1), trained on the 32
+    records there are: the loader draws those 32 at q, the optimizer divides by E, the accountant counts q,
+    and privacy.json states that mechanism."""
+    cfg = config(max_steps=3)
+    plan = dpsgd.plan_training(cfg, 32, 40)
+    assert (plan.dataset_size, plan.plan_size, plan.sample_rate, plan.divisor) == (32, 40, 1 / 5, 8)
+    assert plan.expected_batch_size == 32 / 5 and plan.delta == privacy.default_delta(40) and plan.steps == 3
+    with quiet_transformers():
+        model, _ = build_model("tiny-llama", cfg, "cpu")
+    session = dpsgd.make_session(model, cfg, plan, "cpu")
+    assert session.optimizer.expected_batch_size == 8 and session.loader.batch_sampler.sample_rate == 1 / 5
+    session.loader.batch_sampler.steps = 500
+    drawn = [i for raw in session.loader for i in dpsgd.batch_indices(raw)]
+    assert 0 <= min(drawn) and max(drawn) < 32
+    # Binomial(500 x 32, 1/5): mean 3,200, sd 51; six sd either way
+    assert abs(len(drawn) - 3200) < 6 * math.sqrt(500 * 32 * 0.2 * 0.8)
+
+    record = run("tiny-llama", toy, cfg, tmp_path, tokenizer, plan_size=40)
+    assert (record["dataset_size"], record["planned_dataset_size"], record["sample_rate"], record["divisor"]) == \
+        (32, 40, 1 / 5, 8)
+    assert (record["delta"], record["noise_multiplier"], record["steps"]) == (plan.delta, plan.noise_multiplier, 3)
+    privacy.verify_privacy(record)
+    with pytest.raises(DpnbError, match="plan for at least 32"):
+        dpsgd.plan_training(cfg, 32, 31)
+
+
 # --------------------------------------------------------------------------- bad parameters
 
 
@@ -424,6 +451,15 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(toy, tokenizer, tmp_path)
 def test_data_dependent_parameters_fail_before_any_model_loads(values, message, toy, tmp_path):
     with pytest.raises(DpnbError, match=message):
         finetune.train("no-such-model", toy, config(**values), tmp_path / "out", verbose=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_count_opacus_would_miscount_fails_before_any_model_loads(tokenizer, tmp_path):
+    """93 records in logical batches of 1: 93 batches per epoch, which Opacus would count as 92 (and account
+    q = 1/92 while sampling at 1/93); refused in planning, naming the nearest size that works."""
+    with pytest.raises(DpnbError, match="makes 93 batches per epoch.*use logical_batch_size 2$"):
+        finetune.train("no-such-model", toy_dataset(tokenizer, 93), config(logical_batch_size=1, physical_batch_size=1),
+                       tmp_path / "out", verbose=False)
     assert not (tmp_path / "out").exists()
 
 

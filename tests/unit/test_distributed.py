@@ -18,6 +18,9 @@ environment variables, run the same code as `torchrun --nproc_per_node=2 -m dpnb
 (d) A run interrupted after 3 of 8 steps (asked on rank 1 only: both ranks stop there) and resumed by
     two fresh processes ends with exactly the weights and log of the uninterrupted run
     (deterministic: true).
+(e) Ranks that disagree (other records on rank 1, or another sigma) fail together with one message
+    naming what differs, before any model loads; rank 0 failing while the others wait (writing the
+    model) stops every rank at once, each with one message.
 Plus: the distributed sampler yields empty local batches (ranks stay in step), the pipeline's
 rank 0 / other-ranks protocol, and the refusals (non-DP, another process count on resume).
 
@@ -215,7 +218,36 @@ def pipeline_task(out: Path) -> dict[str, Any]:
             "again": str(again) if again else None, "again_calls": list(calls)}
 
 
-TASKS = {"session": session_task, "train": train_task, "resume": resume_task, "pipeline": pipeline_task}
+def faults_task(out: Path) -> dict[str, str]:
+    """What each rank raised when rank 1 holds other records, when rank 1 plans another sigma, and when rank 0
+    fails writing the outputs while rank 1 waits for them (two steps of train_config each)."""
+    cfg, rank = dataclasses.replace(train_config(), max_steps=2), distributed.rank()
+
+    def attempt(name: str, records: dpsgd.Records, run_cfg: FinetuneConfig = cfg) -> str:
+        try:
+            finetune.train("small-llama", as_dataset(records), run_cfg, out / "faults" / name,
+                           tokenizer=load_tokenizer("tiny-llama"), base_model=small_lm(), verbose=False)
+        except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+            return f"{type(exc).__name__}: {exc}"
+        return "finished"
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError("No space left on device (simulated)")
+
+    seen = {"records": attempt("records", small_records(TRAIN_RECORDS, seed=1 + rank)),
+            "plan": attempt("plan", small_records(TRAIN_RECORDS), dataclasses.replace(cfg, target_epsilon=8.0 + rank))}
+    save_trained = finetune.save_trained
+    if rank == 0:
+        finetune.save_trained = full_disk
+    try:
+        seen["write"] = attempt("write", small_records(TRAIN_RECORDS))
+    finally:
+        finetune.save_trained = save_trained
+    return seen
+
+
+TASKS = {"session": session_task, "train": train_task, "resume": resume_task, "pipeline": pipeline_task,
+         "faults": faults_task}
 
 
 def _rank_main(rank: int, tasks: list[str], port: int, out: str) -> None:
@@ -256,7 +288,7 @@ def runs(tmp_path_factory) -> dict[str, Any]:
                      "device": "cpu", "samples_before_after": 0, "deterministic": True}}))
     first = spawn(["session", "train"], out)
     assert [r["train"] for r in first] == [{"whole": "finished", "part": "interrupted"}] * WORLD
-    second = spawn(["resume", "pipeline"], out)
+    second = spawn(["resume", "pipeline", "faults"], out)
     return {"out": out, "ranks": [{**a, **b} for a, b in zip(first, second, strict=True)]}
 
 
@@ -358,6 +390,29 @@ def test_the_pipeline_trains_on_every_rank_and_runs_the_rest_on_rank_0(runs):
     assert record["steps"] == 2 and len(read_jsonl(run.train_log)) == 3
     # rerun: every stage current; the other ranks are released at once with nothing to do
     assert rank0["again_calls"] == [] and rank1["again"] is None and Path(rank0["again"]) == run_dir
+
+
+@pytest.mark.slow  # shares the two spawns of the `runs` fixture (about 1.5 minutes)
+def test_ranks_that_disagree_fail_together_naming_what_differs(runs):
+    """Checked right after planning, before any model loads: every rank raises the same one-line message."""
+    records, plan = ([r["faults"][case] for r in runs["ranks"]] for case in ("records", "plan"))
+    assert records[0] == records[1] and plan[0] == plan[1]  # one message, on every rank at once
+    assert records[0].startswith("DpnbError: the prepared records and the plan differ between ranks: prepared "
+                                 "records (rank 1: not rank 0's); every rank must read the same prepared run")
+    assert "sigma" not in records[0] and "\n" not in records[0]
+    differing = plan[0].split(" differ between ranks: ", 1)[1].split("; every rank")[0]
+    assert differing.startswith("sigma (rank 0: ") and "prepared records" not in differing  # only sigma differs
+    assert not (runs["out"] / "faults" / "records" / "train_log.jsonl").exists()  # nothing ran
+
+
+@pytest.mark.slow  # shares the two spawns of the `runs` fixture (about 1.5 minutes)
+def test_rank_0_failing_while_the_others_wait_stops_every_rank_at_once(runs):
+    """Rank 0 fails writing the model (a full disk) while rank 1 waits for the outputs: rank 1 stops at once
+    with one message naming rank 0's failure (it would otherwise wait for the timeout), rank 0 with its own."""
+    rank0, rank1 = (r["faults"]["write"] for r in runs["ranks"])
+    assert rank0 == "OSError: No space left on device (simulated)"
+    assert rank1 == ("DpnbError: rank 0 of 2 failed while writing the model and privacy.json: OSError: No space "
+                     "left on device (simulated); rank 1 of 2 stops too")
 
 
 def test_a_checkpoint_of_another_process_count_is_refused():

@@ -54,8 +54,9 @@ def test_screen_finds_a_planted_copy_with_its_length_and_row():
 
     summary = memorisation.memorisation_summary(runs, threshold=50)
     assert summary["max"] == 57 and summary["n_flagged"] == 1
-    assert summary["flagged"] == [{"sample": 4, "length": 57, "train_row": 13, "train_offset": 20,
-                                   "sample_offset": 9}]
+    assert "flagged" not in summary  # positions of training records are not in the shareable figures
+    assert memorisation.flagged_samples(runs, threshold=50) == [{"sample": 4, "length": 57, "train_row": 13,
+                                                                 "train_offset": 20, "sample_offset": 9}]
     assert sum(summary["counts"]) == len(queries) and summary["counts"][57] == 1
 
 

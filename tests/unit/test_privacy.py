@@ -15,6 +15,7 @@ from itertools import pairwise
 
 import pytest
 import torch
+from opacus import PrivacyEngine
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.data_loader import DPDataLoader
 from scipy.optimize import brentq
@@ -58,12 +59,68 @@ def exact_gaussian_epsilon(sigma: float, steps: int, delta: float) -> float:
 # --------------------------------------------------------------------------- sampling and steps
 
 
-@pytest.mark.parametrize("n, batch", [(100, 10), (101, 10), (930, 10), (25_000, 1028), (7, 7)])
+@pytest.mark.parametrize("n, batch", [(100, 10), (101, 10), (940, 10), (25_000, 1028), (7, 7)])
 def test_sample_rate_and_epoch_length_are_what_a_dp_data_loader_uses(n, batch):
     loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch, drop_last=False)
     dp_loader = DPDataLoader.from_data_loader(loader)
     assert privacy.poisson_sample_rate(n, batch) == dp_loader.sample_rate
     assert privacy.steps_per_epoch(n, batch) == len(dp_loader)
+
+
+def opacus_mechanism(n: int, batch: int) -> tuple[float, int, float, float]:
+    """What Opacus does for n records and logical batch `batch`: the sampler's q and steps per epoch, then,
+    after one step of `make_private`'s optimizer, the q its accountant counted and the divisor E it used."""
+    model = torch.nn.Linear(1, 1)
+    engine = PrivacyEngine(accountant="rdp")
+    loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch)
+    module, optimizer, dp_loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=True)
+    module(torch.zeros(2, 1)).sum().backward()
+    optimizer.step()
+    return dp_loader.sample_rate, len(dp_loader), engine.accountant.history[0][1], optimizer.expected_batch_size
+
+
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning")
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+@pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning")
+def test_a_batch_count_opacus_loses_is_refused_in_planning_over_a_range_of_sizes():
+    """Every logical batch size of the paper's 25,000 records (316 batch counts k = ceil(25000 / B)):
+    planning refuses exactly those where Opacus's sampler q (1/k) is not the q make_private accounts
+    (1 / len(DPDataLoader)), and accepts the rest with Opacus's own q and steps per epoch."""
+    n, refused = 25_000, []
+    for batch in range(1, n + 1):
+        dp_loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch))
+        consistent = 1 / len(dp_loader) == dp_loader.sample_rate
+        try:
+            rate = privacy.poisson_sample_rate(n, batch)
+        except DpnbError as why:
+            assert not consistent, batch
+            refused.append((batch, str(why)))
+            continue
+        assert consistent, batch
+        assert rate == dp_loader.sample_rate and privacy.steps_per_epoch(n, batch) == len(dp_loader)
+    assert {93, 99, 105, 117} <= {math.ceil(n / b) for b, _ in refused}
+    # on a refused size, Opacus really runs another mechanism: it samples at 1/k and accounts 1/(k - 1)
+    batch, message = next((b, why) for b, why in refused if math.ceil(n / b) == 93)
+    k = 93
+    sampled, per_epoch, accounted, divisor = opacus_mechanism(n, batch)
+    assert (sampled, per_epoch, accounted, divisor) == (1 / k, k - 1, 1 / (k - 1), int(n / (k - 1)))
+    # the message names the nearest sizes that work, and they do: Opacus samples and accounts the plan's q
+    below, above = (int(x) for x in message.rsplit("use logical_batch_size ", 1)[1].split(" or "))
+    assert below < batch < above
+    assert all(privacy.opacus_counts_epoch(math.ceil(n / b)) is False for b in range(below + 1, above))
+    for fixed in (below, above):
+        q = privacy.poisson_sample_rate(n, fixed)
+        assert opacus_mechanism(n, fixed) == (q, privacy.steps_per_epoch(n, fixed), q, int(n * q))
+
+
+@pytest.mark.parametrize(("n", "batch", "k"), [(930, 10, 93), (25_000, 270, 93), (9_900, 100, 99), (1_050, 10, 105),
+                                               (1_170, 10, 117)])
+def test_the_batch_counts_the_issue_names_are_refused(n, batch, k):
+    assert math.ceil(n / batch) == k and int(1 / (1 / k)) == k - 1
+    with pytest.raises(DpnbError, match=f"logical_batch_size {batch} over {n} records makes {k} batches"):
+        privacy.poisson_sample_rate(n, batch)
 
 
 def test_batch_larger_than_data_is_refused():
