@@ -241,14 +241,15 @@ def _training_notes(labels: Sequence[int], label_names: Sequence[str]) -> list[s
     return []
 
 
-def _base_entry(source: Source, test: Source, label_names: Sequence[str]) -> dict[str, Any]:
+def classifier_entry(source: Source, test: Source, label_names: Sequence[str]) -> dict[str, Any]:
+    """What every classifier's entry starts with: its training and test set sizes and label counts."""
     return {"n_train": len(source.texts), "n_test": len(test.texts), "f1_average": f1_average(len(label_names)),
             "label_counts": {name: int(np.sum(np.asarray(source.labels) == i)) for i, name in enumerate(label_names)}}
 
 
 def _untrainable(source: Source, test: Source, label_names: Sequence[str]) -> dict[str, Any] | None:
     """The entry of a set no classifier can learn from (empty, or a single label), else None."""
-    base = _base_entry(source, test, label_names)
+    base = classifier_entry(source, test, label_names)
     if not source.texts:
         return {**base, "accuracy": None, "f1": None, "confusion_matrix": None, "trained": False,
                 "notes": [f"{source.name} holds no texts: nothing to train on"]}
@@ -275,7 +276,7 @@ def train_and_test(
     untrainable = _untrainable(source, test, label_names)
     if untrainable is not None:
         return untrainable, None
-    base = _base_entry(source, test, label_names)
+    base = classifier_entry(source, test, label_names)
     print(f"{source.name}: training {cfg.classifier} on {len(source.texts)} texts ...", flush=True)
     classifier = train_classifier(source.texts, source.labels, num_labels, cfg, device)
     predicted = predict(classifier, test.texts, cfg.max_length, 2 * cfg.batch_size, device)
@@ -311,7 +312,7 @@ def train_and_test_embedding(
     classifier = fit_embedding_classifier(features, source.labels, model, tokenizer, seed=cfg.seed,
                                           max_length=embedder.max_length, batch_size=embedder.batch_size)
     predicted = classifier.predict_features(test_features)
-    entry = {**_base_entry(source, test, label_names),
+    entry = {**classifier_entry(source, test, label_names),
              **classification_metrics(test.labels, predicted.tolist(), len(label_names)), "trained": True,
              "C": classifier.C, "cv": classifier.cv, "fit_wall_s": round(classifier.wall_s, 2),
              "train_wall_s": round(time.time() - started, 1), "notes": _training_notes(source.labels, label_names)}

@@ -16,6 +16,11 @@ One experiment is one directory, `runs/<name>/` by default; `RunDir` names every
     checkpoints/identity.json 02 finetune: hashes of the records the model was trained on (private)
     synthetic/, zero_shot/    03 generate: labelled synthetic data sets with a dataset card; shards/
                               holds the samples written so far, so an interrupted run resumes
+    pe/                       03 generate: the Private Evolution set, its card, privacy.json and the
+                              noisy vote histograms of every iteration (shareable)
+    pe_private/               03 generate: PE's vote histograms before noise and its state between
+                              iterations (private: computed from the records)
+    dp_classifier/            04 evaluate: the direct DP classifier's weights and privacy.json (shareable)
     metrics.json              04 evaluate: aggregates only (evaluate/ holds finished sources while it runs)
     memorisation_flagged.json 04 evaluate: the memorisation screen's flagged samples, each with the training
                               row and offsets it copies (private: positions of training records)
@@ -127,6 +132,9 @@ class RunDir:
     training_identity = property(lambda self: self.path / "checkpoints" / "identity.json")
     synthetic = property(lambda self: self.path / "synthetic")
     zero_shot = property(lambda self: self.path / "zero_shot")
+    pe = property(lambda self: self.path / "pe")  # Private Evolution's set (shareable, with its privacy.json)
+    pe_private = property(lambda self: self.path / "pe_private")  # its histograms before noise: private
+    dp_classifier = property(lambda self: self.path / "dp_classifier")  # weights and privacy.json: shareable
     metrics = property(lambda self: self.path / "metrics.json")
     # which samples copy which training rows, at which offsets: private, like the records
     memorisation_flagged = property(lambda self: self.path / "memorisation_flagged.json")

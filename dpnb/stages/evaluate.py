@@ -72,6 +72,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,6 +86,8 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 from dpnb.classifier import (
     Source,
+    classification_metrics,
+    classifier_entry,
     describe_classifier,
     f1_average,
     label_fidelity,
@@ -94,10 +97,11 @@ from dpnb.classifier import (
     train_and_test,
     train_and_test_embedding,
 )
-from dpnb.config import EvaluateConfig
+from dpnb.config import SOURCE_NAMES, EvaluateConfig
+from dpnb.dp_classifier import DPClassifier, DPClassifierSettings, train_dp_classifier
 from dpnb.embeddings import DEFAULT_ENCODER, Embedder, mauve_score
 from dpnb.errors import DpnbError, require
-from dpnb.io import cached, read_json, save_figure, write_json_atomic
+from dpnb.io import atomic_directory, cached, read_json, save_figure, write_json_atomic
 from dpnb.memorisation import (
     flagged_samples,
     longest_shared_runs,
@@ -106,6 +110,8 @@ from dpnb.memorisation import (
     text_token_ids,
 )
 from dpnb.models import load_tokenizer, release_memory, resolve_device
+from dpnb.precision import Precision, choose
+from dpnb.privacy import default_delta
 from dpnb.rundir import RunDir, shared_store
 from dpnb.sampling import load_synthetic
 from dpnb.sources import stratified_indices
@@ -115,11 +121,12 @@ from dpnb.textstats import diversity, length_summary, lengths_from_counts, plot_
 T = TypeVar("T")
 
 STAGE = "evaluate"
-SOURCES = ("real", "synthetic", "zero_shot")
-SYNTHETIC_SOURCES = ("synthetic", "zero_shot")
+SOURCES = SOURCE_NAMES  # real, dp_classifier, synthetic (DP fine-tuned), pe (Private Evolution), zero_shot
+SYNTHETIC_SOURCES = ("synthetic", "pe", "zero_shot")
 MAUVE_ENCODER = DEFAULT_ENCODER  # MAUVE's features, whatever the classifier
 # accuracy differences shown with their standard error: (a, b) is "a - b"
-DIFFERENCES = (("synthetic", "real"), ("zero_shot", "real"), ("synthetic", "zero_shot"))
+DIFFERENCES = (("synthetic", "real"), ("pe", "real"), ("dp_classifier", "real"), ("zero_shot", "real"),
+               ("synthetic", "zero_shot"), ("pe", "zero_shot"))
 
 
 # --------------------------------------------------------------------------- one synthetic set's quality
@@ -192,19 +199,22 @@ def plan_sources(run: RunDir, cfg: EvaluateConfig) -> tuple[list[str], dict[str,
     if wanted_synthetic and not run.is_complete("generate"):
         raise DpnbError(
             f"evaluate.sources lists {', '.join(wanted_synthetic)} but the generate stage has not completed "
-            f"in {run.path}: run generate first (03_generate), or set evaluate.sources to [real]"
+            f"in {run.path}: run generate first (03_generate), or set evaluate.sources to [real, dp_classifier]"
         )
+    generated = run.completed_config("generate") or {}
+    optional = {"zero_shot": ("zero_shot", True, "generate ran with zero_shot: false, so there is no zero-shot set"),
+                "pe": ("pe", False, "generate ran with pe: false, so there is no Private Evolution set")}
     chosen, skipped = [], {}
     for source in SOURCES:
         if source not in cfg.sources:
             continue
-        path = run.synthetic if source == "synthetic" else run.zero_shot
-        if source in SYNTHETIC_SOURCES and not (path / "state.json").exists():
-            made = source == "synthetic" or (run.completed_config("generate") or {}).get("zero_shot", True)
-            if made:
+        path = getattr(run, source) if source in SYNTHETIC_SOURCES else None
+        if path is not None and not (path / "state.json").exists():
+            setting, default, why = optional.get(source, (None, True, ""))
+            if setting is None or generated.get(setting, default):
                 raise DpnbError(f"{path} holds no data set although generate completed; rerun generate with "
                                 f"force=True")
-            skipped[source] = "generate ran with zero_shot: false, so there is no zero-shot set"
+            skipped[source] = why
             continue
         chosen.append(source)
     return chosen, skipped
@@ -244,6 +254,188 @@ def _resumable(partial_dir: Path, name: str, key: str, compute: Callable[[], T])
     return result
 
 
+@dataclass
+class Evaluation:
+    """What every source's evaluation reads: the run, its config, the data and the encoders.
+
+    Encoders load on first use, and each text set is embedded once per encoder (the classifier's, when
+    classifier_kind is embedding, and MAUVE's: one and the same for the default minilm-l6).
+    """
+
+    run: RunDir
+    cfg: EvaluateConfig
+    label_names: list[str]
+    device: str
+    precision: Precision  # the sentence encoders' format
+    train: Source  # every prepared training record: what the generators saw
+    test: Source
+    train_ids: list[np.ndarray]  # the training records' review tokens (the memorisation screen)
+    generator_tokenizer: Any
+    heldout_rows: np.ndarray  # the test texts MAUVE compares every source with
+    embedders: dict[str, Embedder] = field(default_factory=dict)
+
+    def embedder(self, name: str) -> Embedder:
+        if name not in self.embedders:
+            self.embedders[name] = Embedder(name, max_length=self.cfg.max_length, batch_size=2 * self.cfg.batch_size,
+                                            device=self.device, dtype=self.precision.dtype)
+        return self.embedders[name]
+
+    def fit_and_score(self, source: Source, keep_model: bool = False) -> tuple[dict[str, Any], Any]:
+        """The classifier trained on `source`, tested on the real test set: its entry, and the classifier."""
+        if self.cfg.classifier_kind == "embedding":
+            return train_and_test_embedding(source, self.test, self.label_names, self.cfg,
+                                            self.embedder(self.cfg.classifier))
+        return train_and_test(source, self.test, self.label_names, self.cfg, self.device, keep_model=keep_model)
+
+    def predict_labels(self, classifier: Any, source: Source) -> np.ndarray:
+        if self.cfg.classifier_kind == "embedding":
+            return classifier.predict_features(self.embedder(self.cfg.classifier).features(source.name, source.texts))
+        return predict(classifier, source.texts, self.cfg.max_length, 2 * self.cfg.batch_size, self.device)
+
+    def mauve_of(self, source: Source, rows: np.ndarray) -> dict[str, Any]:
+        """MAUVE of `rows` of a source against the held-out real texts (`source_mauve`)."""
+        if not self.cfg.mauve:
+            return {"mauve": None, "mauve_details": {"note": "evaluate.mauve is false"}}
+        print(f"{source.name}: MAUVE of {len(rows)} texts against {len(self.heldout_rows)} held-out real texts ...",
+              flush=True)
+        features = self.embedder(MAUVE_ENCODER)
+        return source_mauve(features.features(source.name, source.texts, rows),
+                            features.features("test", self.test.texts, self.heldout_rows), self.cfg)
+
+
+def open_evaluation(run: RunDir, cfg: EvaluateConfig) -> Evaluation:
+    """The evaluation's context: the prepared data, the device, the encoders' format."""
+    train, test, manifest = load_prepared(run)
+    device = resolve_device(cfg.device)
+    generator_tokenizer = load_tokenizer(manifest["model"])
+    test_set = Source("test", list(test["text"]), [int(v) for v in test["label"]])
+    precision = choose(cfg.dtype, device)
+    print(f"sentence encoders: {precision.reason}", flush=True)
+    return Evaluation(run, cfg, list(manifest["label_names"]), device, precision,
+                      Source("real", list(train["text"]), [int(v) for v in train["label"]]), test_set,
+                      review_token_ids(train, generator_tokenizer.eos_token_id), generator_tokenizer,
+                      sample_rows(len(test_set.texts), cfg.mauve_max_texts, cfg.seed))
+
+
+def real_source(ev: Evaluation) -> Source:
+    """The real training texts the reference classifier sees: all of them, or `n_real_train` (stratified)."""
+    if ev.cfg.n_real_train is None or ev.cfg.n_real_train >= len(ev.train.texts):
+        return ev.train
+    rows = stratified_indices(np.asarray(ev.train.labels), ev.cfg.n_real_train, ev.cfg.seed, "evaluate.n_real_train")
+    return Source("real", [ev.train.texts[i] for i in rows], [ev.train.labels[i] for i in rows])
+
+
+def fit_real(ev: Evaluation, real: Source) -> tuple[dict[str, Any], Any]:
+    """The real-data classifier; a fine-tuned one is shared by a sweep's runs on the same texts."""
+    store = shared_store()
+    if store is None or ev.cfg.classifier_kind != "finetune":  # the embedding classifier takes seconds
+        return ev.fit_and_score(real, keep_model=True)
+    directory = store / f"real-classifier-{real_classifier_key(real, ev.test, ev.cfg, ev.device)}"
+    saved = load_saved_classifier(directory, ev.device)
+    if saved is not None:
+        print(f"real: the classifier an earlier run of the sweep trained on the same texts, from {directory}",
+              flush=True)
+        entry, classifier = saved
+        return {**entry, "shared_from_sweep": True}, classifier
+    entry, classifier = ev.fit_and_score(real, keep_model=True)
+    if classifier is not None:
+        save_classifier(classifier, entry, directory)
+    return entry, classifier
+
+
+def evaluate_real(ev: Evaluation, synthetic: dict[str, Source]) -> dict[str, Any]:
+    """The real-data classifier's entry, MAUVE of real texts (the ceiling) and its labels of every synthetic set."""
+    real = real_source(ev)
+    entry, classifier = fit_real(ev, real)
+    fidelity = {}
+    for name, source in synthetic.items():
+        if classifier is None:
+            fidelity[name] = {"overall": None, "per_label": None, "n": len(source.texts),
+                              "note": "the real-data classifier was not trained"}
+            continue
+        fidelity[name] = label_fidelity(source.labels, ev.predict_labels(classifier, source), ev.label_names)
+    del classifier
+    release_memory()
+    # the real-vs-real MAUVE reference: as many real texts as the largest synthetic set
+    n_reference = max((len(s.texts) for s in synthetic.values()), default=len(real.texts))
+    reference_rows = sample_rows(len(real.texts), min(n_reference, ev.cfg.mauve_max_texts), ev.cfg.seed)
+    return {**entry, **ev.mauve_of(real, reference_rows), "fidelity_of": fidelity}
+
+
+def dp_classifier_settings(ev: Evaluation) -> DPClassifierSettings:
+    """The direct DP classifier's budget: the fine-tuning run's (epsilon, delta) unless the config sets them."""
+    finetuned = read_json(ev.run.privacy) if ev.run.privacy.exists() else {}
+    tuned = bool(finetuned.get("dp"))
+    epsilon = ev.cfg.dp_classifier_epsilon or (finetuned["target_epsilon"] if tuned else 8.0)
+    delta = ev.cfg.dp_classifier_delta or (finetuned["delta"] if tuned else default_delta(len(ev.train.labels)))
+    return DPClassifierSettings(
+        target_epsilon=float(epsilon), delta=float(delta), epochs=ev.cfg.dp_classifier_epochs,
+        batch_size=ev.cfg.dp_classifier_batch_size, lr=ev.cfg.dp_classifier_lr,
+        max_grad_norm=ev.cfg.dp_classifier_max_grad_norm, seed=ev.cfg.seed,
+        deterministic=bool(finetuned.get("deterministic", False)))
+
+
+def evaluate_dp_classifier(ev: Evaluation) -> dict[str, Any]:
+    """Logistic regression trained with DP-SGD on every training record's embedding, tested on the real test set.
+
+    Its weights and privacy.json go to dp_classifier/ (both shareable: the weights carry the guarantee).
+    """
+    settings = dp_classifier_settings(ev)
+    embedder = ev.embedder(ev.cfg.classifier)
+    print(f"dp_classifier: DP-SGD on frozen {embedder.name} embeddings of {len(ev.train.texts)} private records "
+          f"at epsilon {settings.target_epsilon:g} ...", flush=True)
+    started = time.time()
+    key = "real" if real_source(ev) is ev.train else "train"  # embedded once when the real classifier sees all
+    trained = train_dp_classifier(embedder.features(key, ev.train.texts), ev.train.labels, len(ev.label_names),
+                                  settings)
+    predicted = trained.predict_features(embedder.features("test", ev.test.texts))
+    write_dp_classifier(ev.run.dp_classifier, trained, embedder)
+    source = Source("dp_classifier", ev.train.texts, ev.train.labels)
+    return {**classifier_entry(source, ev.test, ev.label_names),
+            **classification_metrics(ev.test.labels, predicted.tolist(), len(ev.label_names)), "trained": True,
+            "epsilon": trained.privacy["epsilon"], "delta": trained.privacy["delta"],
+            "privacy": trained.privacy, "train_wall_s": round(time.time() - started, 1)}
+
+
+def write_dp_classifier(directory: Path, trained: DPClassifier, embedder: Embedder) -> None:
+    """dp_classifier/: weights.json (W, b, the encoder that makes its inputs) and privacy.json, atomically."""
+    with atomic_directory(directory) as staging:
+        write_json_atomic(staging / "weights.json", {
+            "model": "p(y | e) = softmax(W e + b), e the unit-length mean-pooled embedding",
+            "encoder": embedder.name, "max_length": embedder.max_length,
+            "W": trained.weight.tolist(), "b": trained.bias.tolist()})
+        write_json_atomic(staging / "privacy.json", trained.privacy)
+
+
+def evaluate_synthetic(ev: Evaluation, source: Source) -> dict[str, Any]:
+    """One synthetic set: its classifier on the real test set, MAUVE, diversity, lengths, the memorisation screen."""
+    entry, _ = ev.fit_and_score(source)
+    mauve = ev.mauve_of(source, sample_rows(len(source.texts), ev.cfg.mauve_max_texts, ev.cfg.seed))
+    print(f"{source.name}: diversity, lengths, memorisation screen ...", flush=True)
+    ids = text_token_ids(source.texts, ev.generator_tokenizer)
+    quality = synthetic_quality(source, ids, ev.train_ids, ev.train.texts, ev.label_names, ev.cfg)
+    return {**entry, **mauve, **quality, "epsilon": source_epsilon(ev.run, source.name)}
+
+
+def evaluate_reference(ev: Evaluation) -> dict[str, Any]:
+    """How much held-out real reviews share with the training set without any model: the screen's reference."""
+    print("real test reviews: memorisation screen against the training set (reference) ...", flush=True)
+    _, test, _ = load_prepared(ev.run)
+    test_ids = review_token_ids(test, ev.generator_tokenizer.eos_token_id)
+    runs = longest_shared_runs(ev.train_ids, test_ids)
+    return {"train_length": length_summary([len(ids) for ids in ev.train_ids]),
+            "test_memorisation": memorisation_summary(runs, ev.cfg.memorisation_threshold),
+            "test_memorisation_flagged": flagged_samples(runs, ev.cfg.memorisation_threshold)}
+
+
+def source_epsilon(run: RunDir, source: str) -> float | None:
+    """The epsilon a synthetic set carries: its privacy.json's (0 for zero-shot, None without DP)."""
+    if source == "zero_shot":
+        return 0.0
+    path = run.privacy if source == "synthetic" else getattr(run, source) / "privacy.json"
+    return read_json(path).get("epsilon") if path.exists() else None
+
+
 def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str, Any]:
     """Evaluate every source in `cfg.sources`; write metrics.json and figures; return the metrics.
 
@@ -259,136 +451,27 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
                                       f"force=True")
         return read_json(run.metrics)
     started = time.time()
-
     partial_dir = run.partial(STAGE)
     if force:
         shutil.rmtree(partial_dir, ignore_errors=True)
     key = run.fingerprint(STAGE, cfg)  # a finished source is reused only for the same config and inputs
-    train, test, manifest = load_prepared(run)
-    label_names = list(manifest["label_names"])
-    num_labels = len(label_names)
-    device = resolve_device(cfg.device)
-    generator_tokenizer = load_tokenizer(manifest["model"])
-
-    train_texts, train_labels = list(train["text"]), [int(v) for v in train["label"]]
-    test_set = Source("test", list(test["text"]), [int(v) for v in test["label"]])
-    synthetic = {name: _load_source(run, name, num_labels) for name in sources if name in SYNTHETIC_SOURCES}
-    train_ids = review_token_ids(train, generator_tokenizer.eos_token_id)
+    ev = open_evaluation(run, cfg)
+    synthetic = {name: _load_source(run, name, len(ev.label_names)) for name in sources if name in SYNTHETIC_SOURCES}
     metrics: dict[str, Any] = {}
-
-    # Encoders load on first use; each text set is embedded once per encoder (the classifier's, when
-    # classifier_kind is embedding, and MAUVE's: one and the same for the default minilm-l6).
-    embedders: dict[str, Embedder] = {}
-
-    def embedder(name: str) -> Embedder:
-        if name not in embedders:
-            embedders[name] = Embedder(name, max_length=cfg.max_length, batch_size=2 * cfg.batch_size, device=device)
-        return embedders[name]
-
-    def fit_and_score(source: Source, keep_model: bool = False) -> tuple[dict[str, Any], Any]:
-        if cfg.classifier_kind == "embedding":
-            return train_and_test_embedding(source, test_set, label_names, cfg, embedder(cfg.classifier))
-        return train_and_test(source, test_set, label_names, cfg, device, keep_model=keep_model)
-
-    def predict_labels(classifier: Any, source: Source) -> np.ndarray:
-        if cfg.classifier_kind == "embedding":
-            return classifier.predict_features(embedder(cfg.classifier).features(source.name, source.texts))
-        return predict(classifier, source.texts, cfg.max_length, 2 * cfg.batch_size, device)
-
-    heldout_rows = sample_rows(len(test_set.texts), cfg.mauve_max_texts, cfg.seed)
-
-    def mauve_of(source: Source, rows: np.ndarray) -> dict[str, Any]:
-        if not cfg.mauve:
-            return {"mauve": None, "mauve_details": {"note": "evaluate.mauve is false"}}
-        print(f"{source.name}: MAUVE of {len(rows)} texts against {len(heldout_rows)} held-out real texts ...",
-              flush=True)
-        features = embedder(MAUVE_ENCODER)
-        return source_mauve(features.features(source.name, source.texts, rows),
-                            features.features("test", test_set.texts, heldout_rows), cfg)
-
     if "real" in sources:
-        rows = stratified_indices(np.asarray(train_labels), cfg.n_real_train, cfg.seed, "evaluate.n_real_train")
-        real = Source("real", [train_texts[i] for i in rows], [train_labels[i] for i in rows])
-        # the real-vs-real MAUVE reference: as many real texts as the largest synthetic set
-        n_reference = max((len(s.texts) for s in synthetic.values()), default=len(real.texts))
-        reference_rows = sample_rows(len(real.texts), min(n_reference, cfg.mauve_max_texts), cfg.seed)
-
-        def fit_real() -> tuple[dict[str, Any], Any]:
-            store = shared_store()
-            if store is None or cfg.classifier_kind != "finetune":  # the embedding classifier takes seconds
-                return fit_and_score(real, keep_model=True)
-            directory = store / f"real-classifier-{real_classifier_key(real, test_set, cfg, device)}"
-            saved = load_saved_classifier(directory, device)
-            if saved is not None:
-                print(f"real: the classifier an earlier run of the sweep trained on the same texts, from {directory}",
-                      flush=True)
-                entry, classifier = saved
-                return {**entry, "shared_from_sweep": True}, classifier
-            entry, classifier = fit_and_score(real, keep_model=True)
-            if classifier is not None:
-                save_classifier(classifier, entry, directory)
-            return entry, classifier
-
-        def evaluate_real() -> dict[str, Any]:
-            entry, classifier = fit_real()
-            fidelity = {}
-            for name, source in synthetic.items():
-                if classifier is None:
-                    fidelity[name] = {"overall": None, "per_label": None, "n": len(source.texts),
-                                      "note": "the real-data classifier was not trained"}
-                    continue
-                fidelity[name] = label_fidelity(source.labels, predict_labels(classifier, source), label_names)
-            del classifier
-            release_memory()
-            return {**entry, **mauve_of(real, reference_rows), "fidelity_of": fidelity}
-
-        metrics["real"] = _resumable(partial_dir, "real", key, evaluate_real)
-
+        metrics["real"] = _resumable(partial_dir, "real", key, lambda: evaluate_real(ev, synthetic))
+    if "dp_classifier" in sources:
+        metrics["dp_classifier"] = _resumable(partial_dir, "dp_classifier", key, lambda: evaluate_dp_classifier(ev))
     for name, source in synthetic.items():
-        def evaluate_synthetic(source: Source = source) -> dict[str, Any]:
-            entry, _ = fit_and_score(source)
-            mauve = mauve_of(source, sample_rows(len(source.texts), cfg.mauve_max_texts, cfg.seed))
-            print(f"{source.name}: diversity, lengths, memorisation screen ...", flush=True)
-            ids = text_token_ids(source.texts, generator_tokenizer)
-            return {**entry, **mauve, **synthetic_quality(source, ids, train_ids, train_texts, label_names, cfg)}
-
-        metrics[name] = _resumable(partial_dir, name, key, evaluate_synthetic)
+        metrics[name] = _resumable(partial_dir, name, key, lambda source=source: evaluate_synthetic(ev, source))
         fidelity = metrics.get("real", {}).get("fidelity_of", {}).get(name)
         metrics[name]["label_fidelity"] = fidelity or {
             "overall": None, "per_label": None, "n": len(source.texts),
             "note": "needs the real-data classifier: add real to evaluate.sources"}
     if "real" in metrics:
         metrics["real"].pop("fidelity_of", None)
-
-    def evaluate_reference() -> dict[str, Any]:
-        print("real test reviews: memorisation screen against the training set (reference) ...", flush=True)
-        test_ids = review_token_ids(test, generator_tokenizer.eos_token_id)
-        runs = longest_shared_runs(train_ids, test_ids)
-        return {"train_length": length_summary([len(ids) for ids in train_ids]),
-                "test_memorisation": memorisation_summary(runs, cfg.memorisation_threshold),
-                "test_memorisation_flagged": flagged_samples(runs, cfg.memorisation_threshold)}
-
-    reference = _resumable(partial_dir, "reference", key, evaluate_reference) if synthetic else None
-    metrics["meta"] = {
-        "classifier": cfg.classifier,
-        "classifier_kind": cfg.classifier_kind,
-        "classifier_description": describe_classifier(cfg.classifier_kind, cfg.classifier),
-        "label_names": label_names,
-        "f1_average": f1_average(num_labels),
-        "positive_label": label_names[1] if num_labels == 2 else None,
-        "n_test": len(test_set.texts),
-        "n_train_prepared": len(train_texts),
-        "generator_tokenizer": manifest["model"],
-        "device": device,
-        "sources": list(metrics),
-        "skipped": skipped,
-        "real_reference": reference,
-        "mauve": ({"features": MAUVE_ENCODER, "max_length": cfg.max_length, "heldout": "real test texts",
-                   "max_texts": cfg.mauve_max_texts, "n_heldout": int(len(heldout_rows)), "seed": cfg.seed}
-                  if cfg.mauve else None),
-        # this session's loading and embedding times (an interrupted run resumed counts only the rest)
-        "embedding_timing": [e.timing() for e in embedders.values()],
-    }
+    reference = _resumable(partial_dir, "reference", key, lambda: evaluate_reference(ev)) if synthetic else None
+    metrics["meta"] = stage_meta(ev, metrics, skipped, reference)
     flagged = take_flagged(metrics)  # positions of training records: private, never in metrics.json
     write_json_atomic(run.memorisation_flagged, {
         "private": "which samples copy which training rows (data/train), at which token offsets: keep with the "
@@ -400,6 +483,33 @@ def run_stage(run: RunDir, cfg: EvaluateConfig, force: bool = False) -> dict[str
     run.mark_complete(STAGE, cfg, started)
     shutil.rmtree(partial_dir, ignore_errors=True)  # the partial results are in metrics.json now
     return read_json(run.metrics)  # the same values a skipped run returns
+
+
+def stage_meta(ev: Evaluation, metrics: dict[str, Any], skipped: dict[str, str],
+               reference: dict[str, Any] | None) -> dict[str, Any]:
+    """metrics.json's `meta`: the classifier, the labels, the test set, MAUVE's settings, formats and timings."""
+    cfg = ev.cfg
+    return {
+        "classifier": cfg.classifier,
+        "classifier_kind": cfg.classifier_kind,
+        "classifier_description": describe_classifier(cfg.classifier_kind, cfg.classifier),
+        "label_names": ev.label_names,
+        "f1_average": f1_average(len(ev.label_names)),
+        "positive_label": ev.label_names[1] if len(ev.label_names) == 2 else None,
+        "n_test": len(ev.test.texts),
+        "n_train_prepared": len(ev.train.texts),
+        "generator_tokenizer": ev.generator_tokenizer.name_or_path,
+        "device": ev.device,
+        "precision": ev.precision.record(),
+        "sources": list(metrics),
+        "skipped": skipped,
+        "real_reference": reference,
+        "mauve": ({"features": MAUVE_ENCODER, "max_length": cfg.max_length, "heldout": "real test texts",
+                   "max_texts": cfg.mauve_max_texts, "n_heldout": int(len(ev.heldout_rows)), "seed": cfg.seed}
+                  if cfg.mauve else None),
+        # this session's loading and embedding times (an interrupted run resumed counts only the rest)
+        "embedding_timing": [e.timing() for e in ev.embedders.values()],
+    }
 
 
 def evaluated_sources(metrics: dict[str, Any]) -> list[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from testkit import LONG_REVIEW, TINY_EVALUATE, build_run, toy_reviews
 
-from dpnb import classifier, embeddings, memorisation
+from dpnb import privacy, classifier, embeddings, memorisation
 from dpnb.config import EvaluateConfig, GenerateConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import write_json_atomic
@@ -129,8 +129,15 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     cfg = build(EvaluateConfig, TINY_EVALUATE)
     metrics = evaluate.run_stage(run, cfg)
 
-    assert evaluate.evaluated_sources(metrics) == ["real", "synthetic", "zero_shot"]
+    assert evaluate.evaluated_sources(metrics) == ["real", "dp_classifier", "synthetic", "zero_shot"]
+    assert "pe" in metrics["meta"]["skipped"]  # generate made no Private Evolution set
     assert metrics == json.loads(run.metrics.read_text())
+    # the direct DP classifier: every prepared record, the budget stated, its privacy.json recomputable
+    direct = metrics["dp_classifier"]
+    assert direct["n_train"] == 32 and direct["n_test"] == 20 and direct["epsilon"] <= 8.0
+    saved_privacy = json.loads((run.dp_classifier / "privacy.json").read_text())
+    assert saved_privacy == direct["privacy"]
+    privacy.verify_privacy(saved_privacy)
     real, synthetic, zero_shot = metrics["real"], metrics["synthetic"], metrics["zero_shot"]
     assert (real["n_train"], real["n_test"], synthetic["n_train"], zero_shot["n_train"]) == (32, 20, 16, 4)
     assert real["trained"] and synthetic["trained"] and real["f1_average"] == "binary"
@@ -167,7 +174,7 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     assert not (run.path / "evaluate").exists()  # partial results are removed once metrics.json is written
 
     table = evaluate.metrics_table(metrics)
-    assert list(table.index) == ["real", "synthetic", "zero_shot"] and table.loc["real", "n_train"] == 32
+    assert list(table.index) == ["real", "dp_classifier", "synthetic", "zero_shot"] and table.loc["real", "n_train"] == 32
 
     # done with this config: skipped, same numbers; another config is refused
     assert evaluate.run_stage(run, cfg) == metrics
@@ -233,7 +240,7 @@ def test_missing_zero_shot_is_skipped_with_a_note_and_an_interrupted_run_resumes
     assert not run.is_complete("evaluate") and not run.metrics.exists()
     metrics = evaluate.run_stage(run, cfg)
     assert trained == ["real", "synthetic", "synthetic"]  # the real-data result was kept, not redone
-    assert evaluate.evaluated_sources(metrics) == ["real", "synthetic"]
+    assert evaluate.evaluated_sources(metrics) == ["real", "dp_classifier", "synthetic"]
     assert "zero_shot: false" in metrics["meta"]["skipped"]["zero_shot"]
     assert metrics["synthetic"]["label_fidelity"]["n"] == 16
 
@@ -281,7 +288,7 @@ def test_embedding_classifier_path_embeds_each_set_once_and_reports_like_the_fin
     fidelity = synthetic["label_fidelity"]
     assert fidelity["n"] == 16 and set(fidelity["per_label"]) == {"negative", "positive"}
     assert fidelity["overall"] >= 0.8  # toy reviews: the real-data classifier reads their labels
-    assert evaluate.metrics_table(metrics).shape == (3, 11)
+    assert evaluate.metrics_table(metrics).shape == (4, 11)
     utility = evaluate.utility_table(metrics)
     assert utility.loc["zero_shot", "accuracy_se"] == pytest.approx((0.25 / 20) ** 0.5)
     assert utility.loc["real", "mauve"] == real["mauve"]
