@@ -3,6 +3,7 @@
 One experiment is one directory, `runs/<name>/` by default; `RunDir` names every path in it:
 
     config.yaml               the resolved configuration of the run (written by `dpnb run`)
+    dpnb-run.lock             held by the `dpnb run` in progress, if any (`dpnb.runlock`)
     sweep-config.yaml         the same, for a run started by `dpnb sweep`; dpnb-run.log its output
     notebooks/NN_stage.ipynb  each stage's executed notebook (kept on failure too)
     stages/<stage>.json       completion marker: the stage's config, library versions, wall time
