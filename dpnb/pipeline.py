@@ -272,9 +272,10 @@ def run_stages(config_path: str, overrides: dict[str, Any], force: bool = False,
                verbose: bool = False, peers: FinetunePeers | None = None) -> Path:
     """The stages of one config in order, each as its notebook (the finetune stage with `peers`, when given).
 
-    The config and the machine (`check_environment`) are checked first, then the directory's lock
-    is taken (`dpnb.runlock`) and held to the end. Temporary files that a killed run left are
-    removed under the lock.
+    Whatever can be checked is checked before anything in the run directory changes: the config,
+    the machine (`check_environment`), the directory's lock (`dpnb.runlock`, held to the end) and
+    format, which stages are done or refused (`stages_to_run`), and the data the stages about to run
+    would read (`check_inputs`). Temporary files that a killed run left are removed under the lock.
     """
     run = load_run_config(config_path, overrides)
     selected = list(stages or run.stages)
@@ -288,8 +289,45 @@ def run_stages(config_path: str, overrides: dict[str, Any], force: bool = False,
         removed = remove_stale_temporaries(run_dir.path)
         if removed:
             print(f"removed {removed} temporary file(s) that an interrupted run left in {run_dir.path}", flush=True)
+        run_dir.require_compatible()
+        check_inputs(run, run_dir, stages_to_run(run, run_dir, selected, force))
         write_text_atomic(run_dir.config_file, to_yaml(run))
         return _run_in_order(run, run_dir, selected, force, verbose, peers)
+
+
+def stages_to_run(run: RunConfig, run_dir: RunDir, selected: list[str], force: bool) -> list[str]:
+    """The selected stages that will run: all when forced, else from the first one not current on.
+
+    A stage that runs makes every later one run too (its inputs change). A completed stage with
+    another config is refused here (`RunDir.is_current`), before anything is written.
+    """
+    if force:
+        return list(selected)
+    for index, name in enumerate(selected):
+        if not run_dir.is_current(name, run.stage(name)):
+            return list(selected[index:])
+    return []
+
+
+def check_inputs(run: RunConfig, run_dir: RunDir, to_run: list[str]) -> None:
+    """The stages' own checks of their data and of the N-dependent settings, made before any stage starts.
+
+    Prepare's (`stages.prepare.check_data`: columns, encoding, labels, classes, empty texts,
+    max_length) reads the source, and fine-tuning's plan (`dpsgd.plan_training`: the logical batch
+    and delta against N) needs only N: a bad input fails in seconds, as one line, with nothing written.
+    """
+    if "prepare" in to_run:
+        from dpnb.stages.prepare import check_data  # loads the data libraries only for a run that prepares
+
+        n_train = check_data(run.prepare)
+    elif run_dir.is_complete("prepare") and run_dir.manifest.exists():
+        n_train = int(read_json(run_dir.manifest)["n_train"])
+    else:
+        return  # the stage that needs prepare says so
+    if "finetune" in to_run:
+        from dpnb.dpsgd import plan_training
+
+        plan_training(run.finetune, n_train)
 
 
 def _run_in_order(run: RunConfig, run_dir: RunDir, selected: list[str], force: bool, verbose: bool,
