@@ -6,7 +6,9 @@ SIGINT or SIGTERM arrives (the loop finishes the current logical step first; a s
 at once). Rerunning resumes from it with the same noise multiplier and the restored accountant, so
 epsilon is never under-counted, and a resumed run reproduces the uninterrupted one bit for bit.
 A checkpoint resumes only the training it was written by: same model, records and config (up to
-the fields in `RESUME_NEUTRAL_FIELDS`, which do not change what is trained).
+the fields in `RESUME_NEUTRAL_FIELDS`, which do not change what is trained). It carries a checksum
+of its contents (`dpnb.io.save_torch_atomic`): a truncated or corrupted checkpoint is refused with
+the fix, never resumed.
 
 Under torchrun (`dpnb.distributed`) the weights, optimizer and accountant are the same on every
 rank, but the random states are not (each rank samples its own share of the records): rank 0
@@ -16,12 +18,9 @@ resumed run, which must have as many processes, restores its own.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import random
 import signal
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from dpnb import distributed, privacy
 from dpnb.errors import DpnbError
+from dpnb.io import DamagedFile, load_torch_verified, save_torch_atomic
 from dpnb.rundir import config_fingerprint  # the checkpoint's path is RunDir.checkpoint
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from dpnb.config import FinetuneConfig
     from dpnb.dpsgd import Records, Session
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: with a checksum of its contents (dpnb.io.save_torch_atomic)
 # Config fields that do not change what is trained: a checkpoint written under other values resumes.
 RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "samples_before_after", "device", "prefix_cache")
 
@@ -124,21 +124,21 @@ def save_checkpoint(path: Path, session: Session, position: Position, identity: 
             "rng": every_rank_rngs[0], "world_size": distributed.world_size(),
             "rank_rngs": every_rank_rngs if distributed.is_distributed() else None,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        save_torch_atomic(path, state, private=True)  # private: RNG states and optimizer state of private data
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only=False: the state holds numpy and Python RNG states; the file is our own, never downloaded
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """The checkpoint at `path`, verified against the checksum saved with it; a damaged one is refused.
+
+    A damaged state cannot be resumed (the weights, the optimizer or the random states would be
+    wrong) and is not silently dropped either: the run says what to do.
+    """
+    try:
+        # weights_only=False: the state holds numpy and Python RNG states; the file is our own, never downloaded
+        return load_torch_verified(path, weights_only=False)
+    except DamagedFile as why:
+        raise DamagedFile(f"{why}: it cannot be resumed. Delete it to train again from step 0 (dpnb run --force), "
+                          f"or put back an intact copy") from None
 
 
 # =========================================================================== stopping cleanly

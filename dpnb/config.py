@@ -65,16 +65,20 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         raise DpnbError(f"{where} = {value!r} must be true or false")
     if hint is float:
-        if isinstance(value, bool):
-            raise DpnbError(f"{where} = {value!r} must be a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML reads "1e-2" (no dot) as a string
+                number = float(value)  # YAML reads "1e-2" (no dot) as a string
             except ValueError:
                 pass
-        raise DpnbError(f"{where} = {value!r} must be a number")
+        if number is None:
+            raise DpnbError(f"{where} = {value!r} must be a number")
+        # no setting means anything at NaN or infinity (.nan, .inf in YAML): refused for every float at once
+        require(math.isfinite(number), f"{where} = {value!r} must be a finite number; give a value without NaN or "
+                                       f"infinity (.nan, .inf)")
+        return number
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -216,7 +220,8 @@ class FinetuneConfig:
         _one_of(self.lr_schedule, ("constant", "linear"), "finetune.lr_schedule")
         require(
             self.target_epsilon > 0 and math.isfinite(self.target_epsilon),
-            f"finetune.target_epsilon must be a positive number, got {self.target_epsilon!r}",
+            f"finetune.target_epsilon must be a positive number, got {self.target_epsilon!r}; give the privacy "
+            f"budget to train to, e.g. 8 (smaller is more private)",
         )
         if self.delta is not None:
             require(0 < self.delta < 1, f"finetune.delta must be in (0, 1), got {self.delta!r}")

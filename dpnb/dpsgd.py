@@ -66,6 +66,7 @@ from torch.utils.data import DataLoader
 from dpnb import distributed, privacy
 from dpnb.errors import DpnbError, require
 from dpnb.head_loss import FrozenHeadLoss
+from dpnb.io import DamagedFile
 from dpnb.models import quiet_transformers
 from dpnb.precision import Precision, choose
 from dpnb.prefix_cache import (
@@ -73,6 +74,7 @@ from dpnb.prefix_cache import (
     PrefixCache,
     TopBlocks,
     build_prefix_cache,
+    building_lock,
     collate_cached,
     frozen_fingerprint,
     records_fingerprint,
@@ -409,15 +411,18 @@ def shared_prefix_cache(model: nn.Module, records: Records, start: int, batch_si
     records_hash, frozen_hash = records_fingerprint(records.input_ids), frozen_fingerprint(model, start)
     key = hashlib.sha256(f"{records_hash}:{frozen_hash}:{batch_size}:{torch.device(device).type}:{dtype}".encode())
     directory = shared_dir / f"prefix-cache-{key.hexdigest()[:16]}"
-    if (directory / CACHE_FILE).exists():
-        cache = PrefixCache.load(directory, mmap=True)
-        if cache.meta.get("records") == records_hash and cache.meta.get("frozen") == frozen_hash:
-            return cache, f"shared by the sweep's runs, mapped from {directory} (private)"
-    cache = build_prefix_cache(frozen if frozen is not None else model, records, start=start, batch_size=batch_size,
-                               device=device, pad_id=pad_id, fingerprint=False)
-    cache.meta["frozen"] = frozen_hash  # the float32 weights' identity, whatever format ran them
-    shared_dir.mkdir(parents=True, exist_ok=True)
-    cache.save(directory)
+    with building_lock(directory):  # runs that need this cache at once: the first builds it, the others map it
+        if (directory / CACHE_FILE).exists():
+            try:
+                cache = PrefixCache.load(directory, mmap=True)
+                if cache.meta.get("records") == records_hash and cache.meta.get("frozen") == frozen_hash:
+                    return cache, f"shared by the sweep's runs, mapped from {directory} (private)"
+            except DamagedFile as why:  # never used: built again and replaced
+                print(f"{why}: building it again")
+        cache = build_prefix_cache(frozen if frozen is not None else model, records, start=start,
+                                   batch_size=batch_size, device=device, pad_id=pad_id, fingerprint=False)
+        cache.meta["frozen"] = frozen_hash  # the float32 weights' identity, whatever format ran them
+        cache.save(directory)
     return cache, f"built and saved for the sweep's other runs in {directory} (private)"
 
 

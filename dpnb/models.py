@@ -51,6 +51,7 @@ import huggingface_hub.constants
 import torch
 import tqdm.auto
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -341,6 +342,15 @@ def tokenizer_context(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return int(limit) if isinstance(limit, int) and 0 < limit < 10**9 else None
 
 
+def generator_positions(name: str) -> int | None:
+    """The positions of generator `name`, read from its config without its weights (None when it does not say)."""
+    preset, location = generator_location(name)
+    if preset.source == "tiny":
+        return None if preset.location == "gpt2-bpe" else TINY_POSITIONS  # gpt2-bpe: its tokenizer says 1,024
+    config = _from_pretrained(AutoConfig, preset, location)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def model_context(model: nn.Module) -> int | None:
     """The positions of a causal LM (`max_position_embeddings`, GPT-2's `n_positions`), or None if unknown."""
     config = getattr(model, "config", None)
@@ -399,6 +409,9 @@ def load_causal_lm(
     return model
 
 
+TINY_POSITIONS = 512  # of the tiny Llama and GPT-2 (not gpt2-bpe: GPT-2's 1,024)
+
+
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, n_positions: int | None = None) -> PreTrainedModel:
     """A 2-layer randomly initialised causal LM, built offline, for tests.
 
@@ -415,7 +428,7 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, n_positions: int | None =
         )
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config)
-    n_positions = n_positions or 512
+    n_positions = n_positions or TINY_POSITIONS
     tokenizer = load_tokenizer("smollm2-135m")
     vocab = len(tokenizer)
     if arch == "llama":

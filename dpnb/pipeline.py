@@ -21,6 +21,7 @@ once when rank 0 has no fine-tuning to run; the other stages run on rank 0 only.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import time
@@ -31,15 +32,17 @@ from typing import Any
 import papermill
 import torch
 from huggingface_hub import try_to_load_from_cache
+from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
 from dpnb import distributed, models, registry
 from dpnb.config import FinetuneConfig, build
 from dpnb.errors import DpnbError
-from dpnb.io import read_json, write_text_atomic
+from dpnb.io import read_json, remove_stale_temporaries, write_text_atomic
 from dpnb.notebook import HOME_ENV
 from dpnb.runconfig import RunConfig, load_run_config, to_dict, to_yaml
 from dpnb.rundir import RunDir
+from dpnb.runlock import RunLock
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,10 +163,17 @@ def _kernel_home() -> Iterator[None]:
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 
 
+def _not_kernel_died(record: logging.LogRecord) -> bool:
+    """A dead kernel is `execute_stage`'s one line of error; papermill's log line about it would be a second."""
+    return not record.getMessage().startswith("Kernel died")
+
+
 def execute_stage(stage: str, run_dir: Path, config: dict[str, Any], force: bool, log_output: bool) -> None:
     """Execute one stage's notebook with papermill into the run directory."""
     out = RunDir(run_dir).executed_notebook(stage)
     out.parent.mkdir(parents=True, exist_ok=True)
+    papermill_log = logging.getLogger("papermill")
+    papermill_log.addFilter(_not_kernel_died)
     try:
         with forward_interrupts(), _kernel_home():
             papermill.execute_notebook(
@@ -177,6 +187,14 @@ def execute_stage(stage: str, run_dir: Path, config: dict[str, Any], force: bool
             f"stage '{stage}' failed: {exc.ename}: {exc.evalue}. The executed notebook is kept at {out}; "
             f"fix the cause and rerun the same command to resume"
         ) from None
+    except DeadKernelError:
+        raise DpnbError(
+            f"stage '{stage}' stopped: its notebook kernel died (killed, by the out-of-memory killer or kill -9 "
+            f"perhaps); what it finished is kept and nothing half-written is read: rerun the same command to "
+            f"resume (with less memory in use, if it ran out)"
+        ) from None
+    finally:
+        papermill_log.removeFilter(_not_kernel_died)
 
 
 class FinetunePeers:
@@ -252,15 +270,68 @@ def run_pipeline(config_path: str, overrides: dict[str, Any], force: bool = Fals
 
 def run_stages(config_path: str, overrides: dict[str, Any], force: bool = False, stages: list[str] | None = None,
                verbose: bool = False, peers: FinetunePeers | None = None) -> Path:
-    """The stages of one config in order, each as its notebook (the finetune stage with `peers`, when given)."""
+    """The stages of one config in order, each as its notebook (the finetune stage with `peers`, when given).
+
+    Whatever can be checked is checked before anything in the run directory changes: the config,
+    the machine (`check_environment`), the directory's lock (`dpnb.runlock`, held to the end) and
+    format, which stages are done or refused (`stages_to_run`), and the data the stages about to run
+    would read (`check_inputs`). Temporary files that a killed run left are removed under the lock.
+    """
     run = load_run_config(config_path, overrides)
     selected = list(stages or run.stages)
     for name in selected:
         registry.stage(name)  # an unknown stage fails here, before any work
     check_environment(run)
     run_dir = RunDir(run.run_dir)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir.config_file, to_yaml(run))
+    with RunLock(run_dir.path) as lock:
+        if lock.note:
+            print(lock.note, flush=True)
+        removed = remove_stale_temporaries(run_dir.path)
+        if removed:
+            print(f"removed {removed} temporary file(s) that an interrupted run left in {run_dir.path}", flush=True)
+        run_dir.require_compatible()
+        check_inputs(run, run_dir, stages_to_run(run, run_dir, selected, force))
+        write_text_atomic(run_dir.config_file, to_yaml(run))
+        return _run_in_order(run, run_dir, selected, force, verbose, peers)
+
+
+def stages_to_run(run: RunConfig, run_dir: RunDir, selected: list[str], force: bool) -> list[str]:
+    """The selected stages that will run: all when forced, else from the first one not current on.
+
+    A stage that runs makes every later one run too (its inputs change). A completed stage with
+    another config is refused here (`RunDir.is_current`), before anything is written.
+    """
+    if force:
+        return list(selected)
+    for index, name in enumerate(selected):
+        if not run_dir.is_current(name, run.stage(name)):
+            return list(selected[index:])
+    return []
+
+
+def check_inputs(run: RunConfig, run_dir: RunDir, to_run: list[str]) -> None:
+    """The stages' own checks of their data and of the N-dependent settings, made before any stage starts.
+
+    Prepare's (`stages.prepare.check_data`: columns, encoding, labels, classes, empty texts,
+    max_length) reads the source, and fine-tuning's plan (`dpsgd.plan_training`: the logical batch
+    and delta against N) needs only N: a bad input fails in seconds, as one line, with nothing written.
+    """
+    if "prepare" in to_run:
+        from dpnb.stages.prepare import check_data  # loads the data libraries only for a run that prepares
+
+        n_train = check_data(run.prepare)
+    elif run_dir.is_complete("prepare") and run_dir.manifest.exists():
+        n_train = int(read_json(run_dir.manifest)["n_train"])
+    else:
+        return  # the stage that needs prepare says so
+    if "finetune" in to_run:
+        from dpnb.dpsgd import plan_training
+
+        plan_training(run.finetune, n_train)
+
+
+def _run_in_order(run: RunConfig, run_dir: RunDir, selected: list[str], force: bool, verbose: bool,
+                  peers: FinetunePeers | None) -> Path:
     print(f"run {run.name} -> {run_dir.path}  (stages: {', '.join(selected)})", flush=True)
     started = time.time()
     upstream_ran = False

@@ -30,6 +30,10 @@ records (in memory, or in a directory only the owner can read: `PrefixCache.save
 mode 0700 and refuses a directory others can read) and delete them with the run's other private
 intermediates. They are never released; only the DP-trained weights are.
 
+Faults. A saved cache carries a checksum of its contents, checked when it is loaded: a truncated or
+corrupted file is never used (the sweep's shared cache is rebuilt). Runs that need the same shared
+cache at once build it one at a time (`building_lock`): the later ones wait and map it.
+
 Use in the training loop (Opacus hooks mode):
 
     cache = build_prefix_cache(model, records)            # once, before training
@@ -46,11 +50,12 @@ weights are saved from the model as before.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import stat
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -61,9 +66,11 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from dpnb.errors import DpnbError
+from dpnb.io import DamagedFile, load_torch_verified, save_torch_atomic
 
 CACHE_FILE = "prefix_states.pt"
-CACHE_FORMAT = 1
+LOCK_FILE = "build.lock"  # `building_lock`
+CACHE_FORMAT = 2  # 2: with a checksum of its contents
 SUPPORTED = ("llama", "gpt2")
 
 
@@ -255,31 +262,27 @@ class PrefixCache:
                                 f"another start block); rebuild it (build_prefix_cache)")
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the cache to `directory`/prefix_states.pt (atomically); the directory is created private
-        (0700) and must not be readable by others: the states are as sensitive as the records."""
+        """Write the cache to `directory`/prefix_states.pt (atomically, with a checksum of its contents); the
+        directory is created private (0700) and must not be readable by others: the states are as sensitive
+        as the records."""
         path = _private_directory(Path(directory))
-        target = path / CACHE_FILE
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{CACHE_FILE}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            os.chmod(tmp, 0o600)
-            torch.save({"format": CACHE_FORMAT, "states": self.states.cpu(), "offsets": self.offsets.cpu(),
-                        "start": self.start, "meta": dict(self.meta)}, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        state = {"format": CACHE_FORMAT, "states": self.states.cpu(), "offsets": self.offsets.cpu(),
+                 "start": self.start, "meta": dict(self.meta)}
+        return save_torch_atomic(path / CACHE_FILE, state, private=True)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = True) -> PrefixCache:
-        """The cache saved in `directory`; `mmap` maps the states from the file instead of reading them."""
+        """The cache saved in `directory`; `mmap` maps the states from the file instead of reading them.
+
+        The states are checked against the checksum saved with them (reading them once): a truncated or
+        corrupted file, or one of another format, is a `DamagedFile` error, never used.
+        """
         path = Path(directory) / CACHE_FILE
         if not path.exists():
             raise DpnbError(f"{path} does not exist; build the cache with build_prefix_cache and save it")
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        saved = load_torch_verified(path, mmap=mmap)
         if saved.get("format") != CACHE_FORMAT:
-            raise DpnbError(f"{path} has cache format {saved.get('format')}, not {CACHE_FORMAT}; rebuild it")
+            raise DamagedFile(f"{path} has cache format {saved.get('format')}, not {CACHE_FORMAT}; rebuild it")
         return cls(saved["states"], saved["offsets"], int(saved["start"]), dict(saved["meta"]))
 
     @staticmethod
@@ -287,20 +290,39 @@ class PrefixCache:
         """Remove a saved cache (the directory too when it is left empty)."""
         path = Path(directory)
         (path / CACHE_FILE).unlink(missing_ok=True)
+        (path / LOCK_FILE).unlink(missing_ok=True)
         if path.is_dir() and not any(path.iterdir()):
             path.rmdir()
 
 
 def _private_directory(path: Path) -> Path:
-    if path.exists():
+    try:
+        path.mkdir(mode=0o700, parents=True)
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+    except FileExistsError:  # made earlier, or just now by another run of the sweep: it must be private
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             raise DpnbError(f"{path} is readable by others (mode {mode:o}); the prefix cache holds states computed "
-                            f"from the private records: give a directory with mode 0700 (chmod 700 {path})")
-        return path
-    path.mkdir(mode=0o700, parents=True)
-    os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+                            f"from the private records: give a directory with mode 0700 (chmod 700 {path})") from None
     return path
+
+
+@contextlib.contextmanager
+def building_lock(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold `directory`/build.lock exclusively: one process at a time looks for, builds and saves this cache.
+
+    Two runs of a sweep that need the same cache at once: the second waits while the first builds
+    and saves it, then maps it (a cache takes minutes to build; waiting costs nothing more). The lock
+    is the kernel's (`flock`), so a process killed while holding it releases it. The directory is
+    created private first (`PrefixCache.save`'s rule).
+    """
+    path = _private_directory(Path(directory))
+    with open(path / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class _TrainingModes:

@@ -111,7 +111,9 @@ def read_config_values(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[st
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise DpnbError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise DpnbError(f"{path} is not valid YAML{where} ({str(exc).splitlines()[0]}); fix its syntax there") from None
     if not isinstance(values, dict):
         raise DpnbError(f"{path} must hold a mapping of settings at the top level")
     base = values.pop("base", None)
@@ -132,8 +134,23 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     """Read a run config from YAML. `overrides` are dotted keys, e.g. {"finetune.target_epsilon": 3}."""
     values = read_config_values(path)
     for dotted, value in (overrides or {}).items():
+        require_setting(dotted)
         set_dotted(values, dotted, value)
     return run_config_from_dict(values, where=str(path))
+
+
+def require_setting(dotted: str) -> None:
+    """Refuse a `--set` key that names no setting (a typo must never be taken for a new key)."""
+    top, _, rest = dotted.partition(".")
+    top_keys = sorted(f.name for f in dataclasses.fields(RunConfig))
+    require(top in top_keys, f"--set {dotted}: there is no setting {top!r}; the top-level settings are "
+                             f"{', '.join(top_keys)} (a stage's as stage.key, e.g. finetune.target_epsilon)")
+    if top not in STAGES:
+        require(not rest, f"--set {dotted}: {top} is a single value, not a section; use --set {top}=VALUE")
+        return
+    keys = sorted(f.name for f in dataclasses.fields(STAGES[top].config_class))
+    require(rest.split(".")[0] in keys, f"--set {dotted}: the {top} section has no setting {rest.split('.')[0]!r}; "
+                                        f"its settings are {', '.join(keys)}")
 
 
 def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:

@@ -3,6 +3,7 @@
 One experiment is one directory, `runs/<name>/` by default; `RunDir` names every path in it:
 
     config.yaml               the resolved configuration of the run (written by `dpnb run`)
+    dpnb-run.lock             held by the `dpnb run` in progress, if any (`dpnb.runlock`)
     sweep-config.yaml         the same, for a run started by `dpnb sweep`; dpnb-run.log its output
     notebooks/NN_stage.ipynb  each stage's executed notebook (kept on failure too)
     stages/<stage>.json       completion marker: the stage's config, library versions, wall time
@@ -34,7 +35,9 @@ same records and weights; the zero-shot set of the same base model, prompts and 
 states computed from the private records: it is as private as the runs.
 
 A stage is complete when its marker exists; the marker is written last, atomically, so a crash
-never leaves a stage that looks complete. A completed stage is current when it finished with the
+never leaves a stage that looks complete. Each marker names the run directory's format
+(`RUN_FORMAT`): a directory written by a dpnb with another layout is refused, not misread
+(`require_compatible`). A completed stage is current when it finished with the
 same config and the same upstream results (`is_current`); a current stage is skipped when rerun, a
 completed stage that is not current is refused with a clear error, and redone only when forced
 (`should_run`).
@@ -59,6 +62,9 @@ from dpnb.io import read_json, to_json, write_json_atomic
 SHARED_STORE_ENV = "DPNB_SHARED_DIR"  # set by `dpnb sweep` for its runs: <runs_dir>/shared
 CHECKPOINT_FILE = "latest.pt"  # the one resumable training state in checkpoints/
 TWINS_DIR = "audit"  # the audit's twins, each a run-like directory
+# The layout of a run directory; a marker without one was written before it was recorded (format 1).
+# Change it whenever a file contract in the module docstring changes incompatibly.
+RUN_FORMAT = 1
 
 
 # --------------------------------------------------------------------------- stage completion
@@ -172,6 +178,16 @@ class RunDir:
     def marker(self, stage: str) -> Path:
         return self.stages / f"{stage}.json"
 
+    def require_compatible(self) -> None:
+        """Refuse a run directory whose stages were written by a dpnb with another layout (`RUN_FORMAT`)."""
+        for marker in sorted(self.stages.glob("*.json")) if self.stages.is_dir() else []:
+            found = read_json(marker).get("format", 1)
+            if found != RUN_FORMAT:
+                raise DpnbError(
+                    f"{self.path} was written by a dpnb with run-directory format {found} ({marker.name}); this dpnb "
+                    f"reads format {RUN_FORMAT}. Use a new run name (or another runs_dir), or run the dpnb version "
+                    f"that wrote it (its markers name it under 'versions')")
+
     def is_complete(self, stage: str) -> bool:
         return self.marker(stage).exists()
 
@@ -201,6 +217,7 @@ class RunDir:
         """
         if not self.is_complete(stage):
             return False
+        self.require_compatible()
         saved = read_json(self.marker(stage))
         if saved.get("fingerprint") == self.fingerprint(stage, config):
             return True
@@ -228,6 +245,7 @@ class RunDir:
             self.marker(stage),
             {
                 "stage": stage,
+                "format": RUN_FORMAT,
                 "fingerprint": self.fingerprint(stage, config),
                 "config": _plain(config),
                 "finished_at": datetime.datetime.now().astimezone().isoformat(timespec="microseconds"),

@@ -16,7 +16,8 @@ Outputs of `sample_labelled`, in its `out_dir` (built aside and moved into place
 
     shards/shard-00000.jsonl  raw samples (new token ids after the prompt, cut at the first stop token)
     shards/plan.json          what the shards were sampled with (model weights hash, prompts, settings)
-    shards/log.jsonl          one line per shard: samples, new tokens, sampling seconds
+    shards/log.jsonl          one line per shard: samples, new tokens, sampling seconds, sha256; a shard
+                              counts as sampled once its line is written and its bytes match (else resampled)
     data-*.arrow, state.json  the `datasets` data set: text, label, label_name (`load_synthetic`)
     samples.jsonl, samples.csv  the same rows for readers without `datasets`
     README.md                 dataset card: the privacy guarantee (or its absence) and how the set was made
@@ -52,6 +53,7 @@ from dpnb.dataset_card import Provenance, dataset_card, guarantee_summary
 from dpnb.decoding import is_supported, sample_continuations
 from dpnb.errors import DpnbError, require
 from dpnb.io import (
+    DamagedFile,
     append_jsonl,
     atomic_directory,
     publish_once,
@@ -68,7 +70,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DROP_REASONS = ("empty", "too_short", "repetitive")
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: each shard's log line holds its sha256
 
 
 class LabelPrompt(Protocol):
@@ -291,14 +293,36 @@ def degeneracy_reason(text: str, token_ids: Sequence[int], min_words: int,
 # --------------------------------------------------------------------------- shards
 
 
-def _read_shard(path: Path, spec: ShardSpec) -> list[dict[str, Any]]:
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _checksums(shards: Path) -> dict[int, str | None]:
+    """Each shard's sha256 as its log line gives it (the line is written once the shard is in place)."""
+    return {entry["shard"]: entry.get("sha256") for entry in read_jsonl(shards / "log.jsonl")}
+
+
+def _read_shard(path: Path, spec: ShardSpec, checksum: str | None) -> list[dict[str, Any]]:
+    """The samples of a shard; `DamagedFile` when its bytes are not the ones its log line vouches for."""
+    data = path.read_bytes()
+    if checksum is None or hashlib.sha256(data).hexdigest() != checksum:
+        raise DamagedFile(f"{path} is damaged or unfinished (its bytes do not match the sha256 in log.jsonl)")
+    records = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
     if len(records) != spec.n or any(r["label"] != spec.label for r in records):
         raise DpnbError(
             f"{path} does not hold the {spec.n} samples of label {spec.label} it should; "
             f"delete {path.parent} to sample again"
         )
     return records
+
+
+def _intact(path: Path, spec: ShardSpec, checksums: dict[int, str | None]) -> bool:
+    """Whether the shard is on disk and intact; a damaged or unfinished one is deleted (so sampled again)."""
+    if not path.exists():
+        return False
+    try:
+        _read_shard(path, spec, checksums.get(spec.index))
+    except DamagedFile as why:
+        print(f"{why}: sampling it again")
+        path.unlink()
+        return False
+    return True
 
 
 def _prepare_shard_dir(out_dir: Path, plan: dict[str, Any], postprocessing: dict[str, Any],
@@ -335,7 +359,8 @@ def _sample_shards(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
     """Sample every shard not on disk yet, writing each atomically as soon as it is complete."""
     gen_config = generation_config(cfg, stop_ids, pad_id)
     engine = sampling_engine(cfg, model)
-    missing = [spec for spec in specs if not (shards / spec.name).exists()]
+    checksums = _checksums(shards)
+    missing = [spec for spec in specs if not _intact(shards / spec.name, spec, checksums)]
     total = sum(spec.n for spec in specs)
     done = total - sum(spec.n for spec in missing)
     cuda_devices = [model.device] if model.device.type == "cuda" else []
@@ -375,9 +400,11 @@ def _sample_shards(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, p
             seconds = time.perf_counter() - started
             # a sample's tokens: what it kept, plus the stop token the model also had to produce
             new_tokens = sum(len(r["ids"]) + r["stopped"] for r in records)
-            write_text_atomic(shards / spec.name, "".join(json.dumps(r) + "\n" for r in records))
-            append_jsonl(shards / "log.jsonl",
-                         {"shard": spec.index, "n": spec.n, "new_tokens": new_tokens, "wall_s": seconds})
+            text = "".join(json.dumps(r) + "\n" for r in records)
+            write_text_atomic(shards / spec.name, text)
+            append_jsonl(shards / "log.jsonl",  # the shard counts as done once this line vouches for it
+                         {"shard": spec.index, "n": spec.n, "new_tokens": new_tokens, "wall_s": seconds,
+                          "sha256": hashlib.sha256(text.encode()).hexdigest()})
             new_tokens_now, seconds_now = new_tokens_now + new_tokens, seconds_now + seconds
             bar.set_postfix(tokens_per_s=f"{new_tokens_now / max(seconds_now, 1e-9):.0f}")
             if on_shard is not None:
@@ -477,8 +504,9 @@ def _postprocess(
     dropped = dict.fromkeys(DROP_REASONS, 0)
     dropped_by_label = {name: dict.fromkeys(DROP_REASONS, 0) for name in label_names}
     hit_max = 0
+    checksums = _checksums(shards)
     for spec in specs:
-        records = _read_shard(shards / spec.name, spec)
+        records = _read_shard(shards / spec.name, spec, checksums.get(spec.index))
         texts = tokenizer.batch_decode([r["ids"] for r in records], skip_special_tokens=True)
         name = label_names[spec.label]
         for record, raw_text in zip(records, texts, strict=True):
@@ -509,7 +537,7 @@ def _speed(shards: Path, specs: list[ShardSpec]) -> dict[str, Any]:
         "new_tokens": new_tokens,
         "sampling_wall_s": round(seconds, 3),
         "tokens_per_second": round(new_tokens / seconds, 2) if seconds > 0 else None,
-        "timed_shards": len(timed),  # a crash between a shard and its log line leaves one untimed
+        "timed_shards": len(timed),  # every shard: one without its log line is sampled again
     }
 
 

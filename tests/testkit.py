@@ -4,7 +4,8 @@
 - token records for the DP-SGD tests: VOCAB, PAD, EOS, `small_records`, `as_dataset`;
 - notebooks: REPO, NOTEBOOKS, `execute_notebook`, `nbval_check` (see below);
 - stage settings: TINY_FINETUNE and TINY_AUDIT (a tiny audit), TINY_EVALUATE, LONG_REVIEW and
-  `build_run` (a tiny prepared run with synthetic sets, for evaluate).
+  `build_run` (a tiny prepared run with synthetic sets, for evaluate);
+- whole runs: `tiny_config` (a run config on tiny settings) and `write_config`.
 
 Each notebook test runs in two steps:
 1. papermill executes `notebooks/NN_name.ipynb` with the test parameters into a temporary copy;
@@ -135,6 +136,35 @@ LONG_REVIEW = (
 )
 
 TINY_EVALUATE = {"epochs": 1, "lr": 3e-4, "batch_size": 16, "max_length": 24, "memorisation_threshold": 30}
+
+
+def tiny_config(toy_data_dir: Path, runs_dir: Path, **changes: Any) -> dict:
+    """A whole run config on tiny settings (tiny-llama, the toy reviews): stages 01-04 in a minute or two."""
+    config = {
+        "name": "tiny",
+        "runs_dir": str(runs_dir),
+        "model": "tiny-llama",
+        "seed": 0,
+        "stages": ["prepare", "finetune", "generate", "evaluate"],
+        "prepare": {"source": str(toy_data_dir), "max_length": 32, "n_test": 60},
+        "finetune": {"mode": "full", "target_epsilon": 8, "epochs": 1, "logical_batch_size": 50,
+                     "physical_batch_size": 25, "max_grad_norm": 1.0, "lr": 1e-3, "checkpoint_every": 2,
+                     "samples_before_after": 1},
+        "generate": {"n_per_label": 6, "max_new_tokens": 12, "batch_size": 6, "shard_size": 4, "min_words": 1},
+        "evaluate": {"classifier": "minilm-l6", "epochs": 1, "batch_size": 16, "max_length": 32,
+                     "n_real_train": 60},
+    }
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> str:
+    """`config` as a YAML file at `path`; returns the path as `dpnb run` takes it."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
 
 
 def build_run(root: Path, zero_shot: bool = True, generate: bool = True) -> RunDir:

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
-from dpnb import distributed, privacy
+from dpnb import distributed, faults, privacy
 from dpnb.checkpoints import (
     Position,
     StopRequest,
@@ -206,6 +206,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
                     if main:
                         say(f"checkpoint at step {position.step}: {out.checkpoint.stat().st_size / 2**20:.1f} "
                             f"MiB (replaces the previous one)")
+                faults.reached(f"finetune step {position.step}")  # the fault tests kill or hold here
                 if stopping and position.step < plan.steps:
                     raise TrainingInterrupted(
                         f"training stopped at step {position.step} of {plan.steps} ({stop.reason or 'as asked'}); "

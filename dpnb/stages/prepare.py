@@ -92,14 +92,36 @@ class Prepared(NamedTuple):
     stats: dict[str, Any]
 
 
+def _require_max_length_fits(cfg: PrepareConfig, tokenizer: Any) -> None:
+    """A record cut to max_length must fit the model's positions (its config's, and its tokenizer's limit)."""
+    limits = [n for n in (models.tokenizer_context(tokenizer), models.generator_positions(cfg.model)) if n]
+    limit = min(limits, default=None)
+    require(limit is None or cfg.max_length <= limit,
+            f"prepare.max_length = {cfg.max_length} exceeds the {limit} positions of {cfg.model}; lower "
+            f"prepare.max_length to at most {limit}")
+
+
+def check_data(cfg: PrepareConfig) -> int:
+    """Steps 1-3 and the token budget, writing nothing; returns N, the number of training records.
+
+    `dpnb run` calls it before any stage starts, so that every problem of the data (a missing column,
+    a file that is not UTF-8, unknown labels, one class, too many empty texts, max_length beyond the
+    model) is one line before a notebook runs or anything in the run directory changes.
+    """
+    raw, _ = load_splits(cfg)
+    _require_max_length_fits(cfg, models.load_tokenizer(cfg.model))
+    sizes = {}
+    for role, n in (("train", cfg.n_train), ("test", cfg.n_test)):
+        checked, _ = validate_split(raw[role], cfg)
+        sizes[role] = len(subsample(checked, n, cfg.seed, role, cfg.label_names))
+    return sizes["train"]
+
+
 def prepare_data(cfg: PrepareConfig) -> Prepared:
     """Steps 1-5 in memory: load, validate, subsample, format and tokenise, and count."""
     raw, description = load_splits(cfg)
     tokenizer = models.load_tokenizer(cfg.model)  # through the module, so tests can hand in a loaded one
-    limit = models.tokenizer_context(tokenizer)
-    require(limit is None or cfg.max_length <= limit,
-            f"prepare.max_length = {cfg.max_length} exceeds the {limit} positions of {cfg.model} (its tokenizer's "
-            f"model_max_length); lower prepare.max_length to at most {limit}")
+    _require_max_length_fits(cfg, tokenizer)
     fmt = PromptFormat.from_config(cfg)
     columns, stats = {}, {}
     for role, n in (("train", cfg.n_train), ("test", cfg.n_test)):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from testkit import LONG_REVIEW, TINY_EVALUATE, build_run, toy_reviews
 
-from dpnb import privacy, classifier, embeddings, memorisation
+from dpnb import classifier, embeddings, memorisation, privacy
 from dpnb.config import EvaluateConfig, GenerateConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import write_json_atomic
@@ -174,7 +174,8 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     assert not (run.path / "evaluate").exists()  # partial results are removed once metrics.json is written
 
     table = evaluate.metrics_table(metrics)
-    assert list(table.index) == ["real", "dp_classifier", "synthetic", "zero_shot"] and table.loc["real", "n_train"] == 32
+    assert list(table.index) == ["real", "dp_classifier", "synthetic", "zero_shot"]
+    assert table.loc["real", "n_train"] == 32
 
     # done with this config: skipped, same numbers; another config is refused
     assert evaluate.run_stage(run, cfg) == metrics

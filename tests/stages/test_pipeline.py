@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import yaml
+from testkit import tiny_config, write_config
 
 from dpnb import independent_accounting, pipeline, privacy
 from dpnb.errors import DpnbError
@@ -16,34 +16,9 @@ from dpnb.rundir import RunDir
 from dpnb.sweep import run_sweep
 
 
-def tiny_config(toy_data_dir, runs_dir, **changes) -> dict:
-    config = {
-        "name": "tiny",
-        "runs_dir": str(runs_dir),
-        "model": "tiny-llama",
-        "seed": 0,
-        "stages": ["prepare", "finetune", "generate", "evaluate"],
-        "prepare": {"source": str(toy_data_dir), "max_length": 32, "n_test": 60},
-        "finetune": {"mode": "full", "target_epsilon": 8, "epochs": 1, "logical_batch_size": 50,
-                     "physical_batch_size": 25, "max_grad_norm": 1.0, "lr": 1e-3, "checkpoint_every": 2,
-                     "samples_before_after": 1},
-        "generate": {"n_per_label": 6, "max_new_tokens": 12, "batch_size": 6, "shard_size": 4, "min_words": 1},
-        "evaluate": {"classifier": "minilm-l6", "epochs": 1, "batch_size": 16, "max_length": 32,
-                     "n_real_train": 60},
-    }
-    for key, value in changes.items():
-        config[key] = value
-    return config
-
-
-def write(path, config):
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 @pytest.mark.slow
 def test_whole_pipeline_skip_refuse_force(tmp_path, toy_data_dir, capsys):
-    config = write(tmp_path / "tiny.yaml", tiny_config(toy_data_dir, tmp_path / "runs"))
+    config = write_config(tmp_path / "tiny.yaml", tiny_config(toy_data_dir, tmp_path / "runs"))
     run = RunDir(pipeline.run_pipeline(config, {}))
 
     for stage in ("prepare", "finetune", "generate", "evaluate"):
@@ -84,7 +59,7 @@ def test_sweep_of_two_runs_and_the_report(tmp_path, toy_data_dir):
     config = tiny_config(toy_data_dir, tmp_path / "runs")
     config["finetune"]["top_layers"] = 1  # the frozen-prefix cache, which the two runs share
     config["sweep"] = {"name": "eps{finetune.target_epsilon}", "grid": {"finetune.target_epsilon": [2, 8]}}
-    names = run_sweep(write(tmp_path / "sweep.yaml", config), jobs=1)
+    names = run_sweep(write_config(tmp_path / "sweep.yaml", config), jobs=1)
     assert names == ["eps2", "eps8"]
     runs = [RunDir(tmp_path / "runs" / n) for n in names]
     epsilons = [read_json(run.privacy)["epsilon"] for run in runs]

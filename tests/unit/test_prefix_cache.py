@@ -12,8 +12,10 @@ x the largest entry; feeding the rotary embedding wrong positions gives 1e-2).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
+import threading
 
 import pytest
 import torch
@@ -21,9 +23,11 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+from dpnb import dpsgd
 from dpnb.dpsgd import Records, collate, per_record_loss, shared_prefix_cache
 from dpnb.errors import DpnbError
 from dpnb.head_loss import FrozenHeadLoss
+from dpnb.io import DamagedFile
 from dpnb.prefix_cache import (
     PrefixCache,
     TopBlocks,
@@ -249,3 +253,64 @@ def test_a_sweeps_runs_share_one_cache_per_records_and_weights(tmp_path):
     changed, where = shared_prefix_cache(model, recs, 2, 2, "cpu", 0, shared)
     assert where.startswith("built") and not torch.equal(changed.states, alone.states)
     assert len(list(shared.iterdir())) == 3
+
+
+def test_a_damaged_shared_cache_is_built_again_never_used(tmp_path, capsys):
+    model, recs, shared = top_lora("llama"), records(), tmp_path / "shared"
+    built, _ = shared_prefix_cache(model, recs, 2, 2, "cpu", 0, shared)
+    (directory,) = shared.iterdir()
+    path = directory / "prefix_states.pt"
+    data = path.read_bytes()
+    for damaged in (data[: len(data) // 2], data[:-4096] + bytes([data[-4096] ^ 0x01]) + data[-4095:]):
+        path.write_bytes(damaged)
+        with pytest.raises(DamagedFile, match="prefix_states.pt is damaged"):
+            PrefixCache.load(directory)
+        cache, where = shared_prefix_cache(model, recs, 2, 2, "cpu", 0, shared)
+        assert where.startswith("built and saved") and "is damaged" in capsys.readouterr().out
+        assert torch.equal(cache.states, built.states)
+        assert torch.equal(PrefixCache.load(directory).states, built.states)  # and replaced on disk
+
+
+def test_two_sweep_jobs_building_one_cache_at_once_build_it_once(tmp_path, monkeypatch):
+    """The second job waits while the first builds and saves, then maps its cache: no FileExistsError.
+
+    The first job is held inside its build until the second has either finished on its own or is
+    waiting for the first (it asks for the cache's lock): no timing decides the order.
+    """
+    model, recs, shared = top_lora("llama"), records(), tmp_path / "shared"
+    first_building, second_on_its_way = threading.Event(), threading.Event()
+    builds, outcomes = [], {}
+    build, flock = dpsgd.build_prefix_cache, fcntl.flock
+
+    def held_build(*args, **kwargs):
+        builds.append(threading.current_thread().name)
+        if threading.current_thread().name == "first":
+            first_building.set()
+            assert second_on_its_way.wait(timeout=120)
+        return build(*args, **kwargs)
+
+    def watched_flock(handle, operation):
+        if threading.current_thread().name == "second" and operation == fcntl.LOCK_EX:
+            second_on_its_way.set()
+        return flock(handle, operation)
+
+    def job() -> None:
+        try:
+            outcomes[threading.current_thread().name] = shared_prefix_cache(model, recs, 2, 2, "cpu", 0, shared)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            outcomes[threading.current_thread().name] = exc
+        finally:
+            second_on_its_way.set()
+
+    monkeypatch.setattr(dpsgd, "build_prefix_cache", held_build)
+    monkeypatch.setattr(fcntl, "flock", watched_flock)
+    first, second = threading.Thread(target=job, name="first"), threading.Thread(target=job, name="second")
+    first.start()
+    assert first_building.wait(timeout=120)
+    second.start()
+    first.join(timeout=300)
+    second.join(timeout=300)
+    assert not isinstance(outcomes["first"], BaseException), outcomes["first"]
+    assert not isinstance(outcomes["second"], BaseException), outcomes["second"]
+    assert builds == ["first"] and outcomes["second"][1].startswith("shared by the sweep's runs, mapped")
+    assert torch.equal(outcomes["second"][0].states, outcomes["first"][0].states)
