@@ -1,0 +1,135 @@
+"""Private Evolution (PE): DP synthetic text from a model that is never trained on the private data.
+
+Lin et al. (2024) for images, Xie et al. (2024, Aug-PE) for text. A population of labelled synthetic
+texts evolves towards the private data; the private data is only ever read through noisy vote counts.
+For T iterations:
+
+1. **Embed** every private record x_i (label y_i) and every synthetic text s_j (label c_j) with one frozen
+   public encoder phi (MiniLM by default; unit-length mean-pooled embeddings, `dpnb.embeddings`).
+2. **Vote**: each private record gives 1/sqrt(k) to each of its k nearest texts of its own label
+   (cosine similarity),
+
+       H_j = sum_i [c_j = y_i and s_j in kNN_k(x_i)] / sqrt(k).
+
+   Adding or removing one record changes k coordinates of H by 1/sqrt(k) each: H has L2 sensitivity
+   exactly 1 (with k = 1, one whole vote). A record votes only within its own label, so the
+   histograms of all labels together still have sensitivity 1.
+3. **Noise**: H~ = H + N(0, sigma^2 I): the Gaussian mechanism with sensitivity 1 and noise multiplier sigma.
+4. **Select**: per label, the `keep` texts of largest H~ (this reads H~ only: post-processing).
+5. **Vary**: the language model writes one variation of each kept text: it is prompted with the label's
+   prompt followed by the text's opening (its first `opening_fraction` of words) and continues it.
+   The new population is the kept texts and their variations.
+
+**Privacy.** Each iteration is one Gaussian mechanism of sensitivity 1 and noise multiplier sigma; the
+population an iteration votes on is a function of earlier noisy histograms only (and of randomness
+independent of the data), so the T iterations are an adaptive composition of T such mechanisms. In
+Opacus's accountants a step at sample rate q = 1 is exactly this mechanism, so sigma is calibrated, and
+epsilon computed, by the same code as DP-SGD's (`dpnb.privacy`), with history [(sigma, 1, T)]; `dpnb
+verify` recomputes it with Opacus and with Google's dp-accounting. Neighbouring data sets differ by one
+record (add/remove), as for DP-SGD. The released set is the last population: post-processing. When the
+population comes from the DP fine-tuned model (start "finetuned"), the set depends on the private data
+through both mechanisms and its epsilon is that of their composition (one accountant over both
+histories), which `composed_history` gives.
+
+What stays private: the records' embeddings and the histograms before noise (kept in `pe_private/`
+to resume and to teach, never in a shareable file). The noisy histograms are DP and are shared.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dpnb import privacy
+from dpnb.errors import require
+
+GAUSSIAN_SAMPLE_RATE = 1.0  # one PE iteration in the accountants' terms: a Gaussian step over every record
+
+
+@dataclass(frozen=True)
+class EvolutionPlan:
+    """The mechanism, fixed before any vote: T iterations of the Gaussian mechanism at noise multiplier sigma."""
+
+    iterations: int
+    nearest: int  # k: votes per record
+    noise_multiplier: float | None  # sigma; None without DP (the histograms are used exactly)
+    delta: float | None
+    target_epsilon: float | None
+    accountant: str
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The accountant's history of the whole evolution: T Gaussian steps at q = 1."""
+        if self.noise_multiplier is None:
+            return []
+        return [(self.noise_multiplier, GAUSSIAN_SAMPLE_RATE, self.iterations)]
+
+
+def plan_evolution(iterations: int, nearest: int, target_epsilon: float | None, delta: float | None,
+                   dataset_size: int, accountant: str = "prv") -> EvolutionPlan:
+    """Calibrate sigma so that T iterations spend exactly the target epsilon at delta (None: no DP)."""
+    require(iterations >= 1, f"Private Evolution needs at least one iteration, got {iterations}")
+    require(nearest >= 1, f"each record votes for at least one text, got nearest = {nearest}")
+    if target_epsilon is None:
+        return EvolutionPlan(iterations, nearest, None, None, None, accountant)
+    delta = privacy.default_delta(dataset_size) if delta is None else delta
+    privacy.validate_delta(delta, dataset_size)
+    sigma = privacy.calibrate_noise(target_epsilon, delta, GAUSSIAN_SAMPLE_RATE, iterations, accountant)
+    return EvolutionPlan(iterations, nearest, sigma, delta, target_epsilon, accountant)
+
+
+def vote_histogram(private: np.ndarray, private_labels: Sequence[int], population: np.ndarray,
+                   population_labels: Sequence[int], nearest: int) -> np.ndarray:
+    """H: each private record's 1/sqrt(k) votes for its k nearest texts of its own label (L2 sensitivity 1).
+
+    `private` and `population` are unit-length embeddings (rows), so the dot product is the cosine
+    similarity. A label with fewer than k texts gets each of its records' votes on all of them.
+    """
+    private_labels = np.asarray(private_labels)
+    population_labels = np.asarray(population_labels)
+    require(len(private) == len(private_labels) and len(population) == len(population_labels),
+            "every embedding needs a label")
+    histogram = np.zeros(len(population), dtype=np.float64)
+    for label in np.unique(private_labels):
+        candidates = np.flatnonzero(population_labels == label)
+        if not len(candidates):
+            continue  # nobody to vote for: the records of this label add nothing (and so change nothing)
+        k = min(nearest, len(candidates))
+        similarity = private[private_labels == label] @ population[candidates].T
+        chosen = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        np.add.at(histogram, candidates[chosen.ravel()], 1.0 / math.sqrt(nearest))
+    return histogram
+
+
+def add_noise(histogram: np.ndarray, noise_multiplier: float | None, generator: torch.Generator) -> np.ndarray:
+    """H + N(0, sigma^2 I), drawn from `generator` (float64); H itself without DP."""
+    if noise_multiplier is None:
+        return histogram.copy()
+    noise = torch.randn(len(histogram), generator=generator, dtype=torch.float64).numpy()
+    return histogram + noise_multiplier * noise
+
+
+def select(noisy: np.ndarray, labels: Sequence[int], keep: int) -> np.ndarray:
+    """Per label, the indices of the `keep` texts of largest noisy count (ties: the earlier text), label by label."""
+    labels = np.asarray(labels)
+    kept = []
+    for label in np.unique(labels):
+        candidates = np.flatnonzero(labels == label)
+        order = np.lexsort((candidates, -noisy[candidates]))  # largest count first, then position
+        kept.append(candidates[order[:keep]])
+    return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+
+
+def opening(text: str, fraction: float, min_words: int = 2) -> str:
+    """The first `fraction` of a text's words (at least `min_words`): what its variation continues."""
+    words = text.split()
+    return " ".join(words[: max(min_words, int(len(words) * fraction))])
+
+
+def composed_history(*histories: Sequence[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """One accountant history for a set that several mechanisms made (DP-SGD, then PE): their concatenation."""
+    return [tuple(step) for history in histories for step in history]  # type: ignore[misc]
