@@ -24,15 +24,16 @@ from typing import Any
 from dpnb.errors import require
 from dpnb.privacy import check_privacy_record, round_up
 
-KINDS = ("dp", "non_dp", "zero_shot", "unspecified")
+KINDS = ("dp", "pe", "non_dp", "zero_shot", "unspecified")
 
 
 @dataclass(frozen=True)
 class Provenance:
     """Where a sampled set's model came from, for its dataset card.
 
-    kind: "dp" (fine-tuned with DP-SGD; `privacy` holds privacy.json), "non_dp" (fine-tuned without
-    DP: no guarantee), "zero_shot" (the base model, no private data used) or "unspecified".
+    kind: "dp" (fine-tuned with DP-SGD; `privacy` holds privacy.json), "pe" (Private Evolution:
+    `privacy` holds its privacy.json), "non_dp" (fine-tuned without DP: no guarantee), "zero_shot" (the
+    base model, no private data used) or "unspecified".
     """
 
     kind: str
@@ -42,7 +43,7 @@ class Provenance:
 
     def __post_init__(self) -> None:
         require(self.kind in KINDS, f"provenance kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.kind == "dp":
+        if self.kind == "dp" or (self.kind == "pe" and (self.privacy or {}).get("dp", True)):
             check_privacy_record(self.privacy or {})
 
 
@@ -53,10 +54,10 @@ def _fmt(value: float, significant: int = 3) -> str:
 
 def guarantee_summary(provenance: Provenance) -> dict[str, Any]:
     """The privacy facts of a set, for generation.json (copied from privacy.json, never recomputed)."""
-    if provenance.kind == "dp":
+    if provenance.kind in ("dp", "pe"):
         keys = ("epsilon", "delta", "accountant", "epsilons", "noise_multiplier", "sample_rate", "steps",
-                "max_grad_norm", "dataset_size", "mode")
-        return {"kind": "dp", **{k: (provenance.privacy or {}).get(k) for k in keys}}
+                "max_grad_norm", "dataset_size", "mode", "mechanism")
+        return {"kind": provenance.kind, **{k: (provenance.privacy or {}).get(k) for k in keys}}
     if provenance.kind == "zero_shot":
         return {"kind": "zero_shot", "epsilon": 0.0, "note": "no private data used: base model and prompts"}
     if provenance.kind == "non_dp":
@@ -108,6 +109,8 @@ def _privacy_section(provenance: Provenance) -> list[str]:
             "|---|---|",
             *[f"| {name} | {value} |" for name, value in rows],
         ]
+    if provenance.kind == "pe":
+        return _evolution_section(provenance, data)
     if provenance.kind == "non_dp":
         return [
             "**No DP guarantee.** The model that wrote these samples was fine-tuned on the private data "
@@ -130,10 +133,45 @@ def _privacy_section(provenance: Provenance) -> list[str]:
     ]
 
 
+def _evolution_section(provenance: Provenance, data: str) -> list[str]:
+    """The privacy section of a Private Evolution set (`dpnb.evolution`)."""
+    p = provenance.privacy or {}
+    if p.get("epsilon") is None:
+        return ["**No DP guarantee.** This Private Evolution set was selected by EXACT votes of the private "
+                f"records ({data}), without noise: nothing bounds what it reveals about them; it exists as the "
+                "non-private reference (ε = ∞)."]
+    rows = [("epsilon", f"{p['epsilon']} ({p.get('accountant', '?')} accountant)"), ("delta", p["delta"]),
+            ("noise multiplier (votes of sensitivity 1)", p.get("noise_multiplier")),
+            ("iterations (Gaussian mechanisms composed)", p.get("steps")),
+            ("private records", p.get("dataset_size"))]
+    composed = p.get("composed_with")
+    return [
+        f"**(ε = {_fmt(p['epsilon'])}, δ = {_fmt(p['delta'])})-differential privacy** for every record of {data}.",
+        "",
+        f"Private Evolution: `{provenance.model}` was never trained on the private data. A population of its "
+        "samples evolved over the iterations below: at each, every private record voted for its nearest samples "
+        "of its own label (sentence embeddings; one record moves the vote histogram by at most 1 in L2 norm), "
+        "Gaussian noise was added to the histogram, the samples with the most noisy votes were kept and the "
+        "model wrote variations of them. Only the noisy histograms reached the population, so the set carries "
+        "the guarantee of those noisy votes, composed over the iterations by the accountant below.",
+        *(["", f"The population started from the DP fine-tuned model, so this set depends on the private data "
+               f"through both mechanisms: ε and δ above are the SUM of the fine-tuning's ({composed['epsilon']}, "
+               f"{composed['delta']}) and Private Evolution's, a valid (conservative) bound."] if composed else []),
+        "",
+        *([f"**{p['release_note']}.**"] if p.get("dp_release") is False else
+          [f"Noise: {p['release_note']}." if p.get("release_note") else "Noise: not stated; treat with caution."]),
+        "",
+        "| privacy parameter | value |",
+        "|---|---|",
+        *[f"| {name} | {value} |" for name, value in rows],
+    ]
+
+
 def dataset_card(summary: dict[str, Any], provenance: Provenance) -> str:
     """The README.md of a sampled set: its privacy guarantee (or its absence) and how it was made."""
     not_released = provenance.kind == "dp" and (provenance.privacy or {}).get("dp_release") is False
     titles = {"dp": "Synthetic data, DP-trained but NOT a DP release" if not_released else "DP synthetic data",
+              "pe": "DP synthetic data by Private Evolution",
               "non_dp": "Synthetic data (no DP)",
               "zero_shot": "Zero-shot synthetic data (base model, no private data)",
               "unspecified": "Synthetic data"}
@@ -142,7 +180,7 @@ def dataset_card(summary: dict[str, Any], provenance: Provenance) -> str:
     lines = [
         "---",
         "task_categories: [text-classification]",
-        f"tags: [synthetic, dpnb{', differential-privacy' if provenance.kind == 'dp' else ''}]",
+        f"tags: [synthetic, dpnb{', differential-privacy' if provenance.kind in ('dp', 'pe') else ''}]",
         "---",
         "",
         f"# {titles[provenance.kind]}",

@@ -38,7 +38,7 @@ to resume and to teach, never in a shareable file). The noisy histograms are DP 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,14 +113,15 @@ def add_noise(histogram: np.ndarray, noise_multiplier: float | None, generator: 
     return histogram + noise_multiplier * noise
 
 
-def select(noisy: np.ndarray, labels: Sequence[int], keep: int) -> np.ndarray:
-    """Per label, the indices of the `keep` texts of largest noisy count (ties: the earlier text), label by label."""
+def select(noisy: np.ndarray, labels: Sequence[int], keep: int | dict[int, int]) -> np.ndarray:
+    """Per label, the indices of the `keep` (or `keep[label]`) texts of largest noisy count (ties: the earlier
+    text), label by label."""
     labels = np.asarray(labels)
     kept = []
     for label in np.unique(labels):
         candidates = np.flatnonzero(labels == label)
         order = np.lexsort((candidates, -noisy[candidates]))  # largest count first, then position
-        kept.append(candidates[order[:keep]])
+        kept.append(candidates[order[: keep if isinstance(keep, int) else keep[int(label)]]])
     return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
 
 
@@ -133,3 +134,60 @@ def opening(text: str, fraction: float, min_words: int = 2) -> str:
 def composed_history(*histories: Sequence[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
     """One accountant history for a set that several mechanisms made (DP-SGD, then PE): their concatenation."""
     return [tuple(step) for history in histories for step in history]  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Population:
+    """Labelled synthetic texts: what Private Evolution evolves."""
+
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def parents_of_children(kept: Sequence[int], labels: Sequence[int], sizes: dict[int, int]) -> list[int]:
+    """Which kept text each new text varies: per label, the kept texts in turn until the label is full again."""
+    parents: list[int] = []
+    for label, size in sizes.items():
+        mine = [i for i in kept if labels[i] == label]
+        parents += [mine[j % len(mine)] for j in range(size - len(mine))] if mine else []
+    return parents
+
+
+def iteration_log(iteration: int, noisy: np.ndarray, labels: Sequence[int], kept: np.ndarray,
+                  children: int, dropped: int) -> dict[str, object]:
+    """What one iteration did, from the noisy histogram only (shareable): vote mass and selection per label."""
+    labels = np.asarray(labels)
+    per_label = {}
+    for label in np.unique(labels):
+        mine = noisy[labels == label]
+        chosen = noisy[kept[labels[kept] == label]]
+        per_label[int(label)] = {"texts": int(len(mine)), "noisy_votes": round(float(mine.sum()), 2),
+                                 "kept": int(len(chosen)),
+                                 "lowest_kept_votes": round(float(chosen.min()), 3) if len(chosen) else None}
+    return {"iteration": iteration, "per_label": per_label, "varied": children, "dropped_variations": dropped}
+
+
+def evolve_once(population: Population, private: np.ndarray, private_labels: Sequence[int], plan: EvolutionPlan,
+                keep_fraction: float, embed: Callable[[list[str]], np.ndarray],
+                vary: Callable[[list[str], list[int]], list[str | None]], generator: torch.Generator,
+                iteration: int) -> tuple[Population, np.ndarray, dict[str, object]]:
+    """One iteration (module docstring, steps 1-5): the next population, the histogram before noise
+    (private) and the iteration's log (shareable)."""
+    clean = vote_histogram(private, private_labels, embed(population.texts), population.labels, plan.nearest)
+    noisy = add_noise(clean, plan.noise_multiplier, generator)
+    sizes = {label: population.labels.count(label) for label in dict.fromkeys(population.labels)}
+    keep = {label: max(1, round(size * keep_fraction)) for label, size in sizes.items()}
+    kept = select(noisy, population.labels, keep)
+    parents = parents_of_children(kept.tolist(), population.labels, sizes)
+    children = vary([population.texts[i] for i in parents], [population.labels[i] for i in parents])
+    born = [(text, population.labels[p]) for text, p in zip(children, parents, strict=True) if text]
+    texts = [population.texts[i] for i in kept] + [text for text, _ in born]
+    labels = [population.labels[i] for i in kept] + [label for _, label in born]
+    log = iteration_log(iteration, noisy, population.labels, kept, len(born), len(children) - len(born))
+    return Population(texts, labels), clean, log

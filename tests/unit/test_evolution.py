@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -80,3 +81,31 @@ def test_a_variation_continues_the_opening():
     text = "one two three four five six seven eight nine ten"
     assert evolution.opening(text, 0.3) == "one two three"
     assert evolution.opening("short text", 0.3) == "short text"  # at least two words
+
+
+def test_one_iteration_keeps_what_the_records_vote_for_and_refills_each_label():
+    """Texts are points on a circle; the private records sit near texts 0 and 5. Without noise the voted
+    texts are kept, each label is refilled with variations of its kept texts, and the log (shareable)
+    holds counts of the noisy histogram only."""
+    def embed(texts: list[str]) -> np.ndarray:
+        angles = np.array([float(t.split()[0]) for t in texts])
+        return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+    population = evolution.Population([f"{a} text" for a in np.linspace(0, 3, 8)], [0, 0, 0, 0, 1, 1, 1, 1])
+    private = embed(["0.0 x", "0.01 x", "2.15 x", "2.2 x"])
+    plan = evolution.plan_evolution(1, 1, None, None, dataset_size=4)
+    varied = []
+
+    def vary(texts: list[str], labels: list[int]) -> list[str | None]:
+        varied.extend(zip(texts, labels, strict=True))
+        return [f"{t.split()[0]} variation" for t in texts]
+
+    nxt, clean, log = evolution.evolve_once(population, private, [0, 0, 1, 1], plan, 0.5, embed, vary,
+                                            torch.Generator().manual_seed(0), iteration=1)
+    assert clean.tolist() == [2, 0, 0, 0, 0, 2, 0, 0]
+    assert nxt.labels.count(0) == nxt.labels.count(1) == 4  # kept 2 + 2 variations per label
+    assert population.texts[0] in nxt.texts[:4] and population.texts[5] in nxt.texts[:4]
+    assert all(label == population.labels[population.texts.index(text)] for text, label in varied)
+    assert log["per_label"][0]["kept"] == 2 and log["varied"] == 4 and log["dropped_variations"] == 0
+    assert "text" not in json.dumps(log["per_label"][0]["lowest_kept_votes"])  # numbers, JSON-ready
+    assert not any(text in json.dumps(log) for text in population.texts)  # no text in the log
