@@ -107,5 +107,4 @@ def test_one_iteration_keeps_what_the_records_vote_for_and_refills_each_label():
     assert population.texts[0] in nxt.texts[:4] and population.texts[5] in nxt.texts[:4]
     assert all(label == population.labels[population.texts.index(text)] for text, label in varied)
     assert log["per_label"][0]["kept"] == 2 and log["varied"] == 4 and log["dropped_variations"] == 0
-    assert "text" not in json.dumps(log["per_label"][0]["lowest_kept_votes"])  # numbers, JSON-ready
     assert not any(text in json.dumps(log) for text in population.texts)  # no text in the log
