@@ -14,18 +14,25 @@ project home instead: `$DPNB_HOME` when set (`dpnb run` sets it to its own worki
 for the stages it executes), else the dpnb checkout the package was installed from (the folder
 holding `notebooks/` and `configs/`), else the working directory.
 
-What `config` means. A dict runs the stage with those settings (what `dpnb run` passes). `None`,
-the committed notebooks' default, reads the run as it is: the settings the stage completed with,
-so rerunning a committed notebook shows the run's results without recomputing anything (or the
-stage's defaults when it never ran).
+What `config` means. `None`, the committed notebooks' default, reads the run as it is: the
+settings the stage completed with, so rerunning a committed notebook shows the run's results
+without recomputing anything. A dict changes the keys it names and nothing else: the other settings
+are the run's own (`run_settings`), those the stage completed with in this run (stages/<stage>.json),
+or, when it has not completed, the stage's section of the run's config.yaml, and only for a run
+with neither the dataclass defaults. So `config = {"target_epsilon": 3}` in 02 retrains the run's
+model at epsilon 3 with its own mode, batch and epochs, not with the paper's (full fine-tuning,
+batches of 1,028, 5 epochs: hours on a CPU). `dpnb run` passes every key, so for it the dict is the
+whole config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
+import yaml
 from IPython import get_ipython
 
 from dpnb.config import build
@@ -55,8 +62,9 @@ def resolve_run_path(path: str | os.PathLike) -> Path:
 def open_stage(name: str, run_dir: str | os.PathLike, config: dict[str, Any] | None) -> tuple[RunDir, Any]:
     """The run directory and the validated config of stage `name`, for a stage notebook.
 
-    `config=None` takes the config the stage completed with in this run (reading, not recomputing);
-    a stage that reads other stages' outputs and finds no run directory says where it looked.
+    `config=None` takes the config the stage completed with in this run (reading, not recomputing); a
+    dict overrides the keys it names in the run's own settings (`run_settings`). A stage that reads
+    other stages' outputs and finds no run directory says where it looked.
     """
     setup_notebook()
     spec = stage(name)
@@ -73,7 +81,31 @@ def open_stage(name: str, run_dir: str | os.PathLike, config: dict[str, Any] | N
                 f"stage '{name}' has not run in {run.path}, and config = None only reads a completed stage; "
                 f"{MAKES.get(name, MAKES_DEMO)}, or set config to a dict of its settings ({{}} for the "
                 f"defaults) to run it here")
+    else:
+        config = run_settings(run, name, config)
     return run, build(spec.config_class, config)
+
+
+def run_settings(run: RunDir, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Stage `name`'s settings in this run with `changes` applied: only the keys `changes` names differ.
+
+    The run's settings are those the stage completed with (stages/<name>.json), else the stage's
+    section of the run's config.yaml (written by `dpnb run` before its first stage), else none (the
+    dataclass defaults). A notebook that names only some keys says where the others came from.
+    """
+    completed = run.completed_config(name)
+    if completed is not None:
+        base, origin = completed, f"the settings it completed with ({run.marker(name).name})"
+    elif run.config_file.exists():
+        base = (yaml.safe_load(run.config_file.read_text()) or {}).get(name) or {}
+        origin = f"the run's {run.config_file.name}"
+    else:
+        base, origin = {}, "the defaults (no completed stage or config.yaml in the run)"
+    keys = {f.name for f in dataclasses.fields(stage(name).config_class)}
+    if keys - set(changes):  # `dpnb run` names every key: nothing to say
+        named = ", ".join(sorted(changes)) or "nothing"
+        print(f"{name}: {origin}, with {named} from config", flush=True)
+    return {**base, **changes}
 
 
 # What makes the runs the committed notebooks read, and about how long it takes on 2 CPU cores.

@@ -196,3 +196,57 @@ def build_run(root: Path, zero_shot: bool = True, generate: bool = True) -> RunD
                            "label_name": [names[r["label"]] for r in rows]}).save_to_disk(str(path))
     run.mark_complete("generate", GenerateConfig(zero_shot=zero_shot), time.time())
     return run
+
+
+# --------------------------------------------------------------------------- a sweep's files, for the report
+
+REPORT_SWEEP = {  # run: (its epsilon, None without DP; accuracy of synthetic, pe, dp_classifier); numbers of the test
+    "eps1": (1.0, (0.58, 0.60, 0.70)),
+    "eps3": (3.0, (0.66, 0.61, 0.74)),
+    "eps8": (8.0, (0.70, 0.63, 0.76)),
+    "nodp": (None, (0.74, None, 0.75)),
+}
+REPORT_REAL, REPORT_ZERO_SHOT, REPORT_N_TEST = 0.80, 0.55, 400
+
+
+def report_sweep(root: Path, model: str = "tiny-llama") -> list[RunDir]:
+    """Runs under `root` holding the files a finished sweep writes, with the accuracies of REPORT_SWEEP.
+
+    Each run has every evaluate source: real, the direct DP classifier (at the run's epsilon, 8 without
+    DP), the DP fine-tuned set, a Private Evolution set (none in the non-DP run) and zero-shot. What
+    the report computes from them (rows, standard errors, differences, figures) is the code's.
+    """
+    from dpnb.config import EvaluateConfig, FinetuneConfig, PrepareConfig
+    from dpnb.io import append_jsonl, write_json_atomic
+    from dpnb.rundir import RunDir
+
+    runs = []
+    for index, (name, (epsilon, (synthetic, pe, direct))) in enumerate(REPORT_SWEEP.items()):
+        run = RunDir(root / name)
+        finetune = FinetuneConfig(mode="lora", dp=epsilon is not None)
+        for stage, cfg in (("prepare", PrepareConfig()), ("finetune", finetune),
+                           ("evaluate", EvaluateConfig(classifier_kind="embedding"))):
+            run.mark_complete(stage, cfg, time.time() - 10)
+        write_json_atomic(run.manifest, {"model": model, "train_sha256": "the same data"})
+        dp = epsilon is not None
+        write_json_atomic(run.privacy, {"dp": dp, "epsilon": epsilon if dp else None, "delta": 1e-4 if dp else None,
+                                        "noise_multiplier": 2.0 / epsilon if dp else None, "steps": 12})
+        for step in range(6):
+            append_jsonl(run.train_log, {"step": step, "epsilon": epsilon * step / 5 if dp else None,
+                                         "loss": 4.0 - 0.1 * step * (1 + index)})
+        metric = {"n_train": 100, "n_test": REPORT_N_TEST, "f1": 0.5, "mauve": 0.1 * (index + 1),
+                  "label_fidelity": {"overall": 0.5 + 0.1 * index}}
+        metrics = {"real": {**metric, "accuracy": REPORT_REAL, "mauve": 0.95},
+                   "dp_classifier": {"n_train": 100, "n_test": REPORT_N_TEST, "f1": 0.5, "accuracy": direct,
+                                     "epsilon": epsilon or 8.0, "delta": 1e-4,
+                                     "privacy": {"dp": True, "epsilon": epsilon or 8.0, "delta": 1e-4,
+                                                 "noise_multiplier": 1.0, "steps": 30}},
+                   "synthetic": {**metric, "accuracy": synthetic, "epsilon": epsilon},
+                   "zero_shot": {**metric, "accuracy": REPORT_ZERO_SHOT, "mauve": 0.02, "epsilon": 0.0}}
+        if pe is not None:
+            metrics["pe"] = {**metric, "accuracy": pe, "mauve": 0.3, "epsilon": epsilon}
+            write_json_atomic(run.pe / "privacy.json", {"dp": True, "epsilon": epsilon, "delta": 1e-4,
+                                                        "noise_multiplier": 5.0 / epsilon, "steps": 4})
+        write_json_atomic(run.metrics, metrics)
+        runs.append(run)
+    return runs

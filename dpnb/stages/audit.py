@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import datasets
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from dpnb.attacks import (
@@ -61,6 +62,7 @@ from dpnb.config import AuditConfig, FinetuneConfig, GenerateConfig, build
 from dpnb.dataset_card import Provenance
 from dpnb.errors import DpnbError
 from dpnb.io import cached, read_json, save_figure, to_json, write_json_atomic
+from dpnb.lessons import roc_region
 from dpnb.models import load_base_model, load_tokenizer, load_trained, resolve_device
 from dpnb.prompts import PromptFormat
 from dpnb.runconfig import to_dict
@@ -527,28 +529,98 @@ def ceiling_table(n_canaries: Sequence[int], confidence: float, claim: dict[str,
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("canaries")
 
 
+ROC_FLOOR = 1e-3  # the log axes' lower end: rates below it (0 included) are drawn on it
+
+
+def roc_line(curve: dict[str, list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC curve through sklearn's points, joined by straight lines, densified to draw on log axes.
+
+    Between two points the records of one tied score are crossed in a random order: the rates move
+    together along the straight line (what the AUC counts), not as a step. Each segment is sampled at
+    FPRs spaced evenly on a log scale, so that it keeps its shape on the figure's log axes.
+    """
+    fpr, tpr = np.asarray(curve["fpr"], dtype=float), np.asarray(curve["tpr"], dtype=float)
+    xs, ys = [fpr[:1]], [tpr[:1]]
+    for f1, t1, f2, t2 in zip(fpr[:-1], tpr[:-1], fpr[1:], tpr[1:], strict=True):
+        if f2 > f1:
+            f = np.geomspace(max(f1, ROC_FLOOR / 10), f2, 40)
+            xs.append(f)
+            ys.append(t1 + (f - f1) * (t2 - t1) / (f2 - f1))
+        else:
+            xs.append(np.array([f2]))
+            ys.append(np.array([t2]))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def largest_tie(roc: dict[str, Any]) -> float:
+    """The share of all scored records that sit in the largest group of one tied score (ROC points' steps)."""
+    curve = roc["curve"]
+    fpr, tpr = np.diff(curve["fpr"]), np.diff(curve["tpr"])
+    records = fpr * roc["n_non_members"] + tpr * roc["n_members"]
+    tied = records[(fpr > 0) & (tpr > 0)]  # a step that moves both rates holds members and non-members alike
+    return float(tied.max() / (roc["n_non_members"] + roc["n_members"])) if tied.size else 0.0
+
+
+def draw_claim_region(ax: Axes, epsilon: float, delta: float, claimed: str) -> str | None:
+    """Shade the ROC region an (epsilon, delta) claim allows every membership test (`dpnb.lessons.roc_region`).
+
+    Returns a note instead when delta >= 1: such a claim allows every curve.
+    """
+    if delta >= 1:
+        return f"{claimed} has delta >= 1: it allows any curve"
+    fpr = np.geomspace(ROC_FLOOR, 1, 400)
+    lower, upper = roc_region(fpr, epsilon, delta)
+    ax.fill_between(fpr, np.maximum(lower, ROC_FLOOR), upper, color="tab:green", alpha=0.12, linewidth=0,
+                    label=f"allowed by {claimed} (eps {epsilon:.3g}, delta {delta:.2g})")
+    ax.plot(fpr, upper, color="tab:green", linewidth=0.8)
+    return None
+
+
 def plot_roc_curves(details: dict[str, dict[str, Any]]) -> Figure:
-    """ROC curves (log-log, where low-FPR leakage shows) of the three attacks, both twins per panel."""
-    panels = [("canary scores (model access)", lambda d: (d["canaries"].get("roc") or {}).get("curve")),
-              ("canaries from synthetic text only", lambda d: ((d.get("synthetic") or {}).get("roc") or {})
-               .get("curve")),
-              ("real reviews: loss attack", lambda d: d["mia"]["loss"]["curve"])]
-    figure = Figure(figsize=(13, 4), layout="constrained")
+    """ROC curves (log-log, where low-FPR leakage shows) of the three attacks, both twins per panel.
+
+    Each panel shades the region the DP twin's claim allows: the group claim (a canary inserted
+    `canary_repeats` times) on the canary panels, the per-record claim on the real reviews. Curves
+    join sklearn's points by straight lines (`roc_line`); a dashed line marks one non-member's worth
+    of FPR (left of it nothing is measured); a note says when most of a twin's records share one score
+    (`largest_tie`): such an attack ranks nothing, whatever its curve looks like.
+    """
+    def canary_claim(claim: dict[str, Any]) -> tuple[float, float, str]:
+        group = claim["group_size"]
+        return claim["epsilon"], claim["delta"], "dp's claim" if group == 1 else f"dp's claim for {group} copies"
+
+    def record_claim(claim: dict[str, Any]) -> tuple[float, float, str]:
+        return claim["record_epsilon"], claim["record_delta"], "dp's claim per record"
+
+    panels = [("canary scores (model access)", lambda d: d["canaries"].get("roc"), canary_claim),
+              ("canaries from synthetic text only", lambda d: (d.get("synthetic") or {}).get("roc"), canary_claim),
+              ("real reviews: loss attack", lambda d: d["mia"]["loss"], record_claim)]
+    claim = (details.get("dp") or {}).get("claim")
+    figure = Figure(figsize=(13, 4.4), layout="constrained")
     axes = figure.subplots(1, len(panels))
-    for ax, (title, curve_of) in zip(axes, panels, strict=True):
-        floor = 1e-3
-        ax.plot([floor, 1], [floor, 1], color="grey", linestyle=":", label="chance")
-        for name, twin in details.items():
-            curve = curve_of(twin)
-            if curve is None:
-                continue
-            fpr, tpr = np.maximum(curve["fpr"], floor), np.maximum(curve["tpr"], floor)
+    for ax, (title, roc_of, claim_of) in zip(axes, panels, strict=True):
+        note = draw_claim_region(ax, *claim_of(claim)) if claim is not None else None
+        notes = [note] if note else []
+        ax.plot([ROC_FLOOR, 1], [ROC_FLOOR, 1], color="grey", linestyle=":", label="chance")
+        rocs = {name: roc for name, twin in details.items() if (roc := roc_of(twin)) is not None}
+        if not rocs:
+            notes.append("not run in this audit")
+        for name, roc in rocs.items():
+            twin = details[name]
+            fpr, tpr = roc_line(roc["curve"])
             epsilon = twin["privacy"]["epsilon"]
             label = f"{name} (eps {epsilon:.2g})" if epsilon is not None else f"{name} (no DP)"
-            ax.step(fpr, tpr, where="post", label=label)
-        ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1.05), title=title,
+            ax.plot(np.maximum(fpr, ROC_FLOOR), np.maximum(tpr, ROC_FLOOR), label=label)
+            ax.axvline(1 / roc["n_non_members"], color="grey", linestyle="--", linewidth=0.6)
+            if (tie := largest_tie(roc)) >= 0.5:
+                n = roc["n_members"] + roc["n_non_members"]
+                notes.append(f"{name}: all {n} scores tied, a coin toss" if tie == 1 else
+                             f"{name}: {tie:.0%} of {n} scores tied")
+        if notes:
+            ax.text(0.03, 0.97, "\n".join(notes), transform=ax.transAxes, va="top", fontsize=8)
+        ax.set(xscale="log", yscale="log", xlim=(ROC_FLOOR, 1), ylim=(ROC_FLOOR, 1.05), title=title,
                xlabel="false positive rate", ylabel="true positive rate")
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=8)
     return figure
 
 

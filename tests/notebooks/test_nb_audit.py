@@ -7,6 +7,7 @@ import json
 import pytest
 from testkit import TINY_AUDIT, TINY_FINETUNE, execute_notebook, nbval_check
 
+from dpnb import attacks
 from dpnb.config import FinetuneConfig, PrepareConfig
 from dpnb.rundir import RunDir
 from dpnb.stages import finetune, prepare
@@ -31,7 +32,7 @@ def test_audit_notebook(toy_data_dir, tmp_path, monkeypatch):
     config = {**TINY_AUDIT, "finetune_overrides": overrides, "synthetic_per_label": 2, "synthetic_max_new_tokens": 8}
     executed = execute_notebook("06_audit.ipynb", tmp_path / "executed", run_dir=str(run.path), config=config)
 
-    counts, privacy, ceilings, verdicts = checked_outputs(executed)
+    counts, privacy, ceilings, verdicts, caveats, ceiling_answer, group_answer = checked_outputs(executed)
     summary = json.loads(run.audit.read_text())
     n_inserted = summary["canaries"]["n_inserted"]
     assert f"canaries: 20 ({n_inserted} inserted, each 4 time(s)); 40 reference canaries never inserted" in counts
@@ -46,6 +47,19 @@ def test_audit_notebook(toy_data_dir, tmp_path, monkeypatch):
     assert nodp["status"] == "no_claim" and nodp["audit_delta"] == 0.0
     assert "dp: claim epsilon" in verdicts and "verdict [vacuous]: vacuous:" in verdicts
     assert "nodp: claim none (epsilon = infinity)" in verdicts and "verdict [no_claim]" in verdicts
+    # the caveats give the counts of this run's files, not typed ones
+    twin = summary["twins"]["dp"]["privacy"]
+    assert (f"The twins trained on 16 real records + {4 * n_inserted} canary records = {16 + 4 * n_inserted} "
+            f"(planned for N = {16 + 4 * 20}, every canary inserted), {twin['steps']} step(s)") in caveats
+    own = json.loads(run.privacy.read_text())
+    assert f"The run's own model trained on {own['dataset_size']} records, {own['steps']} step(s)" in caveats
+    assert "audit.finetune_overrides changed logical_batch_size, max_steps, physical_batch_size" in caveats
+    # the exercises' answers, computed by the audit's code
+    assert f"certifying epsilon 8 takes {attacks.canaries_to_certify(8.0):,} canaries" in ceiling_answer
+    assert "   256 canaries: ceiling 4.059" in ceiling_answer
+    record = summary["twins"]["dp"]["claim"]
+    epsilon_4, delta_4 = attacks.group_privacy(record["record_epsilon"], record["record_delta"], 4)
+    assert f"a canary inserted 4 times: epsilon {epsilon_4:.3f}, delta {delta_4:.3g}" in group_answer
     assert run.is_complete("audit")
     for twin in ("dp", "nodp"):
         assert (run.path / "audit" / twin / "audit.json").exists()

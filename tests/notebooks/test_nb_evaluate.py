@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 from testkit import TINY_EVALUATE, build_run, execute_notebook, nbval_check
+
+from dpnb.stages import evaluate
 
 
 def checked_outputs(executed) -> list[str]:
@@ -21,11 +24,11 @@ def test_evaluate_notebook(tmp_path, monkeypatch):
     executed = execute_notebook("04_evaluate.ipynb", tmp_path / "executed", run_dir=str(run.path), config=TINY_EVALUATE,
                                 force=True)
 
-    counts, scores = checked_outputs(executed)
-    assert "training sets: real, synthetic, zero_shot" in counts
-    assert "table shape: (3, 11)" in counts
-    for source, n_train in (("real", 32), ("synthetic", 16), ("zero_shot", 4)):
-        assert f"{source:<10}{n_train:>8}{20:>8}" in counts, counts
+    counts, scores, distinct, gap_answer = checked_outputs(executed)
+    assert "training sets: real, dp_classifier, synthetic, zero_shot" in counts
+    assert "table shape: (4, 11)" in counts
+    for source, n_train in (("real", 32), ("dp_classifier", 32), ("synthetic", 16), ("zero_shot", 4)):
+        assert re.search(rf"^{source} +{n_train} +20$", counts, re.M), counts
     assert "only label 'positive'" in scores
     metrics = json.loads(run.metrics.read_text())
     assert f"{metrics['zero_shot']['accuracy']:.1f}" == "0.5"
@@ -36,4 +39,10 @@ def test_evaluate_notebook(tmp_path, monkeypatch):
     assert "zero_shot - real: accuracy" in printed and "standard error" in printed
     assert all(0 <= metrics[s]["mauve"] <= 1 for s in ("real", "synthetic", "zero_shot"))
     assert (run.figures / "memorisation.png").exists()
+    # the exercises' answers: real reviews with their words garbled have a higher distinct-1
+    real, garbled = (float(v) for v in re.findall(r"distinct-1 (\d\.\d+)", distinct)[:2])
+    assert "16 real reviews" in distinct and garbled > real
+    gap = evaluate.standard_errors(metrics)["differences"]["synthetic - zero_shot"]
+    assert f"synthetic - zero_shot: {gap['difference']:+.3f}, one standard error {gap['se']:.3f}" in gap_answer
+    assert f"with 80 test reviews instead of 20: about {gap['se'] / 2:.3f}" in gap_answer
     nbval_check(executed)

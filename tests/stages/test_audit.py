@@ -258,6 +258,55 @@ def test_roc_summary_extremes():
     assert same["auc"] == pytest.approx(0.5, abs=0.03)
 
 
+# --------------------------------------------------------------------------- the ROC figure
+
+
+def test_roc_line_joins_tied_scores_by_the_straight_line_their_auc_counts():
+    tied = attacks.roc_summary([0.0] * 9, [0.0] * 11)  # every score alike: sklearn gives (0, 0) and (1, 1)
+    fpr, tpr = audit.roc_line(tied["curve"])
+    assert np.interp([0.01, 0.3, 0.9], fpr, tpr) == pytest.approx([0.01, 0.3, 0.9])  # chance, not 0 until FPR 1
+    assert audit.largest_tie(tied) == 1.0
+    separated = attacks.roc_summary([5, 6, 7], [1, 2, 3])
+    assert audit.largest_tie(separated) == 0.0
+    # two of three members tied with one of three non-members: 3 of 6 records share a score
+    assert audit.largest_tie(attacks.roc_summary([9, 5, 5], [5, 1, 2])) == pytest.approx(0.5)
+
+
+def roc_details(claim_epsilon: float, repeats: int) -> dict:
+    """The two twins' details as the stage saves them, with scores chosen by the test (synthetic ones all tied)."""
+    rng = np.random.default_rng(3)
+    claim = audit.claimed_guarantee({"dp": True, "epsilon": claim_epsilon, "delta": 1e-5}, repeats)
+    twins = {}
+    for name, shift, privacy in (("dp", 0.2, {"epsilon": claim_epsilon}), ("nodp", 3.0, {"epsilon": None})):
+        twins[name] = {
+            "privacy": privacy, "claim": claim if name == "dp" else None,
+            "canaries": {"roc": attacks.roc_summary(rng.normal(size=40) + shift, rng.normal(size=40))},
+            "synthetic": {"roc": attacks.roc_summary([-4.0] * 40, [-4.0] * 40)},
+            "mia": {"loss": attacks.roc_summary(rng.normal(size=64) + shift, rng.normal(size=64))},
+        }
+    return twins
+
+
+def test_roc_figure_draws_the_region_the_dp_twins_claim_allows_and_names_tied_scores():
+    figure = audit.plot_roc_curves(roc_details(1.0, repeats=1))
+    canaries, synthetic, real = figure.axes
+    label = "allowed by dp's claim (eps 1, delta 1e-05)"
+    assert label in canaries.get_legend_handles_labels()[1]
+    assert "allowed by dp's claim per record (eps 1, delta 1e-05)" in real.get_legend_handles_labels()[1]
+    edge = next(line for line in canaries.lines if line.get_color() == "tab:green")
+    at = 0.01  # TPR <= e^eps FPR + delta and 1 - FPR <= e^eps (1 - TPR) + delta, at FPR 0.01
+    bound = min(1.0, math.e * at + 1e-5, 1 - (1 - 1e-5 - at) / math.e)
+    assert np.interp(at, edge.get_xdata(), edge.get_ydata()) == pytest.approx(bound, rel=1e-3)
+    notes = " ".join(text.get_text() for text in synthetic.texts)
+    assert "dp: all 80 scores tied, a coin toss" in notes and "nodp: all 80 scores tied" in notes
+    dp = next(line for line in synthetic.lines if line.get_label() == "dp (eps 1)")
+    assert dp.get_drawstyle() == "default"  # straight lines between the ROC points, not steps
+    # canaries inserted 4 times: the group claim's delta reaches 1, and the figure says it allows every curve
+    grouped = audit.plot_roc_curves(roc_details(8.0, repeats=4))
+    assert "dp's claim for 4 copies has delta >= 1: it allows any curve" in grouped.axes[0].texts[0].get_text()
+    assert not [lbl for lbl in grouped.axes[0].get_legend_handles_labels()[1] if lbl.startswith("allowed")]
+
+
 # --------------------------------------------------------------------------- n-gram model
 
 

@@ -298,8 +298,8 @@ def test_embedding_classifier_path_embeds_each_set_once_and_reports_like_the_fin
     write_json_atomic(run.privacy, {"dp": True, "epsilon": 4.0, "delta": 1e-5, "noise_multiplier": 0.9, "steps": 5})
     result = report.write_report(tmp_path, tmp_path / "report")
     table = result["table"].set_index("source")
-    assert list(result["table"].source) == ["real", "zero_shot", "synthetic"]
-    assert set(table.classifier) == {"minilm-l6 (embedding)"}
+    assert list(result["table"].source) == ["real", "dp_classifier", "synthetic", "zero_shot"]
+    assert set(table.classifier) == {"minilm-l6 (embedding)", "minilm-l6 (embedding, DP-SGD)"}
     assert table.loc["synthetic", "mauve"] == synthetic["mauve"] and table.loc["real", "mauve"] == real["mauve"]
     assert table.loc["zero_shot", "accuracy_se"] == pytest.approx((0.25 / 20) ** 0.5)
     csv_header = (tmp_path / "report" / "table.csv").read_text().splitlines()[0].split(",")

@@ -95,7 +95,7 @@ def test_report_builds_the_papers_table_from_run_files(tmp_path):
     fake_run(tmp_path, "nodp", model="m", epsilon=None, accuracy=0.75, dp=False)
     result = report.write_report(tmp_path, tmp_path / "report")
     table = result["table"]
-    assert list(table.source) == ["real", "zero_shot", "synthetic", "synthetic", "synthetic"]
+    assert list(table.source) == ["real", "synthetic", "synthetic", "synthetic", "zero_shot"]
     real = table[table.source == "real"].iloc[0]
     assert real.runs == 3 and real.accuracy == pytest.approx((0.80 + 0.84 + 0.80) / 3)
     synthetic = table[table.source == "synthetic"]
