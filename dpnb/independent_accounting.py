@@ -146,14 +146,24 @@ def google_epsilons(noise_multiplier: float, sample_rate: float, steps: int, del
 
     Cost (shared 2-core CPU): PLD 0.02-0.6 s, RDP 0.02-0.3 s in the grid; PLD grows as sigma shrinks.
     """
-    _check_settings(noise_multiplier, sample_rate, steps, delta)
-    if steps == 0:
+    return google_epsilons_of([(noise_multiplier, sample_rate, steps)], delta)
+
+
+def google_epsilons_of(history: list[tuple[float, float, int]], delta: float) -> dict[str, Any]:
+    """`google_epsilons` of several mechanisms composed (`dpnb.composition`): one ComposedDpEvent of each
+    (sigma, q, steps)'s self-composed Poisson-subsampled Gaussian event, PLD at the total step count's spacing."""
+    for sigma, rate, count in history:
+        _check_settings(sigma, rate, count, delta)
+    history = [(float(sigma), float(rate), int(count)) for sigma, rate, count in history if count > 0]
+    if not history:
         return {"pld": 0.0, "rdp": 0.0, "rdp_order": None, "rdp_excluded_orders": [], "rdp_reliable": True,
                 "seconds": {"pld": 0.0, "rdp": 0.0}, "warnings": []}
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(float(sample_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))),
-        int(steps),
-    )
+    events = [dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), count)
+        for sigma, rate, count in history]
+    event = events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
+    steps = sum(count for _, _, count in history)
+    noise_multiplier, sample_rate = history[0][0], history[0][1]  # named in errors
     accountants = {
         "pld": pld.PLDAccountant(value_discretization_interval=pld_discretization(steps)),
         "rdp": rdp.RdpAccountant(),
@@ -231,18 +241,18 @@ def cross_check(privacy_record: dict[str, Any], slack: float = DEFAULT_SLACK) ->
         return {"dp": False, "accountant": None, "opacus": None, "google_pld": None, "google_rdp": None,
                 "reference": None, "difference": None, "slack": slack, "tolerance": None, "agrees": None,
                 "others": {}, "note": "trained without DP (dp = false): there is no epsilon to cross-check"}
-    missing = [k for k in ("noise_multiplier", "sample_rate", "steps", "delta", "accountant", "epsilon")
-               if privacy_record.get(k) is None]
+    composed = bool(privacy_record.get("mechanisms"))
+    needed = ("delta", "accountant", "epsilon") if composed else (
+        "noise_multiplier", "sample_rate", "steps", "delta", "accountant", "epsilon")
+    missing = [k for k in needed if privacy_record.get(k) is None]
     require(not missing, f"privacy record lacks {', '.join(missing)}; it was not written by dpnb finetune")
     accountant = str(privacy_record["accountant"])
     require(accountant in GOOGLE_KIND, f"privacy record's accountant {accountant!r} cannot be cross-checked; "
             f"only {', '.join(GOOGLE_KIND)} give a guarantee")
-    steps = privacy_record["steps"]
-    require(isinstance(steps, int) or (isinstance(steps, float) and steps.is_integer()),
-            f"privacy record's steps must be a whole number, got {steps!r}")
-    sigma, rate, steps, delta = (float(privacy_record["noise_multiplier"]), float(privacy_record["sample_rate"]),
-                                 int(steps), float(privacy_record["delta"]))
-    google = google_epsilons(sigma, rate, steps, delta)
+    history = _history(privacy_record)
+    delta = float(privacy_record["delta"])
+    google = google_epsilons_of(history, delta)
+    sigma, rate, steps = history[0] if len(history) == 1 else (float("nan"), float("nan"), sum(h[2] for h in history))
 
     claims = {accountant: float(privacy_record["epsilon"])}
     for name, value in (privacy_record.get("epsilons") or {}).items():
@@ -265,6 +275,18 @@ def cross_check(privacy_record: dict[str, Any], slack: float = DEFAULT_SLACK) ->
             f"check that the record's settings are the ones the run used (rerun the finetune stage)"
         )
     return result
+
+
+def _history(privacy_record: dict[str, Any]) -> list[tuple[float, float, int]]:
+    """The (sigma, q, steps) of every mechanism a record states (one, or a composed record's list)."""
+    mechanisms = privacy_record.get("mechanisms") or [privacy_record]
+    history = []
+    for m in mechanisms:
+        steps = m["steps"]
+        require(isinstance(steps, int) or (isinstance(steps, float) and steps.is_integer()),
+                f"privacy record's steps must be a whole number, got {steps!r}")
+        history.append((float(m["noise_multiplier"]), float(m["sample_rate"]), int(steps)))
+    return history
 
 
 def _judge(accountant: str, claim: float, google: dict[str, Any], slack: float) -> dict[str, Any]:

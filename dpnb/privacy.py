@@ -598,13 +598,19 @@ def privacy_record(cfg: FinetuneConfig, plan: TrainingPlan, steps: int, trainabl
     }
 
 
-def recompute_epsilon(privacy: dict[str, Any]) -> float:
-    """Epsilon of a privacy.json record, recomputed from its noise_multiplier, sample_rate, steps, delta, accountant."""
+def recompute_epsilon(privacy: dict[str, Any], accountant: str | None = None) -> float:
+    """Epsilon of a privacy.json record, recomputed from its noise_multiplier, sample_rate, steps, delta and
+    accountant (or, for a set several mechanisms made, from its `mechanisms`: `dpnb.composition`)."""
     require(privacy.get("dp", True), "this run was trained without DP: it has no epsilon to recompute")
+    if privacy.get("mechanisms"):
+        from dpnb import composition  # composition builds on this module
+
+        mechanisms = [composition.Mechanism(**m) for m in privacy["mechanisms"]]
+        return composition.epsilon_of(mechanisms, float(privacy["delta"]), accountant or str(privacy["accountant"]))
     missing = [k for k in ("noise_multiplier", "sample_rate", "steps", "delta", "accountant") if privacy.get(k) is None]
     require(not missing, f"privacy record lacks {', '.join(missing)}; it was not written by dpnb finetune")
     return epsilon_spent(float(privacy["noise_multiplier"]), float(privacy["sample_rate"]), int(privacy["steps"]),
-                         float(privacy["delta"]), str(privacy["accountant"]))
+                         float(privacy["delta"]), accountant or str(privacy["accountant"]))
 
 
 def verify_privacy(privacy: dict[str, Any], rel_tol: float = 1e-6) -> None:
@@ -622,9 +628,7 @@ def verify_privacy(privacy: dict[str, Any], rel_tol: float = 1e-6) -> None:
     recomputed = recompute_epsilon(privacy)
     _require_close(float(saved), recomputed, rel_tol, "epsilon")
     for name, value in (privacy.get("epsilons") or {}).items():
-        again = epsilon_spent(float(privacy["noise_multiplier"]), float(privacy["sample_rate"]),
-                              int(privacy["steps"]), float(privacy["delta"]), name)
-        _require_close(float(value), again, rel_tol, f"epsilons.{name}")
+        _require_close(float(value), recompute_epsilon(privacy, name), rel_tol, f"epsilons.{name}")
 
 
 def _require_close(saved: float, recomputed: float, rel_tol: float, what: str) -> None:
