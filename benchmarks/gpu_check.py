@@ -439,7 +439,7 @@ def measure_training(name: str, run, batch: int) -> dict:
     eos = model.config.eos_token_id
     sizes = [batch] + [batch * TIMED_BATCHES]
     records = random_records(sum(sizes), vocab, eos)
-    precision_note = dpsgd.compute_precision(cfg, DEVICE)[1]
+    precision_note = dpsgd.compute_precision(cfg, DEVICE).reason
     session = fixed_session(model, cfg, sizes, sigma=1.0)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
