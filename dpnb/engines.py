@@ -103,10 +103,11 @@ def strip_prompt_and_cut(sequence: Sequence[int], prompt_length: int,
 
 
 class HFEngine:
-    """transformers' `generate`, `batch_size` rows of prompts of one length per call (no padding).
+    """transformers' `generate`, `batch_size` rows per call, prompts in order of length.
 
-    Prompts of equal length run together in order of first appearance, so a label's prompt repeated
-    n times gives the same batches, and samples, as one `generate` call per `batch_size` rows.
+    Prompts of different lengths share a call left-padded (with the attention mask `generate` takes);
+    a label's prompt repeated n times needs no padding and gives the same batches, and samples, as one
+    `generate` call per `batch_size` rows.
     """
 
     name = "hf"
@@ -114,36 +115,35 @@ class HFEngine:
     def __init__(self, model: PreTrainedModel, settings: SamplingSettings, *,
                  tokenizer: PreTrainedTokenizerBase | None = None, **_: Any):
         pad = getattr(tokenizer, "pad_token_id", None)
-        pad = pad if pad is not None else (settings.stop_ids[0] if settings.stop_ids else 0)
-        self.model, self.settings, self.config = model, settings, generation_config(settings, pad)
+        self.pad = pad if pad is not None else (settings.stop_ids[0] if settings.stop_ids else 0)
+        self.model, self.settings, self.config = model, settings, generation_config(settings, self.pad)
 
     def sample(self, prompts: Sequence[Sequence[int]], seed: int) -> list[Sample]:
-        by_length: dict[int, list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).append(index)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: a shard keeps its order
         results: list[Sample] = [([], False)] * len(prompts)
-        size = self.settings.batch_size
         was_training = self.model.training
         self.model.eval()
         cuda = [self.model.device] if self.model.device.type == "cuda" else []
         try:  # fork_rng: seeding must not disturb the caller's random state
             with torch.random.fork_rng(devices=cuda), torch.inference_mode():
                 torch.manual_seed(seed)
-                for indices in by_length.values():
-                    for start in range(0, len(indices), size):
-                        batch = indices[start: start + size]
-                        for index, sample in zip(batch, self._generate([prompts[i] for i in batch]), strict=True):
-                            results[index] = sample
+                for start in range(0, len(order), self.settings.batch_size):
+                    batch = order[start: start + self.settings.batch_size]
+                    for index, sample in zip(batch, self._generate([prompts[i] for i in batch]), strict=True):
+                        results[index] = sample
         finally:
             self.model.train(was_training)
         return results
 
     def _generate(self, prompts: list[Sequence[int]]) -> list[Sample]:
-        """One `generate` call for prompts of one length (so no padding and no attention-mask subtleties)."""
-        input_ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=self.model.device)
-        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     generation_config=self.config)
-        return [strip_prompt_and_cut(row, input_ids.shape[1], self.settings.stop_ids) for row in output.tolist()]
+        """One `generate` call, shorter prompts left-padded (masked out)."""
+        width = max(map(len, prompts))
+        rows = [[self.pad] * (width - len(p)) + [int(t) for t in p] for p in prompts]
+        mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+        device = self.model.device
+        output = self.model.generate(input_ids=torch.tensor(rows, device=device),
+                                     attention_mask=torch.tensor(mask, device=device), generation_config=self.config)
+        return [strip_prompt_and_cut(row, width, self.settings.stop_ids) for row in output.tolist()]
 
     def close(self) -> None:
         pass

@@ -59,13 +59,20 @@ def test_auto_takes_the_fast_sampler_where_it_can_else_hf_and_named_engines_are_
 
 
 @pytest.mark.parametrize("name", ["fast", "hf"])
-def test_engines_give_each_distinct_prompt_generates_greedy_continuation(llama, name):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_engines_give_each_distinct_prompt_generates_greedy_continuation(arch, name):
+    """HF generate left-pads prompts of different lengths in one call; each row is still the prompt's own."""
+    model = tiny_causal_lm(arch, seed=0).eval()
+    generator = torch.Generator().manual_seed(1)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=generator))
     prompts = prompts_of_lengths([3, 7, 7, 12, 3, 5])
     prompts.append(prompts[1])
     settings = SamplingSettings(max_new_tokens=5, do_sample=False, batch_size=3)
-    with open_engine(name, llama, settings) as engine:
+    expected = generate_one_by_one(model, prompts, settings)
+    assert len({tuple(ids) for ids, _ in expected}) >= 5, "the prompts should continue differently"
+    with open_engine(name, model, settings) as engine:
         assert engine.name == name
-        assert engine.sample(prompts, seed=0) == generate_one_by_one(llama, prompts, settings)
+        assert engine.sample(prompts, seed=0) == expected
 
 
 def test_hf_engine_samples_a_model_the_fast_sampler_does_not_know(opt):
