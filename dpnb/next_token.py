@@ -144,6 +144,8 @@ class Kept:
 
     def select(self, keep: torch.Tensor) -> Kept:
         """The rows where `keep` (n,) is True."""
+        if bool(keep.all()):
+            return self
         entries = keep[self.entry_row]
         renumbered = keep.cumsum(0) - 1
         return Kept(self.rows[keep], renumbered[self.entry_row[entries]], self.ids[entries], self.weights[entries])
