@@ -27,9 +27,12 @@ kept set is the head of the ranking that first reaches `top_p` of the mass, so i
 holding at least `top_p`: the tokens above a probability cut are gathered and sorted, and a row is
 settled when they hold `top_p` of its mass; otherwise a lower cut, down to one that always holds it
 (the tokens below (1 - top_p) / vocabulary weigh less than 1 - top_p together), then (float rounding)
-a full sort. The vocabulary is cut into blocks whose maxima are compared first, so that only the
-blocks holding a token above the cut are read again. The draw inverts the cumulative distribution of
-the kept tokens at one uniform number (float64).
+a full sort. The gathered tokens of all rows are ranked in one integer sort (row, then the float's
+bits, which order non-negative floats as the floats), and every row's draw inverts its cumulative
+distribution at one uniform number (float64), all rows laid end to end on one cumulative sum.
+
+Ties: tokens of exactly equal probability at the top-p boundary (frequent with bfloat16 logits) are
+kept in an order the sort chooses, as `generate`'s sort does; the kept mass is the same either way.
 
 Exactness: the kept set and its probabilities are the definition above, computed in float64 from the
 float32 softmax. `generate` sums float32 probabilities from the smallest, so the two can differ by the
