@@ -1,18 +1,30 @@
-"""Tokens per second of label-prompted sampling: Hugging Face generate against dpnb.decoding, side by side.
+"""Tokens per second of sampling: Hugging Face generate against the fast sampler, float32 against bf16, side by side.
 
-Both paths sample the same thing at the demo's settings (SmolLM2-135M-Instruct, the chat prompt of
-one label, top_p 0.95, temperature 1, up to 48 new tokens, 80 rows at a time, stop at EOS or end of
-turn): `hf` is the generate stage's `sample_batch` (one `model.generate` call per batch), `fast` is
-`dpnb.decoding.sample_continuations`. Rows may stop early, so the figure counts the tokens each path
-actually produced (a sample's kept tokens plus its stop token) over its wall time (the CPU time is
-printed too). Runs of the two paths alternate, so a change in the machine's load touches both.
-A figure, not a test: run it on an idle machine, e.g. `python benchmarks/bench_generate.py
---threads 2`; `--quick` finishes in a few minutes, `--json` ends with one JSON object.
+Every path samples through the engine interface (`dpnb.engines`) at the demo's settings (SmolLM2-135M-
+Instruct, top_p 0.95, temperature 1, up to 48 new tokens, 80 rows at a time, stop at EOS or end of turn):
+
+- label: one label's chat prompt, 80 samples (the generate stage's shard): `hf` and `fast`, each in
+  float32 and in bf16 (weights in bf16, as `generate.dtype: auto` loads them where bf16 is fast);
+- distinct: 1,000 distinct prompts, the label's chat prompt followed by an opening of 3-30 tokens each
+  (Private Evolution's variations), one continuation each: `fast` in both formats, and `hf` on the
+  first `--hf-distinct` of them (generate takes minutes for all).
+
+Runs of the paths alternate, so a change in the machine's load touches all of them; the figures are
+tokens actually produced (a sample's kept tokens plus its stop token) over wall time, and over this
+process's CPU time (less disturbed by other processes; with several threads it adds them up). The
+machine's facts come first: CPU, cores, load average, and bf16's matmul speedup as `dpnb.precision`
+measures it and through oneDNN's packed weights (as the fast sampler runs). A figure, not a test: run
+it on an idle machine, e.g. `python benchmarks/bench_generate.py --threads 2`. On a busy machine set
+OMP_WAIT_POLICY=PASSIVE (or `--threads 1`): with OpenMP's default, a thread spins while it waits for the
+other one's turn, and two threads sampled 80 rows here at 9 tokens/s for 100 s of CPU, against 693
+tokens/s passive and 828 with one thread (load average 5 on 2 cores). `--quick` finishes in a few
+minutes, `--json` ends with one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -21,120 +33,185 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _imports() -> dict[str, Any]:
-    """The sampling helpers, wherever the package keeps them (dpnb.generate is being split up)."""
-    try:
-        from dpnb.sampling import generation_config, sample_batch, stop_token_ids
-    except ImportError:
-        from dpnb.generate import generation_config, sample_batch, stop_token_ids
-    try:
-        from dpnb.prompts import PromptFormat
-    except ImportError:
-        from dpnb.data import PromptFormat
-    return {"generation_config": generation_config, "sample_batch": sample_batch,
-            "stop_token_ids": stop_token_ids, "PromptFormat": PromptFormat}
+OPENINGS_TEXT = (
+    "I went in expecting little and came out moved. The director keeps the camera close to the family, and "
+    "every argument at the kitchen table feels lived in rather than written. The lead gives a quiet, careful "
+    "performance, and the supporting cast is just as good, especially the grandmother whose silences say more "
+    "than the script. The middle drags a little, and one subplot about a missing letter goes nowhere, but the "
+    "last twenty minutes are as tense as any thriller I have seen this year. The score is sparse, the colours "
+    "are washed out in a way that suits the story, and the ending refuses to tie everything up. Not a film for "
+    "everyone: if you want explosions, look elsewhere. If you want people, go and see it."
+)
+FIELDS = ("tokens", "seconds", "cpu_seconds", "samples", "stopped")
 
 
-def machine_info() -> dict[str, Any]:
+def packed_linear_speedup(rows: int, size: int = 768) -> float | None:
+    """float32 / bf16 CPU time of a (rows x size) @ (size x 2 size) product through oneDNN's packed weights,
+    as the fast sampler runs its projections (`dpnb.precision` times PyTorch's plain products, whose
+    float32 path is slower than oneDNN's packed one on some CPUs). None without oneDNN's ops."""
     import torch
 
+    from dpnb.fast_forward import _packing_available
+
+    if not _packing_available():
+        return None
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, weight = torch.randn(rows, size).to(dtype), torch.randn(2 * size, size).to(dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        best = float("inf")
+        for _ in range(5):
+            started = time.process_time()
+            for _ in range(10):
+                torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            best = min(best, time.process_time() - started)
+        seconds[dtype] = best
+    return seconds[torch.float32] / seconds[torch.bfloat16]
+
+
+def machine_facts(rows: int) -> dict[str, Any]:
+    import torch
+
+    from dpnb.precision import SPEEDUP_ENV, bf16_speedup
+
+    model_name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8")
+                       if line.startswith("model name")), None) if os.path.exists("/proc/cpuinfo") else None
     return {
+        "cpu": model_name or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_matmul_speedup": round(bf16_speedup("cpu", torch.get_num_threads()), 2),  # measured, never stated
+        "bf16_packed_linear_speedup": round(packed_linear_speedup(rows) or float("nan"), 2),
+        "bf16_speedup_stated": os.environ.get(SPEEDUP_ENV),
     }
+
+
+def distinct_prompts(prompt: list[int], tokenizer: Any, n: int) -> list[list[int]]:
+    """`prompt` followed by an opening of 3-30 tokens cut from a review-like paragraph at offsets that
+    differ from prompt to prompt (offset and length step coprimely through the text)."""
+    text = tokenizer(OPENINGS_TEXT, add_special_tokens=False)["input_ids"]
+    room = len(text) - 30
+    return [prompt + text[(i * 37) % room: (i * 37) % room + 3 + (i * 11) % 28] for i in range(n)]
+
+
+def timed(engine: Any, prompts: list[list[int]], seed: int) -> dict[str, float]:
+    started, cpu_started = time.perf_counter(), time.process_time()
+    rows = engine.sample(prompts, seed)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    tokens = sum(len(ids) + stopped for ids, stopped in rows)
+    return dict(zip(FIELDS, (tokens, seconds, cpu, len(rows), sum(stopped for _, stopped in rows)), strict=True))
+
+
+def side_by_side(paths: dict[str, tuple[Any, list[list[int]]]], runs: int) -> dict[str, dict[str, float]]:
+    """Each path `runs` times, the paths alternating within every run; totals per path."""
+    totals = {name: dict.fromkeys(FIELDS, 0.0) for name in paths}
+    print(f"{'path':>16} {'run':>3} {'samples':>7} {'stopped':>7} {'tokens':>6} {'seconds':>8} {'cpu s':>8} "
+          f"{'tokens/s':>8} {'load':>5}")
+    for run in range(runs):
+        for name, (engine, prompts) in paths.items():
+            result = timed(engine, prompts, seed=run)
+            for field in FIELDS:
+                totals[name][field] += result[field]
+            print(f"{name:>16} {run:>3} {result['samples']:>7.0f} {result['stopped']:>7.0f} {result['tokens']:>6.0f} "
+                  f"{result['seconds']:>8.2f} {result['cpu_seconds']:>8.2f} "
+                  f"{result['tokens'] / result['seconds']:>8.1f} {os.getloadavg()[0]:>5.1f}", flush=True)
+    return totals
+
+
+def rates(totals: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {name: {"tokens_per_s": t["tokens"] / t["seconds"], "tokens_per_cpu_s": t["tokens"] / t["cpu_seconds"]}
+            for name, t in totals.items()}
+
+
+def ratios(rate: dict[str, dict[str, float]], pairs: list[tuple[str, str, str]]) -> dict[str, dict[str, float]]:
+    """For each (label, numerator, denominator): the ratio of tokens/s and of tokens per CPU second."""
+    found = {}
+    for label, top, bottom in pairs:
+        if top in rate and bottom in rate:
+            found[label] = {key: rate[top][key] / rate[bottom][key] for key in ("tokens_per_s", "tokens_per_cpu_s")}
+            print(f"{label:>34}: {found[label]['tokens_per_s']:.2f}x by wall time, "
+                  f"{found[label]['tokens_per_cpu_s']:.2f}x by CPU time")
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--label", default="positive")
-    parser.add_argument("--batch-size", type=int, default=80)
-    parser.add_argument("--samples", type=int, default=None,
-                        help="samples per run (default: one batch, as the demo's shards of 80)")
-    parser.add_argument("--runs", type=int, default=None, help="runs of each path (default 3, --quick 1)")
+    parser.add_argument("--batch-size", type=int, default=80, help="rows decoded together (the demo's shard: 80)")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--distinct", type=int, default=None, help="distinct prompts (default 1000, --quick 200)")
+    parser.add_argument("--hf-distinct", type=int, default=None,
+                        help="of which HF generate samples the first (default 160, --quick 40)")
+    parser.add_argument("--runs", type=int, default=None, help="runs of each path (default 3, --quick 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--quick", action="store_true", help="one run of each path (a few minutes)")
+    parser.add_argument("--quick", action="store_true", help="one run, 200 distinct prompts (a few minutes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     args = parser.parse_args()
     runs = args.runs or (1 if args.quick else 3)
-    n = args.samples or args.batch_size
+    n_distinct = args.distinct or (200 if args.quick else 1000)
+    n_hf_distinct = min(n_distinct, args.hf_distinct or (40 if args.quick else 160))
 
     import torch
 
-    from dpnb.config import GenerateConfig
-    from dpnb.decoding import sample_continuations
+    from dpnb.engines import open_engine
     from dpnb.models import load_causal_lm, load_tokenizer
+    from dpnb.next_token import SamplingSettings
+    from dpnb.prompts import PromptFormat
+    from dpnb.sampling import stop_token_ids
 
-    helpers = _imports()
     if args.threads:
         torch.set_num_threads(args.threads)
+    facts = machine_facts(args.batch_size)
+    print(f"{facts['cpu']}, {facts['cores']} cores, torch threads {facts['torch_threads']}, load average "
+          f"{' '.join(map(str, facts['load_average']))}, {facts['cpu_capability']}; bf16 matmul measured "
+          f"{facts['bf16_matmul_speedup']}x float32 (dpnb.precision), {facts['bf16_packed_linear_speedup']}x "
+          f"through oneDNN's packed weights at {args.batch_size} rows (CPU time)")
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, dtype="float32").eval()
-    prompt = helpers["PromptFormat"](style="chat").prompt_ids(args.label, tokenizer)
-    stops = helpers["stop_token_ids"](tokenizer, model, chat=True)
-    cfg = GenerateConfig(max_new_tokens=args.new_tokens, top_p=args.top_p, batch_size=args.batch_size,
-                         dtype="float32", device="cpu")
-    gen_config = helpers["generation_config"](cfg, stops, tokenizer.pad_token_id)
-    info = machine_info()
-    print(f"model {args.model}, {info['cores']} cores, torch threads {info['torch_threads']}, "
-          f"load average {info['load_average'][0]:.1f}; prompt {len(prompt)} tokens, up to {args.new_tokens} "
-          f"new tokens, top_p {args.top_p}, {n} samples per run in batches of {args.batch_size}, {runs} run(s)")
+    models = {dtype: load_causal_lm(args.model, dtype=dtype).eval() for dtype in ("float32", "bfloat16")}
+    prompt = PromptFormat(style="chat").prompt_ids(args.label, tokenizer)
+    settings = SamplingSettings(max_new_tokens=args.new_tokens, stop_ids=stop_token_ids(tokenizer, models["float32"],
+                                chat=True), top_p=args.top_p, batch_size=args.batch_size)
+    distinct = distinct_prompts(prompt, tokenizer, n_distinct)
+    print(f"model {args.model}; label prompt {len(prompt)} tokens, {args.batch_size} samples; {len(distinct)} "
+          f"prompts ({len(set(map(tuple, distinct)))} distinct) of {min(map(len, distinct))}-"
+          f"{max(map(len, distinct))} tokens; up to {args.new_tokens} new tokens, top_p {args.top_p}; {runs} run(s)")
 
-    def hf(seed: int, count: int, config: Any) -> list[tuple[list[int], bool]]:
-        torch.manual_seed(seed)
-        rows: list[tuple[list[int], bool]] = []
-        for start in range(0, count, args.batch_size):
-            rows += helpers["sample_batch"](model, prompt, min(args.batch_size, count - start), config, stops)
-        return rows
+    with contextlib.ExitStack() as stack:
+        engines = {(name, dtype): stack.enter_context(open_engine(name, model, settings, tokenizer=tokenizer))
+                   for dtype, model in models.items() for name in ("hf", "fast")}
+        for engine in engines.values():  # warm-up (and the fast sampler packs its weights)
+            engine.sample([prompt] * 4, seed=0)
+        short = {"float32": "fp32", "bfloat16": "bf16"}
+        label = {f"{name} {short[dtype]}": (engine, [prompt] * args.batch_size)
+                 for (name, dtype), engine in engines.items()}
+        print("\nlabel prompt, one shard")
+        label_totals = side_by_side(label, runs)
+        print(f"\n{len(distinct)} distinct prompts (hf: the first {n_hf_distinct})")
+        many = {f"{name} {short[dtype]}": (engine, distinct if name == "fast" else distinct[:n_hf_distinct])
+                for (name, dtype), engine in engines.items()}
+        distinct_totals = side_by_side(many, 1)
 
-    def fast(seed: int, count: int, new_tokens: int) -> list[tuple[list[int], bool]]:
-        return sample_continuations(model, prompt, count, max_new_tokens=new_tokens, stop_ids=stops,
-                                    top_p=args.top_p, batch_size=args.batch_size,
-                                    generator=torch.Generator().manual_seed(seed))
-
-    warm = helpers["generation_config"](GenerateConfig(max_new_tokens=4, top_p=args.top_p), stops,
-                                        tokenizer.pad_token_id)
-    hf(0, 8, warm)
-    fast(0, 8, 4)
-
-    fields = ("tokens", "seconds", "cpu_seconds", "samples", "stopped")
-    totals = {path: dict.fromkeys(fields, 0.0) for path in ("hf", "fast")}
-    print(f"{'path':>5} {'run':>3} {'samples':>7} {'stopped':>7} {'tokens':>6} {'seconds':>8} {'cpu s':>8} "
-          f"{'tokens/s':>8}")
-    for run in range(runs):
-        for path in ("hf", "fast"):
-            started, cpu_started = time.perf_counter(), time.process_time()
-            rows = hf(run, n, gen_config) if path == "hf" else fast(run, n, args.new_tokens)
-            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-            tokens = sum(len(ids) + stopped for ids, stopped in rows)
-            stopped = sum(stopped for _, stopped in rows)
-            for field, value in zip(fields, (tokens, seconds, cpu, len(rows), stopped), strict=True):
-                totals[path][field] += value
-            print(f"{path:>5} {run:>3} {len(rows):>7} {stopped:>7} {tokens:>6} {seconds:>8.2f} {cpu:>8.2f} "
-                  f"{tokens / seconds:>8.1f}", flush=True)
-    rate = {path: t["tokens"] / t["seconds"] for path, t in totals.items()}
-    speedup = rate["fast"] / rate["hf"]
-    print(f"hf {rate['hf']:.1f} tokens/s, fast {rate['fast']:.1f} tokens/s, speedup {speedup:.2f}x "
-          f"(load average {os.getloadavg()[0]:.1f} at the end)")
+    result: dict[str, Any] = {"machine": facts}
+    for case, totals in (("label", label_totals), ("distinct", distinct_totals)):
+        rate = rates(totals)
+        print(f"\n{case}: " + ", ".join(f"{name} {r['tokens_per_s']:.1f} tokens/s" for name, r in rate.items()))
+        pairs = [("fast / hf, fp32", "fast fp32", "hf fp32"), ("fast / hf, bf16", "fast bf16", "hf bf16"),
+                 ("fast bf16 / fast fp32", "fast bf16", "fast fp32"), ("hf bf16 / hf fp32", "hf bf16", "hf fp32")]
+        result[case] = {"totals": {k: {f: round(v, 3) for f, v in t.items()} for k, t in totals.items()},
+                        "tokens_per_s": {k: round(r["tokens_per_s"], 2) for k, r in rate.items()},
+                        "ratios": {k: {f: round(v, 3) for f, v in r.items()} for k, r in ratios(rate, pairs).items()}}
+    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["settings"] = {"model": args.model, "label": args.label, "prompt_tokens": len(prompt),
+                          "max_new_tokens": args.new_tokens, "top_p": args.top_p, "temperature": 1.0,
+                          "batch_size": args.batch_size, "runs": runs, "distinct_prompts": len(distinct),
+                          "hf_distinct_prompts": n_hf_distinct, "stop_ids": list(settings.stop_ids)}
+    print(f"load average at the end {' '.join(map(str, result['machine']['load_average_end']))}")
     if args.json:
-        result = {
-            "hf_tokens_per_s": round(rate["hf"], 2),
-            "fast_tokens_per_s": round(rate["fast"], 2),
-            "speedup": round(speedup, 3),
-            "hf": {k: round(v, 3) for k, v in totals["hf"].items()},
-            "fast": {k: round(v, 3) for k, v in totals["fast"].items()},
-            "settings": {"model": args.model, "label": args.label, "prompt_tokens": len(prompt),
-                         "max_new_tokens": args.new_tokens, "top_p": args.top_p, "temperature": 1.0,
-                         "batch_size": args.batch_size, "samples_per_run": n, "runs": runs, "stop_ids": stops},
-            "machine": {**info, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
-        }
         print(json.dumps(result))
 
 

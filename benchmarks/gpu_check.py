@@ -30,8 +30,8 @@ b. Fine-tuning speed per paper model, read from configs/paper.yaml with dpnb's s
    paper's logical batch of 1028 does it once per 1028 / B: a slight overestimate. Peak memory is
    torch.cuda.max_memory_allocated; a batch that runs out of memory is halved until one fits, and the
    table uses the largest that fit. Extrapolated: 25,000 records x 5 epochs.
-c. Sampling tokens/s per model with the engine the generate stage picks (`sampling.sampling_engine`; the
-   fast sampler `dpnb.decoding` for GPT-2 and Llama), bf16, at generate.batch_size rows; Llama also as
+c. Sampling tokens/s per model with the fast sampler `dpnb.decoding` (the engine the generate stage picks for
+   GPT-2 and Llama without vLLM; `dpnb.engines`), bf16, at generate.batch_size rows; Llama also as
    4-bit + LoRA (the tuned model's path; the zero-shot base runs in bf16). Random weights almost never
    emit EOS, so every row runs to max_new_tokens: the extrapolation to 2 x 25,000 samples x 300 new
    tokens is an upper bound. On gpt2's shape also HF generate at the same settings (the ratio), and on
@@ -81,9 +81,11 @@ from transformers import (  # noqa: E402
     LlamaConfig,
 )
 
-from dpnb import decoding, dpsgd, privacy, sampling  # noqa: E402
+from dpnb import decoding, dpsgd, engines, privacy  # noqa: E402
 from dpnb.config import FinetuneConfig  # noqa: E402
+from dpnb.fast_forward import is_supported, unwrap  # noqa: E402
 from dpnb.models import build_model, quiet_transformers, trainable_parameters  # noqa: E402
+from dpnb.next_token import SamplingSettings  # noqa: E402
 from dpnb.sweep import sweep_configs  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -339,8 +341,8 @@ for arch in ("gpt2", "llama"):
         model = small_lm(arch).to(DEVICE).eval()
         g = torch.Generator().manual_seed(2)
         prompts = torch.randint(3, SMALL_VOCAB, (4, 5), generator=g)
-        fast = decoding.continue_prompts(model, prompts.tolist(), max_new_tokens=20, stop_ids=[], do_sample=False,
-                                         batch_size=4)
+        fast = decoding.continue_prompts(model, prompts.tolist(),
+                                         SamplingSettings(max_new_tokens=20, do_sample=False, batch_size=4))
         with torch.inference_mode():
             hf = model.generate(input_ids=prompts.to(DEVICE), attention_mask=torch.ones_like(prompts).to(DEVICE),
                                 do_sample=False, max_new_tokens=20, min_new_tokens=20, eos_token_id=None,
@@ -434,27 +436,25 @@ def sharpen(model, factor: float = 8.0) -> None:
     """Scale the final norm's weight so the logits spread like a trained model's (std about 4 instead of
     0.5): random weights give a nearly flat next-token distribution, whose top-p head holds most of the
     vocabulary, the slowest case for any top-p sampler and not what a fine-tuned model gives."""
-    inner = decoding._unwrap(model)
+    inner = unwrap(model)
     norm = inner.transformer.ln_f if hasattr(inner, "transformer") else inner.model.norm
     with torch.no_grad():
         norm.weight.mul_(factor)
 
 
 def time_sampling(model, cfg_generate, eos: int, rows: int, new_tokens: int, engine: str | None = None) -> dict:
-    """Tokens per second of `rows` samples of `new_tokens` new tokens from one 3-token prompt."""
-    engine = engine or sampling.sampling_engine(cfg_generate, model)
+    """Tokens per second of `rows` samples of `new_tokens` new tokens from one 3-token prompt, with the
+    generate config's settings (vLLM is not timed here: it needs exported weights and a tokenizer)."""
+    engine = engine or ("fast" if is_supported(model) else "hf")
+    cfg = dataclasses.replace(cfg_generate, max_new_tokens=new_tokens, batch_size=rows,
+                              min_new_tokens=min(cfg_generate.min_new_tokens, new_tokens))
     prompt = [5, 6, 7]
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    sync()
-    started = time.perf_counter()
-    if engine == "fast":
-        out = decoding.sample_continuations(model, prompt, rows, max_new_tokens=new_tokens, stop_ids=[eos],
-                                            top_p=cfg_generate.top_p, batch_size=rows, generator=g)
-    else:
-        gen_cfg = sampling.generation_config(dataclasses.replace(cfg_generate, max_new_tokens=new_tokens), [eos], eos)
-        out = sampling.sample_batch(model, prompt, rows, gen_cfg, [eos])
-    sync()
-    wall = time.perf_counter() - started
+    with engines.open_engine(engine, model, SamplingSettings.from_config(cfg, [eos])) as sampler:
+        sync()
+        started = time.perf_counter()
+        out = sampler.sample([prompt] * rows, 0)
+        sync()
+        wall = time.perf_counter() - started
     produced = sum(len(tokens) + int(stopped) for tokens, stopped in out)
     return {"engine": engine, "rows": rows, "new_tokens": new_tokens, "tokens": produced, "seconds": wall,
             "tokens_per_s": produced / wall, "stopped": sum(int(s) for _, s in out)}
@@ -481,7 +481,7 @@ def measure_training(name: str, run, batch: int) -> dict:
     eos = model.config.eos_token_id
     sizes = [batch] + [batch * TIMED_BATCHES]
     records = random_records(sum(sizes), vocab, eos)
-    precision_note = dpsgd.compute_precision(cfg, DEVICE)[1]
+    precision_note = dpsgd.compute_precision(cfg, DEVICE).reason
     session = fixed_session(model, cfg, sizes, sigma=1.0)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()

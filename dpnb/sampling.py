@@ -32,25 +32,21 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import datasets
-import torch
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from jinja2 import TemplateError
 from tqdm import tqdm  # not tqdm.auto: its notebook bars need ipywidgets, not a dependency
-from transformers import GenerationConfig
 
-from dpnb import vllm_engine
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance, dataset_card, guarantee_summary
-from dpnb.decoding import is_supported, sample_continuations
+from dpnb.engines import engine_name, open_engine
 from dpnb.errors import DpnbError, require
 from dpnb.io import (
     DamagedFile,
@@ -63,8 +59,7 @@ from dpnb.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from dpnb.models import release_memory
-from dpnb.vllm_engine import require_vllm
+from dpnb.next_token import SamplingSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -174,91 +169,6 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | 
     return sorted(stops)
 
 
-# --------------------------------------------------------------------------- sampling
-
-
-def sampling_engine(cfg: GenerateConfig, model: PreTrainedModel) -> str:
-    """"fast" (dpnb.decoding), "vllm" (dpnb.vllm_engine) or "hf" (transformers' generate) for this config
-    and model.
-
-    "auto" takes vLLM on a GPU when it is installed, else the fast sampler for the architectures it
-    supports (on the CPU and the GPU: it refills finished rows), else HF generate.
-    """
-    if cfg.engine == "vllm":
-        require_vllm()
-        return "vllm"
-    if cfg.engine != "auto":
-        if cfg.engine == "fast":
-            is_supported(model)  # a clear error for an architecture it does not know
-        return cfg.engine
-    if model.device.type == "cuda" and vllm_engine.is_available() and not hasattr(model, "peft_config"):
-        return "vllm"
-    try:
-        is_supported(model)
-    except DpnbError:
-        return "hf"
-    return "fast"
-
-
-def sampling_settings(cfg: GenerateConfig, engine: str | None = None) -> dict[str, Any]:
-    """The settings a sample depends on, as recorded in generation.json and the dataset card."""
-    return {
-        "engine": engine or cfg.engine,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "top_k": cfg.top_k,
-        "max_new_tokens": cfg.max_new_tokens,
-        "min_new_tokens": cfg.min_new_tokens,
-        "batch_size": cfg.batch_size,
-        "shard_size": cfg.shard_size,
-        "n_per_label": cfg.n_per_label,
-        "seed": cfg.seed,
-    }
-
-
-def generation_config(cfg: GenerateConfig, stop_ids: Sequence[int], pad_id: int) -> GenerationConfig:
-    """Plain ancestral sampling with temperature, top-k and top-p, and nothing else.
-
-    Penalties and other processors a model's own generation_config.json may carry are switched off
-    explicitly, so the settings recorded in the dataset card are the whole story.
-    """
-    return GenerationConfig(
-        do_sample=True, num_beams=1, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-        eos_token_id=list(stop_ids), pad_token_id=pad_id,
-    )
-
-
-def strip_prompt_and_cut(sequence: Sequence[int], prompt_length: int,
-                         stop_ids: Collection[int]) -> tuple[list[int], bool]:
-    """The new tokens of one generated sequence, up to (not including) the first stop token.
-
-    Returns the tokens and whether a stop token ended the sample (False: it ran to max_new_tokens).
-    Everything after the stop token is padding that `generate` adds to rows that finished early.
-    """
-    new_tokens = [int(t) for t in sequence[prompt_length:]]
-    for position, token in enumerate(new_tokens):
-        if token in stop_ids:
-            return new_tokens[:position], True
-    return new_tokens, False
-
-
-def sample_batch(model: PreTrainedModel, prompt_ids: Sequence[int], n: int, gen_config: GenerationConfig,
-                 stop_ids: Collection[int]) -> list[tuple[list[int], bool]]:
-    """Sample `n` continuations of one prompt in one batched `generate` call (with the KV cache).
-
-    Every row of a batch holds the same label's prompt, so the rows have equal length and need no
-    padding at all (hence no left padding and no attention-mask subtleties).
-    """
-    input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device).repeat(n, 1)
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_config
-        )
-    return [strip_prompt_and_cut(row, len(prompt_ids), stop_ids) for row in output.tolist()]
-
-
 # --------------------------------------------------------------------------- post-processing
 
 
@@ -354,83 +264,47 @@ def _prepare_shard_dir(out_dir: Path, plan: dict[str, Any], postprocessing: dict
 
 
 def _sample_shards(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-                   specs: list[ShardSpec], shards: Path, cfg: GenerateConfig, stop_ids: list[int], pad_id: int,
+                   specs: list[ShardSpec], shards: Path, cfg: GenerateConfig, settings: SamplingSettings, engine: str,
                    label_names: Sequence[str], progress: bool, on_shard: Callable[[int], None] | None) -> None:
-    """Sample every shard not on disk yet, writing each atomically as soon as it is complete."""
-    gen_config = generation_config(cfg, stop_ids, pad_id)
-    engine = sampling_engine(cfg, model)
+    """Sample every shard not on disk yet (or damaged) with `engine`, writing each atomically as soon as it
+    is complete.
+
+    A shard is one call of the engine: its label's prompt `n` times, seeded from (seed, label, shard)."""
     checksums = _checksums(shards)
     missing = [spec for spec in specs if not _intact(shards / spec.name, spec, checksums)]
+    if not missing:
+        return
     total = sum(spec.n for spec in specs)
     done = total - sum(spec.n for spec in missing)
-    cuda_devices = [model.device] if model.device.type == "cuda" else []
-    was_training = model.training
-    model.eval()
-    vllm = _start_vllm(model, tokenizer, prompts, shards.parent, cfg) if engine == "vllm" and missing else None
     new_tokens_now, seconds_now = 0, 0.0
     bar = tqdm(total=total, initial=done, unit="sample", desc=f"sampling {shards.parent.name}",
                disable=not progress)
     try:
-        for spec in missing:
-            bar.set_description(f"sampling {shards.parent.name} [{label_names[spec.label]}]")
-            records: list[dict[str, Any]] = []
-            started = time.perf_counter()
-            # fork_rng: seeding the shard must not disturb the caller's random state
-            with torch.random.fork_rng(devices=cuda_devices):
-                torch.manual_seed(shard_seed(cfg.seed, spec.label, spec.shard_in_label))
-                if vllm is not None:  # one request: vLLM refills finished rows itself
-                    batches = [vllm.sample(prompts[spec.label], spec.n,
-                                           shard_seed(cfg.seed, spec.label, spec.shard_in_label), cfg, stop_ids)]
-                elif engine == "fast":  # one call: finished rows take the next sample of the shard
-                    generator = torch.Generator(device=model.device).manual_seed(
-                        shard_seed(cfg.seed, spec.label, spec.shard_in_label))
-                    batches = [sample_continuations(
-                        model, prompts[spec.label], spec.n, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
-                        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        min_new_tokens=cfg.min_new_tokens, batch_size=cfg.batch_size, generator=generator)]
-                else:
-                    batches = (sample_batch(model, prompts[spec.label], min(cfg.batch_size, spec.n - start),
-                                            gen_config, stop_ids) for start in range(0, spec.n, cfg.batch_size))
-                for rows in batches:
-                    for token_ids, stopped in rows:
-                        records.append({"label": spec.label, "label_name": label_names[spec.label],
-                                        "index": spec.shard_in_label * cfg.shard_size + len(records),
-                                        "ids": token_ids, "stopped": stopped})
-                    bar.update(len(rows))
-            seconds = time.perf_counter() - started
-            # a sample's tokens: what it kept, plus the stop token the model also had to produce
-            new_tokens = sum(len(r["ids"]) + r["stopped"] for r in records)
-            text = "".join(json.dumps(r) + "\n" for r in records)
-            write_text_atomic(shards / spec.name, text)
-            append_jsonl(shards / "log.jsonl",  # the shard counts as done once this line vouches for it
-                         {"shard": spec.index, "n": spec.n, "new_tokens": new_tokens, "wall_s": seconds,
-                          "sha256": hashlib.sha256(text.encode()).hexdigest()})
-            new_tokens_now, seconds_now = new_tokens_now + new_tokens, seconds_now + seconds
-            bar.set_postfix(tokens_per_s=f"{new_tokens_now / max(seconds_now, 1e-9):.0f}")
-            if on_shard is not None:
-                on_shard(spec.index)
+        with open_engine(engine, model, settings, tokenizer=tokenizer, scratch_dir=shards.parent.parent,
+                         max_prompt_tokens=max(map(len, prompts))) as sampler:
+            for spec in missing:
+                bar.set_description(f"sampling {shards.parent.name} [{label_names[spec.label]}]")
+                started = time.perf_counter()
+                seed = shard_seed(cfg.seed, spec.label, spec.shard_in_label)
+                rows = sampler.sample([prompts[spec.label]] * spec.n, seed)
+                seconds = time.perf_counter() - started
+                records = [{"label": spec.label, "label_name": label_names[spec.label],
+                            "index": spec.shard_in_label * cfg.shard_size + i, "ids": token_ids, "stopped": stopped}
+                           for i, (token_ids, stopped) in enumerate(rows)]
+                bar.update(len(rows))
+                # a sample's tokens: what it kept, plus the stop token the model also had to produce
+                new_tokens = sum(len(r["ids"]) + r["stopped"] for r in records)
+                text = "".join(json.dumps(r) + "\n" for r in records)
+                write_text_atomic(shards / spec.name, text)
+                append_jsonl(shards / "log.jsonl",  # the shard counts as done once this line vouches for it
+                             {"shard": spec.index, "n": spec.n, "new_tokens": new_tokens, "wall_s": seconds,
+                              "sha256": hashlib.sha256(text.encode()).hexdigest()})
+                new_tokens_now, seconds_now = new_tokens_now + new_tokens, seconds_now + seconds
+                bar.set_postfix(tokens_per_s=f"{new_tokens_now / max(seconds_now, 1e-9):.0f}")
+                if on_shard is not None:
+                    on_shard(spec.index)
     finally:
         bar.close()
-        model.train(was_training)
-        if vllm is not None:
-            del vllm
-            model.to(cuda_devices[0] if cuda_devices else "cpu")  # back where the caller had it
-
-
-def _start_vllm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-                out_dir: Path, cfg: GenerateConfig) -> vllm_engine.VllmSampler:
-    """vLLM over `model`'s weights, written to a temporary directory beside the set (removed once the
-    engine has loaded them); the torch copy moves to the CPU so that vLLM has the GPU's memory."""
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-weights."))
-    try:
-        vllm_engine.export_weights(model, tokenizer, staging)
-        dtype = str(model.dtype).removeprefix("torch.")
-        model.to("cpu")
-        release_memory()
-        return vllm_engine.VllmSampler(staging, dtype, cfg.seed,
-                                       max_model_len=max(map(len, prompts)) + cfg.max_new_tokens)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _shared_shards(shared_dir: Path, plan: dict[str, Any]) -> Path:
@@ -577,9 +451,9 @@ def sample_labelled(
     require(all(prompts), "a label prompt is empty: the model needs at least one token to start from")
     _check_context_fits(model, max(map(len, prompts)) + cfg.max_new_tokens)
     stop_ids = stop_token_ids(tokenizer, model, chat=chat)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     specs = plan_shards([cfg.n_per_label] * len(label_names), cfg.shard_size)
-    settings = sampling_settings(cfg, sampling_engine(cfg, model))
+    engine = engine_name(cfg.engine, model)
+    settings = SamplingSettings.from_config(cfg, stop_ids)
     plan = {
         "version": PLAN_VERSION,
         "model_fingerprint": model_fingerprint(model),
@@ -588,7 +462,7 @@ def sample_labelled(
         "labels": label_names,
         "prompt_ids": dict(zip(label_names, prompts, strict=True)),
         "stop_ids": stop_ids,
-        "sampling": settings,
+        "sampling": _sampling_record(cfg, settings, engine),
     }
     postprocessing = {"min_words": cfg.min_words, "max_repeat_fraction": cfg.max_repeat_fraction}
     _prepare_shard_dir(out_dir, plan, postprocessing, overwrite)
@@ -597,7 +471,7 @@ def sample_labelled(
     if shared is not None and _complete(shared, specs):
         _copy_shards(shared, shards, specs)
         print(f"{out_dir.name}: {len(specs)} shards sampled alike by an earlier run of the sweep, from {shared}")
-    _sample_shards(model, tokenizer, prompts, specs, shards, cfg, stop_ids, pad_id, label_names, progress, on_shard)
+    _sample_shards(model, tokenizer, prompts, specs, shards, cfg, settings, engine, label_names, progress, on_shard)
     if shared is not None and not _complete(shared, specs):
         _publish_shards(shards, shared)
 
@@ -612,7 +486,7 @@ def sample_labelled(
         "kept_total": len(rows["text"]),
         **_speed(shards, specs),
         "wall_time_s": round(time.time() - started, 2),
-        "sampling": settings,
+        "sampling": plan["sampling"],
         "postprocessing": postprocessing,
         "prompts": {name: tokenizer.decode(ids) for name, ids in zip(label_names, prompts, strict=True)},
         "stop_tokens": tokenizer.convert_ids_to_tokens(stop_ids),
@@ -624,6 +498,12 @@ def sample_labelled(
     }
     _write_set(out_dir, rows, summary, provenance)
     return summary
+
+
+def _sampling_record(cfg: GenerateConfig, settings: SamplingSettings, engine: str) -> dict[str, Any]:
+    """What the plan and generation.json say about sampling: the engine, the settings, the shards, the seed."""
+    return {"engine": engine, **settings.record(), "shard_size": cfg.shard_size, "n_per_label": cfg.n_per_label,
+            "seed": cfg.seed}
 
 
 def _check_context_fits(model: PreTrainedModel, length: int) -> None:

@@ -68,6 +68,7 @@ from dpnb.models import (
     save_trained,
     trainable_parameters,
 )
+from dpnb.next_token import SamplingSettings
 from dpnb.prompts import PromptFormat
 from dpnb.rundir import RunDir, shared_store
 from dpnb.stages.prepare import load_prepared
@@ -430,9 +431,9 @@ def sample_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
         if n_per_label <= 0:
             continue
         generator = torch.Generator(device=device).manual_seed(seed)
-        samples = sample_continuations(model, ids, n_per_label, max_new_tokens=max_new_tokens,
-                                       stop_ids=[tokenizer.eos_token_id], top_p=0.95, batch_size=n_per_label,
-                                       generator=generator)
+        settings = SamplingSettings(max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_token_id,), top_p=0.95,
+                                    batch_size=n_per_label)
+        samples = sample_continuations(model, ids, n_per_label, settings, generator=generator)
         for new_ids, _ in samples:
             rows.append({"label": label, "text": tokenizer.decode(new_ids, skip_special_tokens=True).strip()})
     return rows

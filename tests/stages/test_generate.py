@@ -13,9 +13,11 @@ from transformers import AutoModelForCausalLM
 from dpnb import vllm_engine
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance, dataset_card
+from dpnb.engines import open_engine, strip_prompt_and_cut
 from dpnb.errors import DpnbError
 from dpnb.io import read_json
 from dpnb.models import load_causal_lm, load_tokenizer
+from dpnb.next_token import SamplingSettings
 from dpnb.privacy import round_up
 from dpnb.prompts import PromptFormat
 from dpnb.sampling import (
@@ -29,7 +31,6 @@ from dpnb.sampling import (
     sample_labelled,
     shard_seed,
     stop_token_ids,
-    strip_prompt_and_cut,
 )
 from dpnb.stages import generate
 
@@ -144,6 +145,9 @@ def test_sampling_writes_every_requested_sample(sampled, tokenizer):
     assert (out / "samples.csv").read_text().splitlines()[0] == "text,label,label_name"
     assert summary["new_tokens"] == sum(len(r["ids"]) + r["stopped"] for r in records)
     assert summary["tokens_per_second"] > 0
+    # the settings as plans recorded them before the one settings object: their shards still resume
+    assert summary["sampling"] == {"engine": "fast", "temperature": 1.0, "top_p": 0.95, "top_k": 0, "max_new_tokens": 6,
+                                   "min_new_tokens": 0, "batch_size": 2, "shard_size": 2, "n_per_label": 3, "seed": 7}
 
 
 def test_interrupted_run_resumes_to_the_same_samples(sampled, tmp_path, tiny_model, tokenizer):
@@ -344,10 +348,13 @@ def test_run_stage_needs_finetune(prepared):
 
 
 def test_vllm_settings_and_stop_tokens_in_its_terms():
-    params = vllm_engine.sampling_params(small_config(top_k=0, min_new_tokens=2), 5, 123, {2, 0})
+    settings = SamplingSettings.from_config(small_config(top_k=0, min_new_tokens=2), {2, 0})
+    params = vllm_engine.sampling_params(settings, 5, 123)
     assert params == {"n": 5, "temperature": 1.0, "top_p": 0.95, "top_k": -1, "max_tokens": 6, "min_tokens": 2,
                       "seed": 123, "stop_token_ids": [0, 2], "detokenize": False}
-    assert vllm_engine.sampling_params(small_config(top_k=40), 1, 0, {2})["top_k"] == 40
+    assert vllm_engine.sampling_params(SamplingSettings.from_config(small_config(top_k=40), {2}), 1, 0)["top_k"] == 40
+    greedy = SamplingSettings(max_new_tokens=3, do_sample=False)
+    assert vllm_engine.sampling_params(greedy, 1, 0)["temperature"] == 0.0
     assert vllm_engine.cut_at_stop([5, 6, 2, 7], "stop", {2}) == ([5, 6], True)  # the stop token returned
     assert vllm_engine.cut_at_stop([5, 6], "stop", {2}) == ([5, 6], True)  # or not
     assert vllm_engine.cut_at_stop([5, 6], "length", {2}) == ([5, 6], False)
@@ -401,3 +408,37 @@ def test_vllm_engine_samples_shards_like_the_others(tmp_path, tiny_model, tokeni
     assert [r["stopped"] for r in rows] == [True, False] and stop not in rows[0]["ids"]
     assert summary["kept_total"] == 6 and not list(tmp_path.glob(".*weights*"))  # the export is gone
     assert tiny_model.device.type == "cpu"
+
+
+def test_vllm_engine_sends_one_request_per_distinct_prompt(tmp_path, tiny_model, tokenizer, monkeypatch):
+    """Many distinct prompts (Private Evolution's variations): one request per distinct prompt, for as many
+    samples as it appears, each request seeded apart (one seed for all would correlate their draws); the
+    samples come back in prompt order."""
+    calls = []
+
+    class Output:
+        def __init__(self, token_ids, finish_reason):
+            self.token_ids, self.finish_reason = token_ids, finish_reason
+
+    class StandInLLM:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.append((prompts, params))
+            return [type("Request", (), {"outputs": [Output([p["prompt_token_ids"][-1], i, 2], "stop")
+                                                     for i in range(settings["n"])]})()
+                    for p, settings in zip(prompts, params, strict=True)]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=StandInLLM, SamplingParams=lambda **kw: kw))
+    monkeypatch.setattr(vllm_engine, "is_available", lambda: True)
+    prompts = [[5, 6], [7], [5, 6], [9, 9, 9]]
+    with open_engine("vllm", tiny_model, SamplingSettings(max_new_tokens=4, stop_ids=(2,)), tokenizer=tokenizer,
+                     scratch_dir=tmp_path) as engine:
+        samples = engine.sample(prompts, seed=42)
+    ((sent, params),) = calls
+    assert sent == [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [7]}, {"prompt_token_ids": [9, 9, 9]}]
+    assert [p["n"] for p in params] == [2, 1, 1]
+    assert params[0]["seed"] == 42 and len({p["seed"] for p in params}) == 3
+    assert samples == [([6, 0], True), ([7, 0], True), ([6, 1], True), ([9, 0], True)]
+    assert tiny_model.device.type == "cpu" and not list(tmp_path.glob(".*weights*"))

@@ -31,6 +31,7 @@ from dpnb.models import (
     save_trained,
     untie_embeddings,
 )
+from dpnb.next_token import SamplingSettings
 from dpnb.prompts import PromptFormat
 from dpnb.rundir import RunDir
 from dpnb.sampling import load_synthetic, sample_labelled
@@ -292,7 +293,8 @@ def test_an_untied_gpt2_saves_and_reloads_untied(tokenizer, tmp_path):
     model.eval()
     saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     prompt = PromptFormat().prompt_ids("positive", tokenizer)
-    before = sample_continuations(model, prompt, 2, max_new_tokens=8, stop_ids=[EOT], do_sample=False)
+    greedy = SamplingSettings(max_new_tokens=8, stop_ids=(EOT,), do_sample=False)
+    before = sample_continuations(model, prompt, 2, greedy)
     with torch.no_grad():
         hf_before = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                    do_sample=False, max_new_tokens=8, pad_token_id=EOT)
@@ -307,7 +309,7 @@ def test_an_untied_gpt2_saves_and_reloads_untied(tokenizer, tmp_path):
     assert not torch.equal(reloaded.lm_head.weight, reloaded.transformer.wte.weight)
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
-    after = sample_continuations(reloaded, prompt, 2, max_new_tokens=8, stop_ids=[EOT], do_sample=False)
+    after = sample_continuations(reloaded, prompt, 2, greedy)
     assert after == before
     with torch.no_grad():
         hf_after = reloaded.generate(

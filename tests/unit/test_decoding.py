@@ -9,21 +9,12 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from dpnb.decoding import (
-    _packing_available,
-    _runner,
-    continue_prompts,
-    is_supported,
-    sample_continuations,
-    token_probabilities,
-)
+from dpnb.decoding import continue_prompts, is_supported, sample_continuations
+from dpnb.engines import strip_prompt_and_cut
 from dpnb.errors import DpnbError
+from dpnb.fast_forward import _packing_available, runner_for
 from dpnb.models import load_tokenizer, tiny_causal_lm
-
-try:
-    from dpnb.sampling import strip_prompt_and_cut
-except ImportError:  # before the generate stage's split
-    from dpnb.generate import strip_prompt_and_cut
+from dpnb.next_token import SamplingSettings, token_probabilities
 
 TEXTS = ("A film review:", "A film review: the", "Once upon a time in a land far", "Hi", "A film review:")
 
@@ -45,6 +36,10 @@ def peaked(arch: str, scale: float = 1.0):
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def model(request):
     return peaked(request.param)
+
+
+def greedy(max_new_tokens, stop_ids=(), **settings):
+    return SamplingSettings(max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids), do_sample=False, **settings)
 
 
 def hf_greedy(model, prompts, max_new_tokens, stop_ids, min_new_tokens=0):
@@ -72,19 +67,39 @@ def test_greedy_matches_generate_with_refilled_rows(model, tokenizer, prepack):
     assert len({len(ids) for ids, _ in expected}) >= 3, "the rows should end at different steps"
     assert {stopped for _, stopped in expected} == {True, False}
     # 2 rows for 5 samples: rows are refilled, then packed when nothing is pending
-    got = continue_prompts(model, prompts, max_new_tokens=10, stop_ids=stops, do_sample=False, batch_size=2,
-                           prepack=prepack)
+    got = continue_prompts(model, prompts, greedy(10, stops, batch_size=2), prepack=prepack)
     assert got == expected
-    assert continue_prompts(model, prompts, max_new_tokens=10, stop_ids=stops, do_sample=False, batch_size=8,
-                            prepack=prepack) == expected
+    assert continue_prompts(model, prompts, greedy(10, stops, batch_size=8), prepack=prepack) == expected
 
 
 def test_weights_are_packed_where_the_cpu_allows(model):
     if not _packing_available():
         pytest.skip("this torch build has no oneDNN linear ops")
-    runner = _runner(model)
+    runner = runner_for(model)
     runner.pack(4)
-    assert len(runner.packed) == len(runner.projection_groups())  # every projection of a plain model
+    assert len(runner.linears) == len(runner.projection_groups())  # every projection of a plain model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_weights_are_packed_and_give_the_models_logits_up_to_bf16_rounding(arch):
+    """In bfloat16 every projection is packed too (oneDNN's bf16 products), and the padded prefill of
+    prompts of different lengths gives each prompt's next-token logits as close to the float32 model's
+    as the model's own bf16 forward is."""
+    exact, model = peaked(arch), peaked(arch).to(torch.bfloat16)
+    prompts = distinct_prompts(6)
+    width = max(map(len, prompts))
+    tokens = torch.tensor([p + p[-1:] * (width - len(p)) for p in prompts])
+    with torch.inference_mode():
+        reference = torch.stack([exact(torch.tensor([p])).logits[0, -1] for p in prompts])
+        own_bf16 = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in prompts]).float()
+        runner = runner_for(model)
+        if _packing_available():
+            runner.pack(len(prompts))
+            assert len(runner.linears) == len(runner.projection_groups())
+        got = runner.logits(tokens, torch.arange(width).expand(len(prompts), width),
+                            runner.new_cache(len(prompts), width), torch.tensor([len(p) - 1 for p in prompts]))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - reference).abs().max() <= 2 * (own_bf16 - reference).abs().max()
 
 
 def test_lora_model_matches_generate(tokenizer):
@@ -98,10 +113,10 @@ def test_lora_model_matches_generate(tokenizer):
     expected = hf_greedy(lora, prompts, 6, [0])
     with lora.disable_adapter():
         assert hf_greedy(lora, prompts, 6, [0]) != expected, "the adapter should change the tokens"
-    assert continue_prompts(lora, prompts, max_new_tokens=6, stop_ids=[0], do_sample=False, batch_size=2) == expected
-    runner = _runner(lora)
+    assert continue_prompts(lora, prompts, greedy(6, [0], batch_size=2)) == expected
+    runner = runner_for(lora)
     runner.pack(2)
-    assert 0 < len(runner.packed) < len(runner.projection_groups())
+    assert 0 < len(runner.linears) < len(runner.projection_groups())
 
 
 def test_greedy_min_new_tokens_matches_generate(model, tokenizer):
@@ -110,15 +125,63 @@ def test_greedy_min_new_tokens_matches_generate(model, tokenizer):
     stops = {free_running[3][0][0], free_running[0][0][1], free_running[1][0][4]}
     expected = hf_greedy(model, prompts, 8, stops, min_new_tokens=3)
     assert all(len(ids) >= 3 for ids, _ in expected)
-    got = continue_prompts(model, prompts, max_new_tokens=8, stop_ids=stops, do_sample=False, min_new_tokens=3,
-                           batch_size=3)
+    got = continue_prompts(model, prompts, greedy(8, stops, min_new_tokens=3, batch_size=3))
     assert got == expected
 
 
 def test_one_prompt_greedy_rows_all_match_generate(model, tokenizer):
     prompt = tokenizer("A film review:")["input_ids"]
     expected = hf_greedy(model, [prompt], 6, [0])[0]
-    assert sample_continuations(model, prompt, 3, max_new_tokens=6, stop_ids=[0], do_sample=False) == [expected] * 3
+    assert sample_continuations(model, prompt, 3, greedy(6, [0])) == [expected] * 3
+
+
+# --------------------------------------------------------------------------- many distinct prompts
+
+
+def distinct_prompts(n, seed=0):
+    """Private Evolution's shape: one shared prefix (a chat prompt), then an opening of 3-30 tokens each;
+    some prompts appear twice, far apart."""
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, 4000, (12,), generator=generator).tolist()
+    prompts = [shared + torch.randint(3, 4000, (int(torch.randint(3, 31, (1,), generator=generator)),),
+                                      generator=generator).tolist() for _ in range(n)]
+    return prompts + [prompts[3], prompts[0], prompts[n // 2]]
+
+
+def test_many_distinct_prompts_match_generate_prompt_by_prompt(model, monkeypatch):
+    """Each prompt's greedy continuation is generate's for that prompt alone, while the prompts' own
+    tokens run through the model in batches as rows free up (each distinct prompt once, at most a
+    batch of rows at a time), not one prompt per forward pass."""
+    from dpnb import fast_forward
+
+    prompts = distinct_prompts(30)
+    expected = hf_greedy(model, prompts, 6, [])
+    forwards = []
+    logits = fast_forward.Runner.logits
+
+    def counted(self, tokens, positions, cache, last=None):
+        forwards.append((tokens.shape, last is not None))
+        return logits(self, tokens, positions, cache, last)
+
+    monkeypatch.setattr(fast_forward.Runner, "logits", counted)
+    assert continue_prompts(model, prompts, greedy(6, batch_size=8)) == expected
+    prefills = [shape for shape, is_prefill in forwards if is_prefill]
+    assert sum(rows for rows, _ in prefills) == 30  # every distinct prompt once, the repeated ones too
+    assert max(rows for rows, _ in prefills) <= 8  # never more prompts at once than rows
+    assert len(prefills) <= 10  # batches: 30 prompts one by one would take 30 passes
+    assert max(steps for _, steps in prefills) > 3  # the openings, padded to the longest of a batch
+
+
+def test_many_distinct_prompts_sample_each_its_own_distribution_and_repeat_with_a_seed(model):
+    prompts = distinct_prompts(24, seed=1)
+    settings = SamplingSettings(max_new_tokens=4, top_p=0.6, temperature=1.2, batch_size=6)
+    first = continue_prompts(model, prompts, settings, generator=torch.Generator().manual_seed(9))
+    assert first == continue_prompts(model, prompts, settings, generator=torch.Generator().manual_seed(9))
+    assert first != continue_prompts(model, prompts, settings, generator=torch.Generator().manual_seed(10))
+    with torch.inference_mode():  # each first token is one the warpers keep for that sample's own prompt
+        for prompt, (ids, _) in zip(prompts, first, strict=True):
+            kept = hf_probabilities(model(torch.tensor([prompt])).logits[:, -1], temperature=1.2, top_p=0.6)[0]
+            assert kept[ids[0]] > 0
 
 
 # --------------------------------------------------------------------------- sampling: HF's distribution
@@ -150,7 +213,8 @@ def test_filtered_distribution_equals_hf_warpers(temperature, top_k, top_p, head
     generator = torch.Generator().manual_seed(0)
     # rows from flat (thousands of tokens kept) to peaked (one or two)
     logits = torch.randn(24, 49152, generator=generator) * torch.linspace(1.5, 12.0, 24)[:, None]
-    got = token_probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p, head_cuts=head_cuts)
+    settings = SamplingSettings(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+    got = token_probabilities(logits, settings, head_cuts)
     expected = hf_probabilities(logits, temperature, top_k, top_p)
     same = ((got > 0) == (expected > 0)).all(dim=-1)
     for row in (~same).nonzero().squeeze(1).tolist():
@@ -170,7 +234,7 @@ def assert_rounding_at_the_boundary(scores, got, expected, top_p):
 
 def test_top_k_keeps_every_token_tied_with_the_kth():
     logits = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0, 1.0, 0.0]])
-    got = token_probabilities(logits, top_k=3)
+    got = token_probabilities(logits, SamplingSettings(max_new_tokens=1, top_k=3))
     expected = hf_probabilities(logits, top_k=3)
     assert (got[0] > 0).sum() == 5 and (got[1] > 0).sum() == 3
     torch.testing.assert_close(got, expected)
@@ -188,8 +252,8 @@ def test_two_token_frequencies_match_the_model(scale, settings):
     model = peaked("llama", scale=scale)  # a few tokens of clearly different probabilities
     prompt = [1, 504, 3158, 42]
     n = 1500
-    samples = sample_continuations(model, prompt, n, max_new_tokens=2, stop_ids=[], batch_size=64,
-                                   generator=torch.Generator().manual_seed(3), **settings)
+    samples = sample_continuations(model, prompt, n, SamplingSettings(max_new_tokens=2, batch_size=64, **settings),
+                                   generator=torch.Generator().manual_seed(3))
     assert all(len(ids) == 2 and not stopped for ids, stopped in samples)
     with torch.inference_mode():
         first = hf_probabilities(model(torch.tensor([prompt])).logits[:, -1], **settings)[0]
@@ -214,9 +278,9 @@ def test_two_token_frequencies_match_the_model(scale, settings):
 def test_seeded_generator_repeats_and_lengths_are_respected():
     model = tiny_causal_lm("llama", seed=0).eval()  # a near-uniform model: a third of all tokens stop it
     stops = range(0, 49152, 3)
-    kwargs = {"max_new_tokens": 6, "min_new_tokens": 3, "stop_ids": stops, "top_k": 200, "top_p": 0.95, "batch_size": 8}
-    first = sample_continuations(model, [1, 2, 3], 40, generator=torch.Generator().manual_seed(5), **kwargs)
-    again = sample_continuations(model, [1, 2, 3], 40, generator=torch.Generator().manual_seed(5), **kwargs)
+    settings = SamplingSettings(max_new_tokens=6, min_new_tokens=3, stop_ids=stops, top_k=200, top_p=0.95, batch_size=8)
+    first = sample_continuations(model, [1, 2, 3], 40, settings, generator=torch.Generator().manual_seed(5))
+    again = sample_continuations(model, [1, 2, 3], 40, settings, generator=torch.Generator().manual_seed(5))
     assert first == again
     stop_set = set(stops)
     for ids, stopped in first:
@@ -233,11 +297,13 @@ def test_supported_models_and_refusals():
     assert is_supported(model)
     assert not is_supported(types.SimpleNamespace(config=types.SimpleNamespace(model_type="t5")))
     with pytest.raises(DpnbError, match="context"):
-        sample_continuations(model, [1] * 10, 2, max_new_tokens=7, stop_ids=[0])
+        sample_continuations(model, [1] * 10, 2, SamplingSettings(max_new_tokens=7, stop_ids=(0,)))
     with pytest.raises(DpnbError, match="top_p"):
-        sample_continuations(model, [1], 2, max_new_tokens=2, stop_ids=[0], top_p=0.0)
+        SamplingSettings(max_new_tokens=2, stop_ids=(0,), top_p=0.0)
     with pytest.raises(DpnbError, match="min_new_tokens"):
-        sample_continuations(model, [1], 2, max_new_tokens=2, min_new_tokens=3, stop_ids=[0])
+        SamplingSettings(max_new_tokens=2, min_new_tokens=3, stop_ids=(0,))
+    with pytest.raises(DpnbError, match="vocabulary"):
+        sample_continuations(model, [1], 1, SamplingSettings(max_new_tokens=1, stop_ids=(10**6,)))
     with pytest.raises(DpnbError, match="not 't5'"):
         sample_continuations(types.SimpleNamespace(config=types.SimpleNamespace(model_type="t5")), [1], 1,
-                             max_new_tokens=1, stop_ids=[0])
+                             SamplingSettings(max_new_tokens=1, stop_ids=(0,)))
