@@ -279,9 +279,38 @@ class GenerateConfig:
     # All draw from the same distribution; the samples themselves differ.
     engine: str = "auto"
     seed: int = 0
+    # Private Evolution (dpnb.evolution): a second DP generator that never trains the model. A pool of
+    # pe_pool_factor x n_per_label samples per label from the start model (the zero-shot set, or the DP
+    # fine-tuned set, plus more of the same) is voted on by the private records; the n_per_label of each
+    # label with the most noisy votes form the set (with pe_iterations > 1, variations of the kept
+    # samples are voted on again first). pe_epsilon is the set's TOTAL budget: with pe_start "finetuned"
+    # it includes the fine-tuning's epsilon (composed, one accountant), and with pe_relabel_epsilon a DP
+    # classifier (dpnb.dp_classifier, that share of the budget) labels the pool before the votes.
+    pe: bool = False
+    pe_start: str = "base"  # "base": the base model's zero-shot samples; "finetuned": the DP fine-tuned model's
+    pe_pool_factor: int = 2
+    pe_iterations: int = 1
+    pe_epsilon: float | None = 8.0  # None: exact votes (no DP; the non-private reference of a sweep)
+    pe_relabel_epsilon: float | None = None
+    pe_nearest: int = 4  # each private record's votes go to its k nearest samples (1/sqrt(k) each)
+    pe_keep_fraction: float = 0.5  # between iterations: the share of each label kept and varied
+    pe_opening_fraction: float = 0.3  # a variation continues the kept sample's first words (this share)
+    pe_encoder: str = "minilm-l6"
 
     def __post_init__(self) -> None:
         _one_of(self.engine, ("auto", "fast", "hf", "vllm"), "generate.engine")
+        _one_of(self.pe_start, ("base", "finetuned"), "generate.pe_start")
+        for name in ("pe_pool_factor", "pe_iterations", "pe_nearest", "pe_epsilon", "pe_relabel_epsilon"):
+            _positive(getattr(self, name), f"generate.{name}")
+        require(0 < self.pe_keep_fraction < 1, "generate.pe_keep_fraction must be in (0, 1)")
+        require(0 < self.pe_opening_fraction < 1, "generate.pe_opening_fraction must be in (0, 1)")
+        require(not (self.pe and self.pe_start == "base" and not self.zero_shot),
+                "generate.pe_start base starts from the zero-shot set: set generate.zero_shot true, or pe_start "
+                "finetuned")
+        if self.pe_relabel_epsilon is not None and self.pe_epsilon is not None:
+            require(self.pe_relabel_epsilon < self.pe_epsilon,
+                    f"generate.pe_relabel_epsilon ({self.pe_relabel_epsilon:g}) is a share of pe_epsilon "
+                    f"({self.pe_epsilon:g}): make it smaller")
         for name in ("n_per_label", "temperature", "max_new_tokens", "batch_size", "shard_size"):
             _positive(getattr(self, name), f"generate.{name}")
         require(0 < self.top_p <= 1, f"generate.top_p must be in (0, 1], got {self.top_p!r}")

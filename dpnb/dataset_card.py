@@ -138,25 +138,26 @@ def _evolution_section(provenance: Provenance, data: str) -> list[str]:
     p = provenance.privacy or {}
     if p.get("epsilon") is None:
         return ["**No DP guarantee.** This Private Evolution set was selected by EXACT votes of the private "
-                f"records ({data}), without noise: nothing bounds what it reveals about them; it exists as the "
-                "non-private reference (ε = ∞)."]
+                f"records ({data}), or from a model trained without DP: nothing bounds what it reveals about them; "
+                "it exists as the non-private reference (ε = ∞)."]
+    mechanisms = p.get("mechanisms") or [{"name": "Private Evolution votes", "noise_multiplier": p.get(
+        "noise_multiplier"), "sample_rate": p.get("sample_rate"), "steps": p.get("steps")}]
     rows = [("epsilon", f"{p['epsilon']} ({p.get('accountant', '?')} accountant)"), ("delta", p["delta"]),
-            ("noise multiplier (votes of sensitivity 1)", p.get("noise_multiplier")),
-            ("iterations (Gaussian mechanisms composed)", p.get("steps")),
-            ("private records", p.get("dataset_size"))]
-    composed = p.get("composed_with")
+            ("private records", p.get("dataset_size")),
+            *[(f"{m['name']}: noise multiplier, sample rate, steps",
+               f"{m['noise_multiplier']:.4g}, {m['sample_rate']:.4g}, {m['steps']}") for m in mechanisms]]
+    before = p.get("composed_with") or []
     return [
         f"**(ε = {_fmt(p['epsilon'])}, δ = {_fmt(p['delta'])})-differential privacy** for every record of {data}.",
         "",
-        f"Private Evolution: `{provenance.model}` was never trained on the private data. A population of its "
-        "samples evolved over the iterations below: at each, every private record voted for its nearest samples "
-        "of its own label (sentence embeddings; one record moves the vote histogram by at most 1 in L2 norm), "
-        "Gaussian noise was added to the histogram, the samples with the most noisy votes were kept and the "
-        "model wrote variations of them. Only the noisy histograms reached the population, so the set carries "
-        "the guarantee of those noisy votes, composed over the iterations by the accountant below.",
-        *(["", f"The population started from the DP fine-tuned model, so this set depends on the private data "
-               f"through both mechanisms: ε and δ above are the SUM of the fine-tuning's ({composed['epsilon']}, "
-               f"{composed['delta']}) and Private Evolution's, a valid (conservative) bound."] if composed else []),
+        f"Private Evolution: a pool of samples of `{provenance.model}` was voted on by the private records: each "
+        "record voted for its nearest samples of its own label (sentence embeddings; one record moves the vote "
+        "histogram by at most 1 in L2 norm), Gaussian noise was added to the histogram, and the samples with the "
+        "most noisy votes were kept (between iterations, the model wrote variations of them). Only the noisy "
+        "histograms reached the set, so it carries their guarantee, composed over the iterations.",
+        *(["", "Before the votes, the pool already depended on the private data through: "
+               + "; ".join(before) + ". The (ε, δ) above is that of ALL the mechanisms in the table, composed by "
+               "one accountant (not the votes' alone)."] if before else []),
         "",
         *([f"**{p['release_note']}.**"] if p.get("dp_release") is False else
           [f"Noise: {p['release_note']}." if p.get("release_note") else "Noise: not stated; treat with caution."]),

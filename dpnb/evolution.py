@@ -40,14 +40,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from dpnb import privacy
+from dpnb.composition import Mechanism, calibrate_last, composed_record
 from dpnb.errors import require
 
 GAUSSIAN_SAMPLE_RATE = 1.0  # one PE iteration in the accountants' terms: a Gaussian step over every record
+VOTES = "Private Evolution votes"
 
 
 @dataclass(frozen=True)
@@ -70,16 +73,51 @@ class EvolutionPlan:
 
 
 def plan_evolution(iterations: int, nearest: int, target_epsilon: float | None, delta: float | None,
-                   dataset_size: int, accountant: str = "prv") -> EvolutionPlan:
-    """Calibrate sigma so that T iterations spend exactly the target epsilon at delta (None: no DP)."""
+                   dataset_size: int, accountant: str = "prv", spent: Sequence[Mechanism] = ()) -> EvolutionPlan:
+    """Calibrate sigma so that T iterations spend exactly the target epsilon at delta (None: no DP).
+
+    With `spent` (the mechanisms the population already went through: DP fine-tuning, a DP labelling
+    classifier), the target is the total of all of them, composed (`dpnb.composition.calibrate_last`).
+    """
     require(iterations >= 1, f"Private Evolution needs at least one iteration, got {iterations}")
     require(nearest >= 1, f"each record votes for at least one text, got nearest = {nearest}")
     if target_epsilon is None:
         return EvolutionPlan(iterations, nearest, None, None, None, accountant)
     delta = privacy.default_delta(dataset_size) if delta is None else delta
     privacy.validate_delta(delta, dataset_size)
-    sigma = privacy.calibrate_noise(target_epsilon, delta, GAUSSIAN_SAMPLE_RATE, iterations, accountant)
+    if spent:
+        votes = calibrate_last(target_epsilon, delta, spent, VOTES, GAUSSIAN_SAMPLE_RATE, iterations, accountant)
+        sigma = votes.noise_multiplier
+    else:
+        sigma = privacy.calibrate_noise(target_epsilon, delta, GAUSSIAN_SAMPLE_RATE, iterations, accountant)
     return EvolutionPlan(iterations, nearest, sigma, delta, target_epsilon, accountant)
+
+
+def privacy_record(plan: EvolutionPlan, spent: Sequence[Mechanism], dataset_size: int,
+                   deterministic: bool) -> dict[str, Any]:
+    """The PE set's privacy.json: its votes alone, or composed with what the population went through before."""
+    common = {"mechanism": "Private Evolution: noisy nearest-neighbour votes of the private records",
+              "dataset_size": dataset_size, "iterations": plan.iterations, "nearest": plan.nearest,
+              "target_epsilon": plan.target_epsilon, **noise_note(deterministic)}
+    if plan.noise_multiplier is None:
+        return {"dp": False, "epsilon": None, "delta": None, "noise_multiplier": None, **common,
+                "note": "exact votes (no noise) or a start model trained without DP: no guarantee"}
+    votes = Mechanism(VOTES, plan.noise_multiplier, GAUSSIAN_SAMPLE_RATE, plan.iterations)
+    if spent:
+        return {**composed_record([*spent, votes], plan.delta, plan.accountant), **common,
+                "composed_with": [m.name for m in spent]}
+    fields = privacy.privacy_fields(plan.noise_multiplier, GAUSSIAN_SAMPLE_RATE, plan.iterations, plan.delta,
+                                    plan.accountant)
+    return {**fields, "dp": True, **common}
+
+
+def noise_note(deterministic: bool) -> dict[str, Any]:
+    """Where the votes' noise came from, and whether that makes the set a DP release."""
+    if deterministic:
+        return {"deterministic": True, "dp_release": False,
+                "release_note": "NOT a DP release: the votes' noise was drawn from the config seed (tests, teaching)"}
+    return {"deterministic": False, "dp_release": True,
+            "release_note": "the votes' noise drawn from a torch generator seeded with OS entropy (not saved)"}
 
 
 def vote_histogram(private: np.ndarray, private_labels: Sequence[int], population: np.ndarray,
@@ -163,31 +201,39 @@ def iteration_log(iteration: int, noisy: np.ndarray, labels: Sequence[int], kept
                   children: int, dropped: int) -> dict[str, object]:
     """What one iteration did, from the noisy histogram only (shareable): vote mass and selection per label."""
     labels = np.asarray(labels)
-    per_label = {}
+    per_label: dict[str, dict[str, Any]] = {}
     for label in np.unique(labels):
         mine = noisy[labels == label]
         chosen = noisy[kept[labels[kept] == label]]
-        per_label[int(label)] = {"texts": int(len(mine)), "noisy_votes": round(float(mine.sum()), 2),
+        per_label[str(label)] = {"texts": int(len(mine)), "noisy_votes": round(float(mine.sum()), 2),
                                  "kept": int(len(chosen)),
                                  "lowest_kept_votes": round(float(chosen.min()), 3) if len(chosen) else None}
     return {"iteration": iteration, "per_label": per_label, "varied": children, "dropped_variations": dropped}
 
 
 def evolve_once(population: Population, private: np.ndarray, private_labels: Sequence[int], plan: EvolutionPlan,
-                keep_fraction: float, embed: Callable[[list[str]], np.ndarray],
-                vary: Callable[[list[str], list[int]], list[str | None]], generator: torch.Generator,
+                keep: dict[int, int], embed: Callable[[list[str]], np.ndarray],
+                vary: Callable[[list[str], list[int]], list[str | None]] | None, generator: torch.Generator,
                 iteration: int) -> tuple[Population, np.ndarray, dict[str, object]]:
     """One iteration (module docstring, steps 1-5): the next population, the histogram before noise
-    (private) and the iteration's log (shareable)."""
+    (private) and the iteration's log (shareable).
+
+    `keep[label]` texts of each label are kept; with `vary`, each label is refilled to its former size with
+    variations of its kept texts (None from `vary`: a degenerate variation, left out); the last iteration
+    passes no `vary`, and its kept texts are the set.
+    """
     clean = vote_histogram(private, private_labels, embed(population.texts), population.labels, plan.nearest)
     noisy = add_noise(clean, plan.noise_multiplier, generator)
-    sizes = {label: population.labels.count(label) for label in dict.fromkeys(population.labels)}
-    keep = {label: max(1, round(size * keep_fraction)) for label, size in sizes.items()}
     kept = select(noisy, population.labels, keep)
-    parents = parents_of_children(kept.tolist(), population.labels, sizes)
-    children = vary([population.texts[i] for i in parents], [population.labels[i] for i in parents])
-    born = [(text, population.labels[p]) for text, p in zip(children, parents, strict=True) if text]
+    born: list[tuple[str, int]] = []
+    dropped = 0
+    if vary is not None:
+        sizes = {label: population.labels.count(label) for label in dict.fromkeys(population.labels)}
+        parents = parents_of_children(kept.tolist(), population.labels, sizes)
+        children = vary([population.texts[i] for i in parents], [population.labels[i] for i in parents])
+        born = [(text, population.labels[p]) for text, p in zip(children, parents, strict=True) if text]
+        dropped = len(children) - len(born)
     texts = [population.texts[i] for i in kept] + [text for text, _ in born]
     labels = [population.labels[i] for i in kept] + [label for _, label in born]
-    log = iteration_log(iteration, noisy, population.labels, kept, len(born), len(children) - len(born))
+    log = iteration_log(iteration, noisy, population.labels, kept, len(born), dropped)
     return Population(texts, labels), clean, log

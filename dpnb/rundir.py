@@ -19,8 +19,10 @@ One experiment is one directory, `runs/<name>/` by default; `RunDir` names every
                               holds the samples written so far, so an interrupted run resumes
     pe/                       03 generate: the Private Evolution set, its card, privacy.json and the
                               noisy vote histograms of every iteration (shareable)
-    pe_private/               03 generate: PE's vote histograms before noise and its state between
-                              iterations (private: computed from the records)
+    pe_private/               03 generate: PE's vote histograms before noise (private: computed from
+                              the records)
+    pe_pool/                  03 generate: the extra samples of PE's start model it votes on (as
+                              shareable as that model's samples)
     dp_classifier/            04 evaluate: the direct DP classifier's weights and privacy.json (shareable)
     metrics.json              04 evaluate: aggregates only (evaluate/ holds finished sources while it runs)
     memorisation_flagged.json 04 evaluate: the memorisation screen's flagged samples, each with the training
@@ -140,6 +142,7 @@ class RunDir:
     zero_shot = property(lambda self: self.path / "zero_shot")
     pe = property(lambda self: self.path / "pe")  # Private Evolution's set (shareable, with its privacy.json)
     pe_private = property(lambda self: self.path / "pe_private")  # its histograms before noise: private
+    pe_pool = property(lambda self: self.path / "pe_pool")  # PE's extra samples of the start model
     dp_classifier = property(lambda self: self.path / "dp_classifier")  # weights and privacy.json: shareable
     metrics = property(lambda self: self.path / "metrics.json")
     # which samples copy which training rows, at which offsets: private, like the records

@@ -341,12 +341,15 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def _write_set(out_dir: Path, rows: dict[str, list[Any]], summary: dict[str, Any],
-               provenance: Provenance) -> None:
-    """Write the data set, its exports, card and generation.json, and move them into place at once."""
+def write_set(out_dir: Path, rows: dict[str, list[Any]], summary: dict[str, Any],
+              provenance: Provenance) -> None:
+    """Write the data set, its exports, card and generation.json, and move them into place at once.
+
+    `rows` holds `text`, `label` and `label_name`; the shards in `out_dir/shards`, if any, are kept."""
     dataset = datasets.Dataset.from_dict(rows, features=_set_features())
     with atomic_directory(out_dir) as staging:
-        shutil.copytree(out_dir / "shards", staging / "shards", copy_function=_link_or_copy)
+        if (out_dir / "shards").is_dir():
+            shutil.copytree(out_dir / "shards", staging / "shards", copy_function=_link_or_copy)
         bars_were_off = are_progress_bars_disabled()
         disable_progress_bars()
         try:
@@ -496,7 +499,7 @@ def sample_labelled(
         "model_fingerprint": plan["model_fingerprint"],
         "shards": len(specs),
     }
-    _write_set(out_dir, rows, summary, provenance)
+    write_set(out_dir, rows, summary, provenance)
     return summary
 
 

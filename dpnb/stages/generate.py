@@ -14,27 +14,49 @@ is marked complete.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import secrets
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 
+from dpnb.composition import Mechanism
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance
-from dpnb.io import read_json, save_figure
+from dpnb.dp_classifier import DPClassifier, DPClassifierSettings, train_dp_classifier
+from dpnb.embeddings import Embedder
+from dpnb.engines import open_engine
+from dpnb.evolution import EvolutionPlan, Population, evolve_once, opening, plan_evolution
+from dpnb.evolution import privacy_record as evolution_privacy
+from dpnb.io import read_json, save_figure, write_json_atomic
 from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device
-from dpnb.precision import choose
+from dpnb.next_token import SamplingSettings
+from dpnb.precision import Precision, choose
+from dpnb.privacy import default_delta
 from dpnb.prompts import PromptFormat
 from dpnb.rundir import RunDir, shared_store
-from dpnb.sampling import load_synthetic, sample_labelled
+from dpnb.sampling import (
+    DROP_REASONS,
+    degeneracy_reason,
+    load_synthetic,
+    sample_labelled,
+    shard_seed,
+    stop_token_ids,
+    write_set,
+)
+from dpnb.stages.prepare import load_prepared
 from dpnb.textstats import plot_length_histograms
 
 STAGE = "generate"
-SETS = ("synthetic", "zero_shot")
+SETS = ("synthetic", "zero_shot", "pe")
 LENGTHS_FIGURE = "generated_lengths.png"
 
 
@@ -51,6 +73,7 @@ def read_summary(run: RunDir, cfg: GenerateConfig) -> dict[str, Any]:
     return {
         "synthetic": read_json(run.synthetic / "generation.json"),
         "zero_shot": read_json(run.zero_shot / "generation.json") if cfg.zero_shot else None,
+        "pe": read_json(run.pe / "generation.json") if cfg.pe else None,
     }
 
 
@@ -119,9 +142,177 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
         if run.zero_shot.exists():
             print(f"removing {run.zero_shot}: an earlier zero-shot set no longer matches this config")
             shutil.rmtree(run.zero_shot)
+    summary["pe"] = sample_pe_set(run, cfg, manifest, privacy, precision) if cfg.pe else None
+    if not cfg.pe and run.pe.exists():
+        print(f"removing {run.pe}: an earlier Private Evolution set no longer matches this config")
+        shutil.rmtree(run.pe)
     save_figure(lengths_figure(set_dirs(run, summary)), run.figure(LENGTHS_FIGURE))
     run.mark_complete(STAGE, cfg, started)
     return summary
+
+
+# --------------------------------------------------------------------------- Private Evolution (dpnb.evolution)
+
+
+def pe_start_model(run: RunDir, cfg: GenerateConfig, manifest: dict[str, Any], dtype: str,
+                   device: str) -> tuple[Any, Any, Path, str]:
+    """The model PE samples its pool and variations from, its tokenizer, the set it starts from, and its name."""
+    if cfg.pe_start == "finetuned":
+        model, tokenizer = load_trained(run.model, device=device, dtype=dtype)
+        return model, tokenizer, run.synthetic, f"{manifest['model']} (DP fine-tuned, {run.model})"
+    base_name, base_seed = _zero_shot_base(run, manifest)
+    model = load_base_model(base_name, mode="full", dtype=dtype, device=device, seed=base_seed)
+    return model, load_tokenizer(base_name), run.zero_shot, base_name
+
+
+def pe_pool(run: RunDir, cfg: GenerateConfig, model: Any, tokenizer: Any, prompt_format: PromptFormat,
+            label_names: list[str], start_set: Path, precision: Precision) -> tuple[Population, dict[str, Any]]:
+    """The pool PE votes on: the start set and (pe_pool_factor - 1) x n_per_label more samples per label of
+    the same model (sampled into pe_pool/, resumable like any set; another seed than the start set's)."""
+    start = load_synthetic(start_set)
+    texts, labels = list(start["text"]), [int(v) for v in start["label"]]
+    extra_summary = None
+    if cfg.pe_pool_factor > 1:
+        more = dataclasses.replace(cfg, n_per_label=(cfg.pe_pool_factor - 1) * cfg.n_per_label, seed=cfg.seed + 7919,
+                                   pe=False)
+        extra_summary = sample_labelled(model, tokenizer, prompt_format, label_names, more, run.pe_pool,
+                                        provenance=Provenance("unspecified", "PE pool"), overwrite=True,
+                                        precision=precision.record())
+        extra = load_synthetic(run.pe_pool)
+        texts, labels = texts + list(extra["text"]), labels + [int(v) for v in extra["label"]]
+    return Population(texts, labels), {"start_set": start_set.name, "start": read_json(start_set / "generation.json"),
+                                       "extra": extra_summary}
+
+
+def pe_variations(engine: Any, tokenizer: Any, prompt_format: PromptFormat, label_names: list[str],
+                  cfg: GenerateConfig, iteration: int) -> Callable[[list[str], list[int]], list[str | None]]:
+    """PE's variation step: the model continues each text's opening after its label's prompt (None: degenerate)."""
+    prompts = {i: prompt_format.prompt_ids(name, tokenizer) for i, name in enumerate(label_names)}
+
+    def vary(texts: list[str], labels: list[int]) -> list[str | None]:
+        openings = [tokenizer(opening(t, cfg.pe_opening_fraction), add_special_tokens=False)["input_ids"]
+                    for t in texts]
+        samples = engine.sample([prompts[y] + o for y, o in zip(labels, openings, strict=True)],
+                                seed=shard_seed(cfg.seed + 104729, iteration, 0))
+        out: list[str | None] = []
+        for o, (ids, _) in zip(openings, samples, strict=True):
+            text = tokenizer.decode(o + list(ids), skip_special_tokens=True).strip()
+            degenerate = degeneracy_reason(text, o + list(ids), cfg.min_words, cfg.max_repeat_fraction)
+            out.append(None if degenerate else text)
+        return out
+
+    return vary
+
+
+def pe_budget(cfg: GenerateConfig, privacy: dict[str, Any], n_private: int,
+              classifier: DPClassifier | None) -> tuple[list[Mechanism], float, bool]:
+    """What the PE set spent before its votes (the fine-tuning it starts from, the labelling classifier), its
+    delta, and whether it can carry a guarantee at all (not from a model fine-tuned without DP, nor with
+    exact votes)."""
+    spent: list[Mechanism] = []
+    private = cfg.pe_epsilon is not None
+    if cfg.pe_start == "finetuned":
+        private = private and bool(privacy.get("dp"))
+        if privacy.get("dp"):
+            spent += Mechanism.of_record("DP-SGD fine-tuning", privacy)
+    if classifier is not None:
+        spent += Mechanism.of_record("DP classifier that labels the pool", classifier.privacy)
+    delta = privacy["delta"] if privacy.get("dp") else default_delta(n_private)
+    return spent, delta, private
+
+
+def relabel_pool(cfg: GenerateConfig, population: Population, private: np.ndarray, private_labels: list[int],
+                 num_labels: int, embedder: Embedder, delta: float, deterministic: bool,
+                 ) -> tuple[Population, DPClassifier | None]:
+    """With pe_relabel_epsilon: the pool's labels given by a DP classifier of the private records (that share of
+    the budget), instead of the labels it was prompted with; else the pool as it is."""
+    if cfg.pe_relabel_epsilon is None:
+        return population, None
+    classifier = train_dp_classifier(private, private_labels, num_labels, DPClassifierSettings(
+        target_epsilon=cfg.pe_relabel_epsilon, delta=delta, seed=cfg.seed, deterministic=deterministic))
+    labels = classifier.predict_features(embedder.features("pool", population.texts)).tolist()
+    print(f"pe: a DP classifier (epsilon {cfg.pe_relabel_epsilon:g}) relabelled "
+          f"{sum(a != b for a, b in zip(labels, population.labels, strict=True))} of {len(labels)} pool samples")
+    return Population(population.texts, labels), classifier
+
+
+def run_evolution(cfg: GenerateConfig, population: Population, private: np.ndarray, private_labels: list[int],
+                  plan: EvolutionPlan, embedder: Embedder, engine: Any, vary_with: Callable[[int], Any],
+                  generator: torch.Generator) -> tuple[Population, list[dict[str, Any]], list[list[float]]]:
+    """The iterations: vote, keep and vary, then the last vote keeps n_per_label of each label."""
+    logs, clean_histograms = [], []
+    for iteration in range(1, plan.iterations + 1):
+        final = iteration == plan.iterations
+        sizes = {label: population.labels.count(label) for label in sorted(set(population.labels))}
+        keep = ({label: cfg.n_per_label for label in sizes} if final
+                else {label: max(1, round(size * cfg.pe_keep_fraction)) for label, size in sizes.items()})
+        population, clean, log = evolve_once(
+            population, private, private_labels, plan, keep,
+            lambda texts, key=f"population-{iteration}": embedder.features(key, texts),
+            None if final else vary_with(iteration), generator, iteration)
+        print(f"pe: iteration {iteration} of {plan.iterations}: kept {sum(keep.values())}"
+              + ("" if final else f", {log['varied']} variations"), flush=True)
+        logs.append(log)
+        clean_histograms.append(clean.round(6).tolist())
+    return population, logs, clean_histograms
+
+
+def sample_pe_set(run: RunDir, cfg: GenerateConfig, manifest: dict[str, Any], privacy: dict[str, Any],
+                  precision: Precision) -> dict[str, Any]:
+    """The Private Evolution set (`dpnb.evolution`) in pe/, with its card and privacy.json; its summary."""
+    started = time.time()
+    device = resolve_device(cfg.device)
+    prompt_format = PromptFormat.from_dict(manifest["prompt"])
+    label_names = list(manifest["label_names"])
+    model, tokenizer, start_set, model_name = pe_start_model(run, cfg, manifest, precision.dtype_name, device)
+    population, pool_summary = pe_pool(run, cfg, model, tokenizer, prompt_format, label_names, start_set, precision)
+    train, _, _ = load_prepared(run)
+    private_labels = [int(v) for v in train["label"]]
+    embedder = Embedder(cfg.pe_encoder, max_length=128, batch_size=128, device=device, dtype=precision.dtype)
+    private = embedder.features("private", list(train["text"]))
+    deterministic = bool(privacy.get("deterministic"))
+    delta = privacy["delta"] if privacy.get("dp") else default_delta(len(private_labels))
+    population, classifier = relabel_pool(cfg, population, private, private_labels, len(label_names), embedder,
+                                          delta, deterministic)
+    spent, delta, is_private = pe_budget(cfg, privacy, len(private_labels), classifier)
+    plan = plan_evolution(cfg.pe_iterations, cfg.pe_nearest, cfg.pe_epsilon if is_private else None, delta,
+                          len(private_labels), spent=spent)
+    generator = torch.Generator().manual_seed(cfg.seed if deterministic else secrets.randbits(63))
+    settings = SamplingSettings.from_config(cfg, stop_token_ids(tokenizer, model, chat=prompt_format.style == "chat"))
+    with open_engine(cfg.engine, model, settings, tokenizer=tokenizer, scratch_dir=run.path) as engine:
+        population, logs, clean = run_evolution(
+            cfg, population, private, private_labels, plan, embedder, engine,
+            lambda t: pe_variations(engine, tokenizer, prompt_format, label_names, cfg, t), generator)
+    del model
+    release_memory()
+    write_json_atomic(run.pe_private / "histograms.json", {
+        "private": "PE's vote histograms BEFORE noise: computed from the private records, never to be shared",
+        "histograms": clean})
+    record = evolution_privacy(plan, spent, len(private_labels), deterministic)
+    summary = pe_summary(cfg, population, label_names, pool_summary, logs, record, started)
+    rows = {"text": population.texts, "label": population.labels,
+            "label_name": [label_names[y] for y in population.labels]}
+    write_set(run.pe, rows, summary, Provenance("pe", model_name, _data_description(manifest), record))
+    write_json_atomic(run.pe / "privacy.json", record)
+    return summary
+
+
+def pe_summary(cfg: GenerateConfig, population: Population, label_names: list[str], pool: dict[str, Any],
+               logs: list[dict[str, Any]], record: dict[str, Any], started: float) -> dict[str, Any]:
+    """generation.json of the PE set: the start set's sampling facts, the final counts, the pool, the iterations."""
+    start = pool["start"]
+    kept = {name: population.labels.count(i) for i, name in enumerate(label_names)}
+    pooled = {name: start["kept"][name] + ((pool["extra"] or {}).get("kept", {}).get(name, 0))
+              for name in label_names}
+    return {**{k: start[k] for k in ("model", "labels", "sampling", "postprocessing", "prompts", "stop_tokens",
+                                     "device", "dtype", "precision", "model_fingerprint")},
+            "set": "pe", "guarantee": {k: record.get(k) for k in ("dp", "epsilon", "delta", "accountant")},
+            "requested": dict.fromkeys(label_names, cfg.n_per_label), "generated": pooled, "kept": kept,
+            "dropped": dict.fromkeys(DROP_REASONS, 0), "dropped_by_label": {n: {} for n in label_names},
+            "hit_max_new_tokens": 0, "kept_total": len(population.texts),
+            "evolution": {"start": cfg.pe_start, "pool_per_label": pooled, "iterations": logs,
+                          "relabelled_by_dp_classifier": cfg.pe_relabel_epsilon is not None},
+            "wall_time_s": round(time.time() - started, 2)}
 
 
 # --------------------------------------------------------------------------- views for the notebook
@@ -145,6 +336,12 @@ def sampling_report(summaries: dict[str, dict[str, Any] | None]) -> str:
     lines = []
     for name, s in summaries.items():
         if s is None:
+            continue
+        if "evolution" in s:  # Private Evolution: selected from a pool, not sampled as a set
+            evolution = s["evolution"]
+            lines.append(f"{name}: kept {s['kept_total']} of a pool of {sum(evolution['pool_per_label'].values())} "
+                         f"({evolution['start']} model), {len(evolution['iterations'])} vote(s); epsilon "
+                         f"{s['guarantee']['epsilon']}")
             continue
         lines.append(f"{name}: kept {s['kept_total']} of {sum(s['generated'].values())}, "
                      f"{s['hit_max_new_tokens']} kept samples hit max_new_tokens; "

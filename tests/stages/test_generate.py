@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from dpnb import vllm_engine
+from dpnb import privacy, vllm_engine
 from dpnb.config import GenerateConfig
 from dpnb.dataset_card import Provenance, dataset_card
 from dpnb.engines import open_engine, strip_prompt_and_cut
@@ -342,6 +342,50 @@ def test_run_stage_refuses_samples_of_a_model_trained_again(prepared, tmp_path):
 def test_run_stage_needs_finetune(prepared):
     with pytest.raises(DpnbError, match="'finetune' has not completed"):
         generate.run_stage(prepared, stage_config())
+
+
+# --------------------------------------------------------------------------- Private Evolution in the stage
+
+
+def test_run_stage_writes_a_private_evolution_set_with_its_guarantee(prepared, tmp_path):
+    """PE from the base model: a pool twice the set, one noisy vote, n_per_label kept per label; its card and
+    privacy.json state the votes' epsilon (recomputable); the histograms before noise stay in pe_private/."""
+    run = fake_finetune(prepared, tmp_path / "run", fake_privacy(deterministic=True))
+    summary = generate.run_stage(run, stage_config(pe=True, pe_epsilon=4.0, pe_pool_factor=2))
+    pe = summary["pe"]
+    data = load_synthetic(run.pe)
+    assert pe["kept"] == {"negative": 2, "positive": 2} == {n: list(data["label_name"]).count(n) for n in LABELS}
+    pool = list(load_synthetic(run.zero_shot)["text"]) + list(load_synthetic(run.pe_pool)["text"])
+    assert set(data["text"]) <= set(pool)  # selected from the pool: one vote, no variations
+    record = read_json(run.pe / "privacy.json")
+    assert record["dp"] and record["steps"] == 1 and record["sample_rate"] == 1.0 and record["epsilon"] <= 4.0
+    privacy.verify_privacy(record)
+    card = (run.pe / "README.md").read_text()
+    assert "Private Evolution" in card and "ε = 4.00" in card
+    histograms = read_json(run.pe_private / "histograms.json")
+    assert len(histograms["histograms"]) == 1 and len(histograms["histograms"][0]) == len(pool)
+    assert "histograms" not in json.dumps(pe)  # only noisy counts in the shareable summary
+    assert generate.run_stage(run, stage_config(pe=True, pe_epsilon=4.0, pe_pool_factor=2))["pe"] == pe
+
+
+def test_private_evolution_from_the_finetuned_model_composes_both_budgets(prepared, tmp_path):
+    """PE from the DP fine-tuned model, relabelled by a DP classifier, with two iterations (variations): the
+    set's epsilon is the total of all three mechanisms composed, never the votes' alone."""
+    run = fake_finetune(prepared, tmp_path / "run", fake_privacy(deterministic=True))
+    cfg = stage_config(pe=True, pe_start="finetuned", pe_epsilon=8.0, pe_relabel_epsilon=1.0, pe_iterations=2,
+                       zero_shot=False)
+    summary = generate.run_stage(run, cfg)
+    record = read_json(run.pe / "privacy.json")
+    names = [m["name"] for m in record["mechanisms"]]
+    assert names == ["DP-SGD fine-tuning", "DP classifier that labels the pool", "Private Evolution votes"]
+    assert 7.9 <= record["epsilon"] <= 8.0 and record["mechanisms"][2]["steps"] == 2
+    privacy.verify_privacy(record)
+    assert len(summary["pe"]["evolution"]["iterations"]) == 2
+    # at most n_per_label of each label: a label the DP classifier gave few samples keeps fewer
+    assert all(n <= 2 for n in summary["pe"]["kept"].values()) and summary["pe"]["kept_total"] == len(
+        load_synthetic(run.pe))
+    card = (run.pe / "README.md").read_text()
+    assert "ALL the mechanisms" in card and "DP-SGD fine-tuning" in card
 
 
 # --------------------------------------------------------------------------- the optional vLLM engine
