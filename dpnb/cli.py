@@ -23,7 +23,7 @@ import yaml
 
 from dpnb import independent_accounting, models, privacy, registry
 from dpnb.distributed import launched_by_torchrun
-from dpnb.errors import DpnbError
+from dpnb.errors import DpnbError, require
 from dpnb.io import read_json
 from dpnb.pipeline import refresh_notebooks, run_pipeline, run_report
 from dpnb.rundir import RunDir
@@ -42,20 +42,35 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def verify(run_dir: str) -> None:
-    """`dpnb verify`: recompute the run's epsilon from privacy.json with two accountant libraries.
+    """`dpnb verify`: recompute every epsilon a run states, with two accountant libraries.
 
-    First with Opacus (the path that wrote it: a mismatch means the file was edited or the
-    accounting changed), then with Google's dp-accounting, an independent implementation (PLD and
-    RDP): a claim below Google's PLD by more than the stated slack fails.
+    The records: privacy.json (the fine-tuning), pe/privacy.json (the Private Evolution set) and
+    dp_classifier/privacy.json (the direct DP classifier), whichever the run has. Each is recomputed
+    first with Opacus (the path that wrote it: a mismatch means the file was edited or the accounting
+    changed), then with Google's dp-accounting, an independent implementation (PLD and RDP): a claim
+    below Google's PLD by more than the stated slack fails.
     """
-    record = read_json(RunDir(run_dir).privacy)
+    run = RunDir(run_dir)
+    records = {"fine-tuning (privacy.json)": run.privacy,
+               "Private Evolution (pe/privacy.json)": run.pe / "privacy.json",
+               "direct DP classifier (dp_classifier/privacy.json)": run.dp_classifier / "privacy.json"}
+    found = {name: path for name, path in records.items() if path.exists()}
+    require(found, f"{run_dir} holds no privacy record (privacy.json); run the finetune stage first")
+    for name, path in found.items():
+        verify_record(f"{run_dir}: {name}", read_json(path))
+
+
+def verify_record(what: str, record: dict) -> None:
+    """Recompute one privacy record's epsilon with Opacus and cross-check it with Google's dp-accounting."""
     privacy.verify_privacy(record)
     if not record.get("dp"):
-        print(f"{run_dir}: trained without DP; privacy.json correctly claims no epsilon")
+        print(f"{what}: without DP; the record correctly claims no epsilon")
         return
-    print(f"{run_dir}: epsilon {record['epsilon']:.4f} ({record['accountant']}), delta {record['delta']:.3g}, "
-          f"noise_multiplier {record['noise_multiplier']:.4f}, sample_rate {record['sample_rate']:.6g}, "
-          f"steps {record['steps']}")
+    mechanisms = record.get("mechanisms") or [{"name": record.get("mechanism", "DP-SGD"), **record}]
+    print(f"{what}: epsilon {record['epsilon']:.4f} ({record['accountant']}), delta {record['delta']:.3g}")
+    for m in mechanisms:
+        print(f"  {m['name']}: noise_multiplier {m['noise_multiplier']:.4f}, sample_rate {m['sample_rate']:.6g}, "
+              f"steps {m['steps']}")
     print(f"  Opacus {record['accountant'].upper()} recomputed from these numbers: {record['epsilon']:.4f} (matches)")
     check = independent_accounting.cross_check(record)  # raises DpnbError beyond the slack
     print(f"  Google dp-accounting: PLD {check['google_pld']:.4f}, RDP {check['google_rdp']:.4f}; "

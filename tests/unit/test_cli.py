@@ -206,3 +206,24 @@ def test_a_sweep_under_torchrun_is_refused_with_the_way_to_do_it(tmp_path, monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli.main(["sweep", gpu_sweep(tmp_path, 2, device="cpu")]) == 2
     assert "without torchrun" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_verify_covers_every_record_of_the_run(tmp_path, capsys):
+    """The fine-tuning, the Private Evolution set (composed with the fine-tuning) and the direct DP classifier:
+    each is recomputed and cross-checked; one edited record fails the whole verification."""
+    from dpnb import composition, privacy
+
+    run = RunDir(tmp_path / "run")
+    tuning = {"dp": True, **privacy.privacy_fields(0.9, 0.125, 16, 1e-4, "prv")}
+    mechanisms = [composition.Mechanism("DP-SGD fine-tuning", 0.9, 0.125, 16),
+                  composition.Mechanism("Private Evolution votes", 3.0, 1.0, 1)]
+    write_json_atomic(run.privacy, tuning)
+    write_json_atomic(run.pe / "privacy.json", composition.composed_record(mechanisms, 1e-4))
+    write_json_atomic(run.dp_classifier / "privacy.json", {"dp": True, **privacy.privacy_fields(2.0, 0.25, 40, 1e-4,
+                                                                                                 "prv")})
+    assert cli.main(["verify", str(run.path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("agrees") == 3 and "Private Evolution votes: noise_multiplier 3.0000" in printed
+    edited = composition.composed_record(mechanisms[:1], 1e-4)  # the votes left out of the epsilon
+    write_json_atomic(run.pe / "privacy.json", {**edited, "mechanisms": [vars(m) for m in mechanisms]})
+    assert cli.main(["verify", str(run.path)]) != 0
