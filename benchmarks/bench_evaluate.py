@@ -6,7 +6,7 @@
 
 1. Classifier: optimizer steps per second of `minilm-l6` (the offline default classifier) at batch
    16 and 64 x 128 tokens, on real IMDb reviews, after one warm-up step.
-2. Memorisation screen: `dpnb.memorisation.longest_shared_runs` for n "synthetic" texts against n
+2. Memorisation screen: `dpnb.evaluation.memorisation.longest_shared_runs` for n "synthetic" texts against n
    training reviews. The real IMDb test split stands in for the synthetic set (train texts vs test
    texts), both in SmolLM2's tokens cut to --max-tokens (prepare's max_length; the paper uses 300).
    Tokenising is timed apart from the screen; the token ids are cached in $DPNB_CACHE
@@ -93,7 +93,7 @@ def generator_tokens(n: int, max_tokens: int, seed: int) -> tuple[list[list[int]
 
 
 def bench_screen(n: int, max_tokens: int, threshold: int, seed: int) -> None:
-    from dpnb.memorisation import longest_shared_runs, memorisation_summary
+    from dpnb.evaluation.memorisation import longest_shared_runs, memorisation_summary
 
     train, test, tokenise_s = generator_tokens(n, max_tokens, seed)
     note = f"tokenised in {tokenise_s:.1f} s" if tokenise_s else "tokens from the cache"

@@ -1,4 +1,5 @@
-"""Seconds per logical step and peak RSS of fine-tuning (dpnb.dpsgd): no DP, DP hooks, DP ghost, the prefix cache.
+"""Seconds per logical step and peak RSS of fine-tuning (dpnb.training.dpsgd): no DP, DP hooks, DP ghost, the
+prefix cache.
 
     .venv/bin/python benchmarks/bench_finetune.py --quick --json      # ~4 min on an idle 2-core CPU
     .venv/bin/python benchmarks/bench_finetune.py                     # the demo's logical batch (64 = 8 x 8)
@@ -95,8 +96,8 @@ def build_records(model: str, n: int, tokens: int, data: str, seed: int = 0) -> 
     """n records of at most `tokens` ids as the prepare stage makes them: chat prompt + review + EOS."""
     import numpy as np
 
+    from dpnb.data.prompts import PromptFormat
     from dpnb.models import load_tokenizer
-    from dpnb.prompts import PromptFormat
 
     tokenizer = load_tokenizer(model)
     fmt, names = PromptFormat(style="chat"), ("negative", "positive")
@@ -104,7 +105,7 @@ def build_records(model: str, n: int, tokens: int, data: str, seed: int = 0) -> 
     if data == "imdb":
         import pandas as pd
 
-        from dpnb.sources import clean_texts
+        from dpnb.data.sources import clean_texts
 
         table = pd.read_csv(IMDB)
         rows = table.iloc[rng.permutation(len(table))[:n]]
@@ -142,9 +143,10 @@ def run_case(case: Case, spec: dict) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from dpnb import dpsgd, privacy
+    from dpnb import privacy
     from dpnb.config import FinetuneConfig
     from dpnb.models import build_model, quiet_transformers, trainable_parameters
+    from dpnb.training import dpsgd
 
     warnings.filterwarnings("ignore", message=QUIET)
     torch.set_num_threads(spec["threads"])

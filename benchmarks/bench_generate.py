@@ -1,6 +1,6 @@
 """Tokens per second of sampling: Hugging Face generate against the fast sampler, float32 against bf16, side by side.
 
-Every path samples through the engine interface (`dpnb.engines`) at the demo's settings (SmolLM2-135M-
+Every path samples through the engine interface (`dpnb.generation.engines`) at the demo's settings (SmolLM2-135M-
 Instruct, top_p 0.95, temperature 1, up to 48 new tokens, 80 rows at a time, stop at EOS or end of turn):
 
 - label: one label's chat prompt, 80 samples (the generate stage's shard): `hf` and `fast`, each in
@@ -51,7 +51,7 @@ def packed_linear_speedup(rows: int, size: int = 768) -> float | None:
     float32 path is slower than oneDNN's packed one on some CPUs). None without oneDNN's ops."""
     import torch
 
-    from dpnb.fast_forward import _packing_available
+    from dpnb.generation.fast_forward import _packing_available
 
     if not _packing_available():
         return None
@@ -158,11 +158,11 @@ def main() -> None:
 
     import torch
 
-    from dpnb.engines import open_engine
+    from dpnb.data.prompts import PromptFormat
+    from dpnb.generation.engines import open_engine
+    from dpnb.generation.next_token import SamplingSettings
+    from dpnb.generation.sampling import stop_token_ids
     from dpnb.models import load_causal_lm, load_tokenizer
-    from dpnb.next_token import SamplingSettings
-    from dpnb.prompts import PromptFormat
-    from dpnb.sampling import stop_token_ids
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -30,14 +30,14 @@ b. Fine-tuning speed per paper model, read from configs/paper.yaml with dpnb's s
    paper's logical batch of 1028 does it once per 1028 / B: a slight overestimate. Peak memory is
    torch.cuda.max_memory_allocated; a batch that runs out of memory is halved until one fits, and the
    table uses the largest that fit. Extrapolated: 25,000 records x 5 epochs.
-c. Sampling tokens/s per model with the fast sampler `dpnb.decoding` (the engine the generate stage picks for
-   GPT-2 and Llama without vLLM; `dpnb.engines`), bf16, at generate.batch_size rows; Llama also as
+c. Sampling tokens/s per model with the fast sampler `dpnb.generation.decoding` (the engine the generate stage picks for
+   GPT-2 and Llama without vLLM; `dpnb.generation.engines`), bf16, at generate.batch_size rows; Llama also as
    4-bit + LoRA (the tuned model's path; the zero-shot base runs in bf16). Random weights almost never
    emit EOS, so every row runs to max_new_tokens: the extrapolation to 2 x 25,000 samples x 300 new
    tokens is an upper bound. On gpt2's shape also HF generate at the same settings (the ratio), and on
    tiny GPT-2 and Llama models the fast sampler's greedy tokens must equal HF generate's (fp32, TF32 off).
 d. One DistilBERT training step at batch 64 x 300 tokens (random-init DistilBertConfig, float32 as
-   `dpnb.classifier.train_classifier` runs it: forward, backward, clip_grad_norm, AdamW) and one prediction
+   `dpnb.evaluation.classifier.train_classifier` runs it: forward, backward, clip_grad_norm, AdamW) and one prediction
    batch. Extrapolated per classifier: 2 epochs x 25,000 / 64 steps + 25,000 test predictions. The gpt2
    run's evaluate trains 3 classifiers (real, synthetic, zero-shot); each other model 2 (the real one is
    trained once per sweep). MAUVE, the memorisation screen and prepare are not included.
@@ -81,12 +81,14 @@ from transformers import (  # noqa: E402
     LlamaConfig,
 )
 
-from dpnb import decoding, dpsgd, engines, privacy  # noqa: E402
+from dpnb import privacy  # noqa: E402
 from dpnb.config import FinetuneConfig  # noqa: E402
-from dpnb.fast_forward import is_supported, unwrap  # noqa: E402
+from dpnb.generation import decoding, engines  # noqa: E402
+from dpnb.generation.fast_forward import is_supported, unwrap  # noqa: E402
+from dpnb.generation.next_token import SamplingSettings  # noqa: E402
 from dpnb.models import build_model, quiet_transformers, trainable_parameters  # noqa: E402
-from dpnb.next_token import SamplingSettings  # noqa: E402
 from dpnb.sweep import sweep_configs  # noqa: E402
+from dpnb.training import dpsgd  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--smoke", action="store_true", help="the same code on the CPU at tiny shapes (< 1 minute)")

@@ -22,12 +22,12 @@ from typing import Any
 import yaml
 
 from dpnb import independent_accounting, models, privacy, registry
-from dpnb.distributed import launched_by_torchrun
 from dpnb.errors import DpnbError, require
 from dpnb.io import read_json
 from dpnb.pipeline import refresh_notebooks, run_pipeline, run_report
 from dpnb.rundir import RunDir
 from dpnb.sweep import run_sweep, sweep_commands
+from dpnb.training.distributed import launched_by_torchrun
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

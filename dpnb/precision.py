@@ -17,7 +17,7 @@ What runs in bf16 when it is chosen, and what never does:
 - never in bf16: the trainable weights, the per-record gradients (promoted to float32 before Opacus
   takes their norms: a bf16 norm rounded down would let a record exceed the clipping bound C), the
   norms, the clip factors, the clipped sum, the Gaussian noise and AdamW's state
-  (`dpnb.dpsgd.compute_precision`). bf16 changes which function of a record the model computes, by
+  (`dpnb.training.dpsgd.compute_precision`). bf16 changes which function of a record the model computes, by
   rounding; it never changes how much one record can move the update, so the guarantee is unchanged.
 
 The choice and the measured ratio are recorded in the files of the stage that used them (the model

@@ -89,7 +89,7 @@ from dpnb.rundir import library_versions
 
 if TYPE_CHECKING:
     from dpnb.config import FinetuneConfig
-    from dpnb.dpsgd import TrainingPlan
+    from dpnb.training.dpsgd import TrainingPlan
 
 ACCOUNTANTS = ("rdp", "prv")  # accountants that may calibrate noise and report a guarantee
 ALL_ACCOUNTANTS = ("rdp", "prv", "gdp")  # gdp only for comparison: it can under-estimate epsilon

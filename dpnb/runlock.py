@@ -15,7 +15,7 @@ another host (which cannot be checked from here), refuses.
 Under torchrun only rank 0 runs the pipeline, so only it takes the lock; the other ranks join its
 finetune stage and never touch it. `dpnb sweep` runs each run in its own directory, each with its
 own lock (what the runs share, `<runs_dir>/shared/`, has its own rules: `dpnb.io.publish_once` and
-`dpnb.prefix_cache.building_lock`).
+`dpnb.training.prefix_cache.building_lock`).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import datasets
 
-    from dpnb.dpsgd import Records
     from dpnb.rundir import RunDir
+    from dpnb.training.dpsgd import Records
 
 # --------------------------------------------------------------------------- token records (DP-SGD tests)
 
@@ -40,7 +40,7 @@ def small_records(n: int, seed: int = 1) -> Records:
     """`n` random records of 7-16 tokens (prompt of 1-3 tokens, then the review and EOS)."""
     import torch
 
-    from dpnb.dpsgd import Records
+    from dpnb.training.dpsgd import Records
 
     g = torch.Generator().manual_seed(seed)
     ids, prompts = [], []

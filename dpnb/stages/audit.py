@@ -2,7 +2,7 @@
 
 The stage trains two twins with the run's fine-tuning config (`finetune.train`, exactly as stage 02
 trains): one with DP, one without. Both train on the prepared records plus the canaries whose fair
-coin came up "inserted" (`dpnb.canaries`), and both are attacked three ways (`dpnb.attacks`):
+coin came up "inserted" (`dpnb.auditing.canaries`), and both are attacked three ways (`dpnb.auditing.attacks`):
 
 1. canary scores (model access): exposure, and the one-run lower bound on epsilon of Steinke, Nasr
    and Jagielski (2023). A lower bound above the accountant's epsilon means the package's privacy
@@ -18,9 +18,9 @@ before any training (`plan_audit`), so the guesses can depend only on the traine
 The one-run theorem assumes one fixed mechanism whose input the coins choose. So the twins' plan
 (the sampling rate q, the steps, delta, sigma and the divisor E) is made for N = n_train + repeats
 x n_canaries records, as if every canary were inserted (`twin_plan_size`), and training runs that
-plan on the records the coins actually put in (`dpnb.dpsgd.plan_training`): flipping a coin changes
+plan on the records the coins actually put in (`dpnb.training.dpsgd.plan_training`): flipping a coin changes
 the data, never the mechanism. The guesses break ties with a stream of their own
-(`dpnb.attacks.guess_membership`), not the one the coins are drawn from.
+(`dpnb.auditing.attacks.guess_membership`), not the one the coins are drawn from.
 
 Writes `audit.json` (the summary) and `audit/`: canaries.json, base_losses.json and per twin
 `<twin>/` (the finetune outputs, losses.json, synthetic/, audit.json with every per-record detail),
@@ -46,7 +46,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from dpnb.attacks import (
+from dpnb.auditing.attacks import (
     Groups,
     audit_ceiling,
     canaries_to_certify,
@@ -57,16 +57,16 @@ from dpnb.attacks import (
     roc_summary,
     synthetic_attack,
 )
-from dpnb.canaries import make_canaries, with_canaries
+from dpnb.auditing.canaries import make_canaries, with_canaries
 from dpnb.config import AuditConfig, FinetuneConfig, GenerateConfig, build
-from dpnb.dataset_card import Provenance
+from dpnb.data.prompts import PromptFormat
 from dpnb.errors import DpnbError
+from dpnb.generation.dataset_card import Provenance
+from dpnb.generation.sampling import load_synthetic, model_fingerprint, sample_labelled
 from dpnb.io import cached, read_json, save_figure, to_json, write_json_atomic
 from dpnb.lessons import roc_region
 from dpnb.models import load_base_model, load_tokenizer, load_trained, resolve_device
-from dpnb.prompts import PromptFormat
 from dpnb.runconfig import to_dict
-from dpnb.sampling import load_synthetic, model_fingerprint, sample_labelled
 from dpnb.stages import finetune
 from dpnb.stages.prepare import load_prepared, train_sha256
 

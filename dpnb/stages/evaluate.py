@@ -2,7 +2,7 @@
 
 **Utility (train on synthetic, test on real).** A classifier is trained on the real training data
 and, separately and with the same budget (classifier, epochs, learning rate, batch size, max_length,
-seed), on each synthetic set (`dpnb.classifier`). All of them are tested on the same real test
+seed), on each synthetic set (`dpnb.evaluation.classifier`). All of them are tested on the same real test
 split. If synthetic data captured what matters in the real data for the task, the two classifiers
 score alike. F1 is the binary F1 of the positive class (label 1) for two labels and the macro F1
 otherwise; the entry says which in `f1_average`.
@@ -20,7 +20,7 @@ treats the two as independent, which overstates it a little when both are scored
 texts (their errors are positively correlated). Only the test sampling is counted, not the spread
 over training seeds.
 
-**MAUVE** (`dpnb.embeddings.mauve_score`; when `mauve` is set). How close the distribution of a
+**MAUVE** (`dpnb.evaluation.embeddings.mauve_score`; when `mauve` is set). How close the distribution of a
 source's texts is to that of held-out real reviews, on MiniLM sentence embeddings (cut to
 `max_length` tokens): 1 when indistinguishable, near 0 when disjoint. The held-out reviews are the
 real test texts, the same ones the classifiers are scored on: MAUVE only compares two distributions
@@ -29,19 +29,19 @@ as a whole (at most `mauve_max_texts` texts per side, a random subsample drawn w
 `real` source gets a reference: as many real training texts (from the `n_real_train` subsample) as
 the largest synthetic set, against the same held-out texts, the ceiling to read the others against.
 Both n are stored in `mauve_details`: below a few hundred texts per side, MAUVE is a coarse ordering
-(see `dpnb.embeddings`).
+(see `dpnb.evaluation.embeddings`).
 
 **Fidelity, diversity, length** (synthetic sets only):
 - label fidelity: the classifier trained on real data labels the synthetic texts; the share that
   agree with the label each text was prompted with, overall and per label;
-- diversity: distinct-1, distinct-2 and the duplicate share (`dpnb.textstats`), beside the same
+- diversity: distinct-1, distinct-2 and the duplicate share (`dpnb.data.textstats`), beside the same
   figures on an equally large random sample of real training texts (distinct-n falls as a corpus
   grows, so only equal-size corpora compare);
 - length: review tokens in the generator's tokenizer, synthetic against the real training records.
   Generator tokens are the unit the generator was trained and sampled in (`max_length`,
   `max_new_tokens`), so both sides are measured as the generator saw them, truncation included.
 
-**Memorisation screen** (`dpnb.memorisation`). For every synthetic text, the longest run of
+**Memorisation screen** (`dpnb.evaluation.memorisation`). For every synthetic text, the longest run of
 consecutive generator tokens it shares with any training record, with the training row it matches.
 Samples sharing `memorisation_threshold` tokens or more are flagged for inspection. The same screen
 is run on the real test split as a reference: how much held-out real reviews share with the training
@@ -84,7 +84,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from dpnb.classifier import (
+from dpnb.config import SOURCE_NAMES, EvaluateConfig
+from dpnb.data.sources import stratified_indices
+from dpnb.data.textstats import diversity, length_summary, lengths_from_counts, plot_length_histograms
+from dpnb.errors import DpnbError, require
+from dpnb.evaluation.classifier import (
     Source,
     classification_metrics,
     classifier_entry,
@@ -97,26 +101,22 @@ from dpnb.classifier import (
     train_and_test,
     train_and_test_embedding,
 )
-from dpnb.config import SOURCE_NAMES, EvaluateConfig
-from dpnb.dp_classifier import DPClassifier, DPClassifierSettings, train_dp_classifier
-from dpnb.embeddings import DEFAULT_ENCODER, Embedder, mauve_score
-from dpnb.errors import DpnbError, require
-from dpnb.io import atomic_directory, cached, read_json, save_figure, write_json_atomic
-from dpnb.memorisation import (
+from dpnb.evaluation.dp_classifier import DPClassifier, DPClassifierSettings, train_dp_classifier
+from dpnb.evaluation.embeddings import DEFAULT_ENCODER, Embedder, mauve_score
+from dpnb.evaluation.memorisation import (
     flagged_samples,
     longest_shared_runs,
     memorisation_summary,
     review_token_ids,
     text_token_ids,
 )
+from dpnb.generation.sampling import load_synthetic
+from dpnb.io import atomic_directory, cached, read_json, save_figure, write_json_atomic
 from dpnb.models import load_tokenizer, release_memory, resolve_device
 from dpnb.precision import Precision, choose
 from dpnb.privacy import default_delta
 from dpnb.rundir import RunDir, shared_store
-from dpnb.sampling import load_synthetic
-from dpnb.sources import stratified_indices
 from dpnb.stages.prepare import load_prepared
-from dpnb.textstats import diversity, length_summary, lengths_from_counts, plot_length_histograms
 
 T = TypeVar("T")
 

@@ -2,8 +2,8 @@
 
 `run_stage` trains the generator named by the prepared data on its training records (`train`),
 writing model/, train_log.jsonl, privacy.json and figures/loss_vs_epsilon.png. The DP-SGD step
-itself (Poisson sampling, clipping, noise, the logical steps) is `dpnb.dpsgd`; the guarantee and
-privacy.json are `dpnb.privacy`; stopping and resuming are `dpnb.checkpoints`; models are
+itself (Poisson sampling, clipping, noise, the logical steps) is `dpnb.training.dpsgd`; the guarantee and
+privacy.json are `dpnb.privacy`; stopping and resuming are `dpnb.training.checkpoints`; models are
 `dpnb.models`.
 
 What the logged losses are: train_log.jsonl holds the mean loss of each logical batch, computed
@@ -28,32 +28,11 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
-from dpnb import distributed, faults, privacy
-from dpnb.checkpoints import (
-    Position,
-    StopRequest,
-    TrainingInterrupted,
-    load_checkpoint,
-    load_trainable_state,
-    restore_global_rngs,
-    save_checkpoint,
-    this_rank_rng_states,
-    training_identity,
-)
-from dpnb.decoding import sample_continuations
-from dpnb.dpsgd import (
-    Records,
-    TrainingPlan,
-    accounted_steps,
-    compute_precision,
-    epoch_steps,
-    frozen_prefix,
-    initial_loss,
-    make_session,
-    plan_training,
-    require_dp_when_distributed,
-)
+from dpnb import faults, privacy
+from dpnb.data.prompts import PromptFormat
 from dpnb.errors import DpnbError
+from dpnb.generation.decoding import sample_continuations
+from dpnb.generation.next_token import SamplingSettings
 from dpnb.io import append_jsonl, read_json, read_jsonl, save_figure, write_json_atomic, write_text_atomic
 from dpnb.models import (
     MODEL_CARD,
@@ -68,10 +47,32 @@ from dpnb.models import (
     save_trained,
     trainable_parameters,
 )
-from dpnb.next_token import SamplingSettings
-from dpnb.prompts import PromptFormat
 from dpnb.rundir import RunDir, shared_store
 from dpnb.stages.prepare import load_prepared
+from dpnb.training import distributed
+from dpnb.training.checkpoints import (
+    Position,
+    StopRequest,
+    TrainingInterrupted,
+    load_checkpoint,
+    load_trainable_state,
+    restore_global_rngs,
+    save_checkpoint,
+    this_rank_rng_states,
+    training_identity,
+)
+from dpnb.training.dpsgd import (
+    Records,
+    TrainingPlan,
+    accounted_steps,
+    compute_precision,
+    epoch_steps,
+    frozen_prefix,
+    initial_loss,
+    make_session,
+    plan_training,
+    require_dp_when_distributed,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -101,11 +102,11 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     to train, modified in place; `should_stop(step)` is asked after every logical step and, when it
     answers True, training checkpoints and raises `TrainingInterrupted`, as on SIGINT. Returns the
     privacy record (privacy.json). `shared_dir` (the runs of a sweep) keeps the frozen-prefix cache
-    where the sweep's other runs on the same records find it (`dpnb.dpsgd.shared_prefix_cache`).
+    where the sweep's other runs on the same records find it (`dpnb.training.dpsgd.shared_prefix_cache`).
     `plan_size` (the audit's twins) is the N that q, the steps, delta, sigma and the divisor are planned
-    for, at least len(train) (`dpnb.dpsgd.plan_training`); by default len(train).
+    for, at least len(train) (`dpnb.training.dpsgd.plan_training`); by default len(train).
 
-    Under torchrun every rank calls it with the same arguments (`dpnb.distributed`): each trains on
+    Under torchrun every rank calls it with the same arguments (`dpnb.training.distributed`): each trains on
     its share of every logical batch, only rank 0 writes (log, checkpoints, model, privacy.json), and
     every rank returns once the outputs are written.
     """

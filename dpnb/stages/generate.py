@@ -1,7 +1,7 @@
 """03 generate: label-prompted synthetic text from the fine-tuned model, and a zero-shot baseline.
 
-The fine-tuned model samples `n_per_label` texts per label (`dpnb.sampling.sample_labelled`) into
-`run.synthetic`; its dataset card states the guarantee of privacy.json (`dpnb.dataset_card`). By the
+The fine-tuned model samples `n_per_label` texts per label (`dpnb.generation.sampling.sample_labelled`) into
+`run.synthetic`; its dataset card states the guarantee of privacy.json (`dpnb.generation.dataset_card`). By the
 post-processing property of differential privacy the set carries the model's (epsilon, delta).
 
 The zero-shot set samples the base model, never fine-tuned, with the same prompts, into
@@ -30,20 +30,16 @@ from matplotlib.figure import Figure
 
 from dpnb.composition import Mechanism
 from dpnb.config import GenerateConfig
-from dpnb.dataset_card import Provenance
-from dpnb.dp_classifier import DPClassifier, DPClassifierSettings, train_dp_classifier
-from dpnb.embeddings import Embedder
-from dpnb.engines import open_engine
-from dpnb.evolution import EvolutionPlan, Population, evolve_once, opening, plan_evolution
-from dpnb.evolution import privacy_record as evolution_privacy
-from dpnb.io import read_json, save_figure, write_json_atomic
-from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device
-from dpnb.next_token import SamplingSettings
-from dpnb.precision import Precision, choose
-from dpnb.privacy import default_delta
-from dpnb.prompts import PromptFormat
-from dpnb.rundir import RunDir, shared_store
-from dpnb.sampling import (
+from dpnb.data.prompts import PromptFormat
+from dpnb.data.textstats import plot_length_histograms
+from dpnb.evaluation.dp_classifier import DPClassifier, DPClassifierSettings, train_dp_classifier
+from dpnb.evaluation.embeddings import Embedder
+from dpnb.generation.dataset_card import Provenance
+from dpnb.generation.engines import open_engine
+from dpnb.generation.evolution import EvolutionPlan, Population, evolve_once, opening, plan_evolution
+from dpnb.generation.evolution import privacy_record as evolution_privacy
+from dpnb.generation.next_token import SamplingSettings
+from dpnb.generation.sampling import (
     DROP_REASONS,
     degeneracy_reason,
     load_synthetic,
@@ -52,8 +48,12 @@ from dpnb.sampling import (
     stop_token_ids,
     write_set,
 )
+from dpnb.io import read_json, save_figure, write_json_atomic
+from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device
+from dpnb.precision import Precision, choose
+from dpnb.privacy import default_delta
+from dpnb.rundir import RunDir, shared_store
 from dpnb.stages.prepare import load_prepared
-from dpnb.textstats import plot_length_histograms
 
 STAGE = "generate"
 SETS = ("synthetic", "zero_shot", "pe")
@@ -151,7 +151,7 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
     return summary
 
 
-# --------------------------------------------------------------------------- Private Evolution (dpnb.evolution)
+# --------------------------------------------------------------------------- Private Evolution (generation.evolution)
 
 
 def pe_start_model(run: RunDir, cfg: GenerateConfig, manifest: dict[str, Any], dtype: str,
@@ -259,7 +259,7 @@ def run_evolution(cfg: GenerateConfig, population: Population, private: np.ndarr
 
 def sample_pe_set(run: RunDir, cfg: GenerateConfig, manifest: dict[str, Any], privacy: dict[str, Any],
                   precision: Precision) -> dict[str, Any]:
-    """The Private Evolution set (`dpnb.evolution`) in pe/, with its card and privacy.json; its summary."""
+    """The Private Evolution set (`dpnb.generation.evolution`) in pe/, with its card and privacy.json; its summary."""
     started = time.time()
     device = resolve_device(cfg.device)
     prompt_format = PromptFormat.from_dict(manifest["prompt"])

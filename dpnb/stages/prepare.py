@@ -3,11 +3,11 @@
 The stage reads top to bottom, one step per module:
 
 1-3. **load, validate, subsample** the train and test splits named by `prepare.source`
-     (`dpnb.sources`: Hub id, local mirror, files or folders; every problem one `DpnbError` line);
+     (`dpnb.data.sources`: Hub id, local mirror, files or folders; every problem one `DpnbError` line);
 4.   **format and tokenise** each sampled record: `<br />` line breaks removed (`strip_html`), then
-     prompt + review + EOS with `PromptFormat`, cut to `max_length` tokens (`dpnb.prompts`);
+     prompt + review + EOS with `PromptFormat`, cut to `max_length` tokens (`dpnb.data.prompts`);
 5.   **stats**: counts, dropped rows, token-length percentiles, truncation, duplicates
-     (`dpnb.textstats.split_stats`); the token-length figure;
+     (`dpnb.data.textstats.split_stats`); the token-length figure;
 6.   **write** `data/train`, `data/test`, `data/manifest.json`, `data_stats.json` and
      `figures/token_lengths.png` into the run directory, atomically, then the completion marker.
 
@@ -31,12 +31,12 @@ from datasets import Dataset, Features, List, Value, load_from_disk
 
 from dpnb import models
 from dpnb.config import PrepareConfig
+from dpnb.data.prompts import PromptFormat, encode_records
+from dpnb.data.sources import load_splits, subsample, validate_split
+from dpnb.data.textstats import split_stats, token_lengths_figure
 from dpnb.errors import require
 from dpnb.io import atomic_directory, read_json, save_figure, write_json_atomic
-from dpnb.prompts import PromptFormat, encode_records
 from dpnb.rundir import RunDir
-from dpnb.sources import load_splits, subsample, validate_split
-from dpnb.textstats import split_stats, token_lengths_figure
 
 STAGE = "prepare"
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from testkit import TINY_AUDIT, TINY_FINETUNE, execute_notebook, nbval_check
 
-from dpnb import attacks
+from dpnb.auditing import attacks
 from dpnb.config import FinetuneConfig, PrepareConfig
 from dpnb.rundir import RunDir
 from dpnb.stages import finetune, prepare

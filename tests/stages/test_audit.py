@@ -10,8 +10,8 @@ import pytest
 from scipy import optimize, stats
 from testkit import TINY_AUDIT, TINY_FINETUNE
 
-from dpnb import attacks
-from dpnb.canaries import exposure, exposure_extrapolated, with_canaries
+from dpnb.auditing import attacks
+from dpnb.auditing.canaries import exposure, exposure_extrapolated, with_canaries
 from dpnb.errors import DpnbError
 from dpnb.stages import audit
 
@@ -407,8 +407,8 @@ def tiny_prepared(toy_data_dir):
 
 def test_canaries_are_shaped_like_training_records(tiny_prepared):
     from dpnb.config import AuditConfig
+    from dpnb.data.prompts import PromptFormat
     from dpnb.models import load_tokenizer
-    from dpnb.prompts import PromptFormat
 
     train, test, manifest = tiny_prepared
     tokenizer = load_tokenizer("tiny-llama")
@@ -439,8 +439,8 @@ def test_flipping_a_coin_leaves_the_twins_mechanism_unchanged(tiny_prepared, tmp
     import dataclasses
 
     from dpnb.config import AuditConfig, FinetuneConfig
+    from dpnb.data.prompts import PromptFormat
     from dpnb.models import load_tokenizer
-    from dpnb.prompts import PromptFormat
     from dpnb.stages import finetune
 
     train, test, manifest = tiny_prepared
@@ -477,8 +477,8 @@ def test_flipping_a_coin_leaves_the_twins_mechanism_unchanged(tiny_prepared, tmp
 def test_synthetic_text_that_echoes_canaries_gives_them_away(tiny_prepared):
     """Released text containing the inserted canaries (a generator that regurgitates): AUC 1."""
     from dpnb.config import AuditConfig
+    from dpnb.data.prompts import PromptFormat
     from dpnb.models import load_tokenizer
-    from dpnb.prompts import PromptFormat
 
     train, test, manifest = tiny_prepared
     tokenizer = load_tokenizer("tiny-llama")
@@ -561,8 +561,8 @@ def test_a_model_that_memorised_its_canaries_is_caught(tiny_prepared, tmp_path):
     with probability <= 1e-3 (`chance_threshold`, about 0.45 for 64 canaries; the ceiling is 2.65).
     """
     from dpnb.config import AuditConfig, FinetuneConfig
+    from dpnb.data.prompts import PromptFormat
     from dpnb.models import load_base_model, load_tokenizer, load_trained
-    from dpnb.prompts import PromptFormat
 
     train, test, manifest = tiny_prepared
     tokenizer = load_tokenizer("tiny-llama")

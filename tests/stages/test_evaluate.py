@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from testkit import LONG_REVIEW, TINY_EVALUATE, build_run, toy_reviews
 
-from dpnb import classifier, embeddings, memorisation, privacy
+from dpnb import privacy
 from dpnb.config import EvaluateConfig, GenerateConfig, build
 from dpnb.errors import DpnbError
+from dpnb.evaluation import classifier, embeddings, memorisation
 from dpnb.io import write_json_atomic
 from dpnb.models import load_tokenizer
 from dpnb.rundir import SHARED_STORE_ENV

@@ -24,11 +24,11 @@ import pytest
 from testkit import REPO, tiny_config, write_config
 
 from dpnb import cli, registry
-from dpnb.checkpoints import load_checkpoint
 from dpnb.faults import FAULT_ENV, READY_ENV
 from dpnb.io import DamagedFile
 from dpnb.runconfig import load_run_config
 from dpnb.rundir import RunDir
+from dpnb.training.checkpoints import load_checkpoint
 
 STAGES = ["prepare", "finetune", "generate", "evaluate", "audit"]
 

@@ -18,8 +18,7 @@ from opacus.optimizers.optimizer import DPOptimizer
 from safetensors.torch import load_file
 from testkit import toy_reviews
 
-from dpnb import dpsgd, privacy
-from dpnb.checkpoints import TrainingInterrupted
+from dpnb import privacy
 from dpnb.config import FinetuneConfig
 from dpnb.errors import DpnbError
 from dpnb.independent_accounting import cross_check
@@ -35,6 +34,8 @@ from dpnb.models import (
 )
 from dpnb.rundir import CHECKPOINT_FILE
 from dpnb.stages import finetune
+from dpnb.training import dpsgd
+from dpnb.training.checkpoints import TrainingInterrupted
 
 LABELS = ("negative", "positive")
 

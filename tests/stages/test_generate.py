@@ -10,17 +10,15 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from dpnb import privacy, vllm_engine
+from dpnb import privacy
 from dpnb.config import GenerateConfig
-from dpnb.dataset_card import Provenance, dataset_card
-from dpnb.engines import open_engine, strip_prompt_and_cut
+from dpnb.data.prompts import PromptFormat
 from dpnb.errors import DpnbError
-from dpnb.io import read_json
-from dpnb.models import load_causal_lm, load_tokenizer
-from dpnb.next_token import SamplingSettings
-from dpnb.privacy import round_up
-from dpnb.prompts import PromptFormat
-from dpnb.sampling import (
+from dpnb.generation import vllm_engine
+from dpnb.generation.dataset_card import Provenance, dataset_card
+from dpnb.generation.engines import open_engine, strip_prompt_and_cut
+from dpnb.generation.next_token import SamplingSettings
+from dpnb.generation.sampling import (
     clean_text,
     degeneracy_reason,
     end_of_turn_id,
@@ -32,6 +30,9 @@ from dpnb.sampling import (
     shard_seed,
     stop_token_ids,
 )
+from dpnb.io import read_json
+from dpnb.models import load_causal_lm, load_tokenizer
+from dpnb.privacy import round_up
 from dpnb.stages import generate
 
 LABELS = ("negative", "positive")

@@ -17,9 +17,11 @@ from testkit import write_csv
 
 from dpnb import gpt2_tokenizer
 from dpnb.config import FinetuneConfig, GenerateConfig, PrepareConfig
-from dpnb.decoding import sample_continuations
-from dpnb.dpsgd import Records, collate, per_record_loss
+from dpnb.data.prompts import PromptFormat
 from dpnb.errors import DpnbError
+from dpnb.generation.decoding import sample_continuations
+from dpnb.generation.next_token import SamplingSettings
+from dpnb.generation.sampling import load_synthetic, sample_labelled
 from dpnb.io import read_json
 from dpnb.models import (
     build_model,
@@ -31,11 +33,9 @@ from dpnb.models import (
     save_trained,
     untie_embeddings,
 )
-from dpnb.next_token import SamplingSettings
-from dpnb.prompts import PromptFormat
 from dpnb.rundir import RunDir
-from dpnb.sampling import load_synthetic, sample_labelled
 from dpnb.stages import finetune, generate, prepare
+from dpnb.training.dpsgd import Records, collate, per_record_loss
 
 MODEL = "tiny-gpt2-bpe"
 EOT = gpt2_tokenizer.END_OF_TEXT_ID  # <|endoftext|>: GPT-2's EOS, BOS and UNK

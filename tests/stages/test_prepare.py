@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from testkit import toy_reviews, write_csv
 
-from dpnb import models, prompts, sources
+from dpnb import models
 from dpnb.config import PrepareConfig
+from dpnb.data import prompts, sources
 from dpnb.errors import DpnbError
 from dpnb.io import read_json
 from dpnb.rundir import RunDir

@@ -1,4 +1,5 @@
-"""dpnb.decoding: the fast sampler gives Hugging Face generate's tokens (greedy) and distribution (sampling)."""
+"""dpnb.generation.decoding: the fast sampler gives Hugging Face generate's tokens (greedy) and distribution
+(sampling)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from dpnb.decoding import continue_prompts, is_supported, sample_continuations
-from dpnb.engines import strip_prompt_and_cut
 from dpnb.errors import DpnbError
-from dpnb.fast_forward import _packing_available, runner_for
+from dpnb.generation.decoding import continue_prompts, is_supported, sample_continuations
+from dpnb.generation.engines import strip_prompt_and_cut
+from dpnb.generation.fast_forward import _packing_available, runner_for
+from dpnb.generation.next_token import SamplingSettings, token_probabilities
 from dpnb.models import load_tokenizer, tiny_causal_lm
-from dpnb.next_token import SamplingSettings, token_probabilities
 
 TEXTS = ("A film review:", "A film review: the", "Once upon a time in a land far", "Hi", "A film review:")
 
@@ -152,7 +153,7 @@ def test_many_distinct_prompts_match_generate_prompt_by_prompt(model, monkeypatc
     """Each prompt's greedy continuation is generate's for that prompt alone, while the prompts' own
     tokens run through the model in batches as rows free up (each distinct prompt once, at most a
     batch of rows at a time), not one prompt per forward pass."""
-    from dpnb import fast_forward
+    from dpnb.generation import fast_forward
 
     prompts = distinct_prompts(30)
     expected = hf_greedy(model, prompts, 6, [])
@@ -225,7 +226,8 @@ def test_filtered_distribution_equals_hf_warpers(temperature, top_k, top_p, head
 
 def assert_rounding_at_the_boundary(scores, got, expected, top_p):
     """The kept sets may differ only by the last token, when the mass before it is top_p up to float
-    rounding: HF sums the float32 probabilities from the smallest, dpnb.decoding in float64 from the largest."""
+    rounding: HF sums the float32 probabilities from the smallest, dpnb.generation.decoding in float64 from the
+    largest."""
     probs = scores.softmax(dim=-1).double().sort(descending=True).values
     kept = sorted([int((got > 0).sum()), int((expected > 0).sum())])
     assert kept[1] == kept[0] + 1

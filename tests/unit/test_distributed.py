@@ -1,4 +1,4 @@
-"""DP-SGD across processes (torchrun's way, `dpnb.distributed`), checked against one process.
+"""DP-SGD across processes (torchrun's way, `dpnb.training.distributed`), checked against one process.
 
 Two processes on the CPU with the gloo backend, started with torch.multiprocessing and torchrun's
 environment variables, run the same code as `torchrun --nproc_per_node=2 -m dpnb.cli run`:
@@ -45,14 +45,15 @@ from safetensors.torch import load_file
 from testkit import EOS, PAD, VOCAB, as_dataset, small_records, toy_reviews, write_csv
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dpnb import distributed, dpsgd, pipeline, privacy, registry
-from dpnb.checkpoints import TrainingInterrupted
+from dpnb import pipeline, privacy, registry
 from dpnb.config import FinetuneConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import read_json, read_jsonl
 from dpnb.models import build_model, load_tokenizer, quiet_transformers
 from dpnb.rundir import RunDir
 from dpnb.stages import finetune
+from dpnb.training import distributed, dpsgd
+from dpnb.training.checkpoints import TrainingInterrupted
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden"),
@@ -417,7 +418,7 @@ def test_rank_0_failing_while_the_others_wait_stops_every_rank_at_once(runs):
 
 def test_a_checkpoint_of_another_process_count_is_refused():
     states = {"rng": {"sampler": None}, "rank_rngs": [{"r": 0}, {"r": 1}]}
-    from dpnb.checkpoints import this_rank_rng_states
+    from dpnb.training.checkpoints import this_rank_rng_states
 
     with pytest.raises(DpnbError, match="nproc_per_node=2"):
         this_rank_rng_states(states)  # this process is one rank of one

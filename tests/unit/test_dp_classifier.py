@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dpnb import independent_accounting, privacy
-from dpnb.dp_classifier import DPClassifierSettings, train_dp_classifier
+from dpnb.evaluation.dp_classifier import DPClassifierSettings, train_dp_classifier
 
 
 def blobs(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

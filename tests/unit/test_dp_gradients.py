@@ -50,13 +50,14 @@ from scipy import stats
 from testkit import EOS, PAD, VOCAB, as_dataset, small_records, toy_reviews
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from dpnb import dpsgd, privacy
+from dpnb import privacy
 from dpnb.config import AuditConfig, FinetuneConfig
 from dpnb.config import build as build_config
 from dpnb.errors import DpnbError
 from dpnb.independent_accounting import cross_check, google_epsilons
 from dpnb.models import build_model, is_quantized_4bit, load_causal_lm, load_tokenizer, quiet_transformers
 from dpnb.stages import audit, finetune
+from dpnb.training import dpsgd
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden"),  # the capture below

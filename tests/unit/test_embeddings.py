@@ -1,4 +1,4 @@
-"""dpnb.embeddings: frozen MiniLM embeddings, logistic regression on them, MAUVE; offline and small."""
+"""dpnb.evaluation.embeddings: frozen MiniLM embeddings, logistic regression on them, MAUVE; offline and small."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from dpnb.classifier import classification_metrics
-from dpnb.embeddings import (
+from dpnb.evaluation.classifier import classification_metrics
+from dpnb.evaluation.embeddings import (
     fit_logistic_regression,
     mauve_score,
     predict_embedding_classifier,

@@ -1,5 +1,5 @@
-"""dpnb.engines: one interface over the fast sampler and HF generate (vLLM: tests/stages/test_generate.py), the
-engine registry and the one settings object."""
+"""dpnb.generation.engines: one interface over the fast sampler and HF generate (vLLM:
+tests/stages/test_generate.py), the engine registry and the one settings object."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import GenerationConfig, OPTConfig, OPTForCausalLM
 
-from dpnb import vllm_engine
 from dpnb.config import GenerateConfig
-from dpnb.engines import ENGINES, engine_name, generation_config, open_engine, strip_prompt_and_cut
 from dpnb.errors import DpnbError
+from dpnb.generation import vllm_engine
+from dpnb.generation.engines import ENGINES, engine_name, generation_config, open_engine, strip_prompt_and_cut
+from dpnb.generation.next_token import SamplingSettings
 from dpnb.models import tiny_causal_lm
-from dpnb.next_token import SamplingSettings
 
 
 @pytest.fixture(scope="module")

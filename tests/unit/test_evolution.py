@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpnb import evolution, independent_accounting, privacy
+from dpnb import independent_accounting, privacy
+from dpnb.generation import evolution
 
 
 def unit_rows(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:

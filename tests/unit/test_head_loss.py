@@ -1,4 +1,4 @@
-"""dpnb.head_loss: per-record losses and their hidden-state gradient equal plain autograd's.
+"""dpnb.training.head_loss: per-record losses and their hidden-state gradient equal plain autograd's.
 
 Reference: F.linear + `per_record_loss` (cross-entropy over the whole vocabulary) under autograd.
 Tolerances: float32 rtol 1e-5 (losses and gradients; atol 1e-6 for entries near zero); bfloat16
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpnb.dpsgd import Records, collate, per_record_loss
 from dpnb.errors import DpnbError
-from dpnb.head_loss import FrozenHeadLoss, head_loss
+from dpnb.training.dpsgd import Records, collate, per_record_loss
+from dpnb.training.head_loss import FrozenHeadLoss, head_loss
 
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpnb import memorisation
 from dpnb.errors import DpnbError
+from dpnb.evaluation import memorisation
 
 
 def test_review_token_ids_drop_the_prompt_and_the_final_eos():

@@ -7,9 +7,9 @@ import torch
 
 from dpnb import precision
 from dpnb.config import FinetuneConfig
-from dpnb.dpsgd import compute_precision
 from dpnb.errors import DpnbError
-from dpnb.head_loss import FrozenHeadLoss, head_loss
+from dpnb.training.dpsgd import compute_precision
+from dpnb.training.head_loss import FrozenHeadLoss, head_loss
 
 
 def test_auto_follows_the_measured_speedup(monkeypatch):

@@ -1,4 +1,4 @@
-"""dpnb.prefix_cache: training the top blocks from cached states is DP-SGD on the full model.
+"""dpnb.training.prefix_cache: training the top blocks from cached states is DP-SGD on the full model.
 
 The key test computes, for one physical batch of cached (padded) records, Opacus's per-sample
 gradients (GradSampleModule hooks on `TopBlocks`) of the `head_loss` per-record loss, then the
@@ -23,12 +23,12 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from dpnb import dpsgd
-from dpnb.dpsgd import Records, collate, per_record_loss, shared_prefix_cache
 from dpnb.errors import DpnbError
-from dpnb.head_loss import FrozenHeadLoss
 from dpnb.io import DamagedFile
-from dpnb.prefix_cache import (
+from dpnb.training import dpsgd
+from dpnb.training.dpsgd import Records, collate, per_record_loss, shared_prefix_cache
+from dpnb.training.head_loss import FrozenHeadLoss
+from dpnb.training.prefix_cache import (
     PrefixCache,
     TopBlocks,
     build_prefix_cache,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dpnb import textstats
+from dpnb.data import textstats
 
 # --------------------------------------------------------------------------- diversity
 

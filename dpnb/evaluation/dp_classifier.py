@@ -4,7 +4,7 @@ What a user would choose instead of synthetic data when the one task is known in
 evaluation's classifier on the private records directly, with differential privacy, at the same
 (epsilon, delta) as the synthetic data, and test it on the same real test set.
 
-**Model.** Logistic regression on frozen sentence embeddings (`dpnb.embeddings`): for a record with
+**Model.** Logistic regression on frozen sentence embeddings (`dpnb.evaluation.embeddings`): for a record with
 embedding e (unit length, a fixed function of the record alone, computed by a public encoder) and
 label y among K labels, p(y | e) = softmax(W e + b), loss l = -log p(y | e). Its gradient is
 
@@ -13,7 +13,7 @@ label y among K labels, p(y | e) = softmax(W e + b), loss l = -log p(y | e). Its
 of norm ||p - onehot(y)|| sqrt(||e||^2 + 1) <= sqrt(2) sqrt(2) = 2, so a clipping norm C below 2 bounds
 every record's influence the way DP-SGD needs (and C >= 2 would clip nothing).
 
-**DP-SGD** (Opacus, as `dpnb.dpsgd` states it for the language model): each step every record joins the
+**DP-SGD** (Opacus, as `dpnb.training.dpsgd` states it for the language model): each step every record joins the
 batch with probability q = 1 / ceil(N / B) (Poisson sampling), each record's gradient is clipped to C,
 the sum gets N(0, sigma^2 C^2 I) noise and is divided by the expected batch size E = int(N q); Adam
 steps on the result (post-processing). sigma is calibrated by `dpnb.privacy.calibrate_noise` so that

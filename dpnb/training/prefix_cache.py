@@ -9,7 +9,7 @@ When every trainable parameter sits in blocks s..L-1 (s = L - K), the final norm
 (embeddings and the LM head frozen), then h^s = f(x) depends on x and frozen weights only. If,
 moreover, nothing below block s is random in training mode (dropout), f is deterministic and the
 same for every step: compute h^s once per record (no grad, eval mode), keep it, and each training
-step runs only blocks s..L-1, the final norm and the frozen head (`dpnb.head_loss`). The loss of
+step runs only blocks s..L-1, the final norm and the frozen head (`dpnb.training.head_loss`). The loss of
 every record and its gradient with respect to every trainable parameter are then exactly those of
 the full model (up to float rounding): the gradient never flows below block s anyway, since
 nothing there is trainable, so DP-SGD (per-record gradients, clipping, noise) is unchanged.
@@ -347,7 +347,7 @@ def build_prefix_cache(model: nn.Module, records: Any, start: int | None = None,
                        fingerprint: bool = True) -> PrefixCache:
     """The hidden states entering block `start` (default: the lowest trainable) of every record.
 
-    `records` is a `dpnb.dpsgd.Records` or a list of token-id lists. Records are run through the
+    `records` is a `dpnb.training.dpsgd.Records` or a list of token-id lists. Records are run through the
     model's own embedding and lower blocks in eval mode, without grad, `batch_size` at a time
     (sorted by length, right-padded as `collate` pads: the pad id does not matter), and the forward
     pass stops at block `start`. States stay on `device` (default: the model's) only while computed
@@ -427,7 +427,7 @@ class CachedBatch:
 
 
 def collate_cached(cache: PrefixCache, batch: Any, indices: Sequence[int]) -> CachedBatch:
-    """The cached states of records `indices`, padded like `batch` (their `dpnb.dpsgd.collate`), with its
+    """The cached states of records `indices`, padded like `batch` (their `dpnb.training.dpsgd.collate`), with its
     targets, target mask, attention mask and position ids (so the loss counts the same tokens)."""
     indices = [int(i) for i in indices]
     lengths = batch.attention_mask.sum(dim=1).tolist()

@@ -5,7 +5,7 @@ texts evolves towards the private data; the private data is only ever read throu
 For T iterations:
 
 1. **Embed** every private record x_i (label y_i) and every synthetic text s_j (label c_j) with one frozen
-   public encoder phi (MiniLM by default; unit-length mean-pooled embeddings, `dpnb.embeddings`).
+   public encoder phi (MiniLM by default; unit-length mean-pooled embeddings, `dpnb.evaluation.embeddings`).
 2. **Vote**: each private record gives 1/sqrt(k) to each of its k nearest texts of its own label
    (cosine similarity),
 

@@ -1,7 +1,7 @@
 """Sampling engines: one interface over the fast sampler, Hugging Face `generate` and vLLM, and the choice.
 
 Every engine samples one continuation of each prompt it is given (identical prompts allowed: a
-label's prompt n times, or many distinct prompts), from the same distribution (`dpnb.next_token`):
+label's prompt n times, or many distinct prompts), from the same distribution (`dpnb.generation.next_token`):
 
     settings = SamplingSettings.from_config(cfg.generate, stop_ids)  # or SamplingSettings(max_new_tokens=64, ...)
     with open_engine("auto", model, settings, tokenizer=tokenizer) as engine:
@@ -12,8 +12,8 @@ engine or batch size gives other samples of the same distribution.
 
 | engine | what | "auto" takes it |
 |---|---|---|
-| `vllm` | vLLM (`dpnb.vllm_engine`; optional, for a GPU) | on a GPU with vLLM installed, no adapter |
-| `fast` | `dpnb.decoding` (static cache, rows refilled, top-p without a sort) | for the architectures it supports |
+| `vllm` | vLLM (`vllm_engine`; optional, for a GPU) | on a GPU with vLLM installed, no adapter |
+| `fast` | `decoding` (static cache, rows refilled, top-p without a sort) | for the architectures it supports |
 | `hf` | transformers' `generate` | otherwise |
 """
 
@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from transformers import GenerationConfig
 
-from dpnb import vllm_engine
-from dpnb.decoding import FastSampler
 from dpnb.errors import require
-from dpnb.fast_forward import is_supported, runner_for
-from dpnb.next_token import Sample, SamplingSettings
+from dpnb.generation import vllm_engine
+from dpnb.generation.decoding import FastSampler
+from dpnb.generation.fast_forward import is_supported, runner_for
+from dpnb.generation.next_token import Sample, SamplingSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -56,7 +56,7 @@ class Engine(Protocol):
 
 
 class FastEngine:
-    """`dpnb.decoding.FastSampler`: on a CPU the weights are packed once, for every call of this engine."""
+    """`dpnb.generation.decoding.FastSampler`: on a CPU the weights are packed once, for every call of this engine."""
 
     name = "fast"
 

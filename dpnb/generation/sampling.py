@@ -10,7 +10,7 @@ chat template's end of turn) or after `max_new_tokens`.
 Samples are written in shards as they complete, so an interrupted run resumes where it stopped; each
 shard is seeded from (seed, label, shard index) alone, so a resumed run gives exactly the samples of
 an uninterrupted one. Post-processing (decode, strip, drop degenerate samples) reads only the samples
-and public settings, which is why the set keeps the model's privacy guarantee (`dpnb.dataset_card`).
+and public settings, which is why the set keeps the model's privacy guarantee (`dpnb.generation.dataset_card`).
 
 Outputs of `sample_labelled`, in its `out_dir` (built aside and moved into place whole):
 
@@ -45,9 +45,10 @@ from jinja2 import TemplateError
 from tqdm import tqdm  # not tqdm.auto: its notebook bars need ipywidgets, not a dependency
 
 from dpnb.config import GenerateConfig
-from dpnb.dataset_card import Provenance, dataset_card, guarantee_summary
-from dpnb.engines import engine_name, open_engine
 from dpnb.errors import DpnbError, require
+from dpnb.generation.dataset_card import Provenance, dataset_card, guarantee_summary
+from dpnb.generation.engines import engine_name, open_engine
+from dpnb.generation.next_token import SamplingSettings
 from dpnb.io import (
     DamagedFile,
     append_jsonl,
@@ -59,7 +60,6 @@ from dpnb.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from dpnb.next_token import SamplingSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -69,7 +69,7 @@ PLAN_VERSION = 2  # 2: each shard's log line holds its sha256
 
 
 class LabelPrompt(Protocol):
-    """What sampling needs from `dpnb.prompts.PromptFormat`: the prompt tokens of a label."""
+    """What sampling needs from `dpnb.data.prompts.PromptFormat`: the prompt tokens of a label."""
 
     def prompt_ids(self, label_name: str, tokenizer: PreTrainedTokenizerBase) -> list[int]: ...
 

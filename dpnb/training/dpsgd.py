@@ -63,13 +63,14 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
-from dpnb import distributed, privacy
+from dpnb import privacy
 from dpnb.errors import DpnbError, require
-from dpnb.head_loss import FrozenHeadLoss
 from dpnb.io import DamagedFile
 from dpnb.models import quiet_transformers
 from dpnb.precision import Precision, choose
-from dpnb.prefix_cache import (
+from dpnb.training import distributed
+from dpnb.training.head_loss import FrozenHeadLoss
+from dpnb.training.prefix_cache import (
     CACHE_FILE,
     PrefixCache,
     TopBlocks,
@@ -332,9 +333,9 @@ class FrozenPrefix:
 
     When every trainable weight sits in the top K blocks (LoRA on the top layers, or mode full with
     `top_layers`), the input h^s of the lowest trainable block is a fixed function of each record
-    (`dpnb.prefix_cache`): it is computed once, and each step runs only the top blocks (`top`, which
+    (`dpnb.training.prefix_cache`): it is computed once, and each step runs only the top blocks (`top`, which
     Opacus wraps in place of the whole model) and the frozen LM head's cross-entropy at the review's
-    tokens only (`dpnb.head_loss`). Per-record losses and gradients are those of the full model, so
+    tokens only (`dpnb.training.head_loss`). Per-record losses and gradients are those of the full model, so
     clipping, noise and the accounting are unchanged.
     """
 
@@ -530,7 +531,7 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
     With `prefix`, what runs each step (and what Opacus wraps) is its top blocks, not the whole model;
     the trainable weights are the model's own either way. Under a process group (torchrun) that
     module is wrapped in Opacus's DPDDP, so make_private builds the distributed optimizer (noise on
-    rank 0 only) and sampler (`dpnb.distributed`); q, sigma and E are the single-process ones.
+    rank 0 only) and sampler (`dpnb.training.distributed`); q, sigma and E are the single-process ones.
     """
     require_dp_when_distributed(cfg)
     model.train()
@@ -585,7 +586,7 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
                            f"the plan at q = {plan.sample_rate} with {plan.steps_per_epoch}")
     if session.engine is not None:
         # each rank divides by its share E / W of the public divisor E = int(N q); the sum over ranks then
-        # divides by E, as one process does (dpnb.distributed)
+        # divides by E, as one process does (dpnb.training.distributed)
         divisor = session.optimizer.expected_batch_size * distributed.world_size()
         if not math.isclose(divisor, plan.divisor):
             raise RuntimeError(f"the optimizer divides by {divisor} in all, the plan by int(N q) = {plan.divisor}")

@@ -28,7 +28,7 @@ seeded permutation cut into every W-th record). At each step
 
 So the released sequence of updates has the distribution of the single-process mechanism with the
 same q, sigma, C and number of steps T: the accountant of each rank sees the same (sigma, q, T),
-and epsilon is the single-process epsilon (`dpnb.dpsgd` checks that every rank counted the same).
+and epsilon is the single-process epsilon (`dpnb.training.dpsgd` checks that every rank counted the same).
 Noise added on every rank instead of one would be W draws, a variance W times too large: not a
 privacy loss, but not the calibrated mechanism either; the tests check there is exactly one.
 
@@ -294,7 +294,7 @@ class EveryStepSampler(DistributedUniformWithReplacementSampler):
 
 def every_step_loader(loader: DataLoader, generator: torch.Generator, dataset: Any) -> DataLoader:
     """`loader` (make_private's distributed DPDataLoader) with `EveryStepSampler` at the same q, over `dataset`
-    (the records there are: the plan may be made for more, `dpnb.dpsgd.plan_training`)."""
+    (the records there are: the plan may be made for more, `dpnb.training.dpsgd.plan_training`)."""
     sampler = loader.batch_sampler
     require(isinstance(sampler, DistributedUniformWithReplacementSampler),
             "Opacus did not build a distributed Poisson sampler for this model (internal error)")

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from dpnb.config import PrepareConfig, build
+from dpnb.data.sources import clean_texts
 from dpnb.errors import require
-from dpnb.sources import clean_texts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -5,7 +5,7 @@ same entry (accuracy, F1, confusion matrix, n_train, n_test, label counts, notes
 - `finetune` (the default, the paper's): the model with a fresh classification head, every weight
   trained by the recipe below;
 - `embedding`: logistic regression on the model's frozen mean-pooled sentence embeddings, C chosen
-  by cross-validation on the training texts alone (`dpnb.embeddings`). Seconds instead of minutes,
+  by cross-validation on the training texts alone (`dpnb.evaluation.embeddings`). Seconds instead of minutes,
   and steadier than fine-tuning on a few hundred texts.
 
 **Recipe** (the paper's, as transformers' Trainer defaults give it): AdamW with weight decay 0, the
@@ -42,7 +42,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dpnb.config import EvaluateConfig
-from dpnb.embeddings import Embedder, EmbeddingClassifier, fit_embedding_classifier
+from dpnb.evaluation.embeddings import Embedder, EmbeddingClassifier, fit_embedding_classifier
 from dpnb.io import publish_once
 from dpnb.models import load_classifier, quiet_transformers, release_memory
 

@@ -1,8 +1,8 @@
 """How each next token is chosen and when a sample ends: the sampling settings and the token selection.
 
 `SamplingSettings` is the one description of a sampling run that every engine reads (the fast
-sampler `dpnb.decoding`, Hugging Face `generate` and vLLM, `dpnb.engines`); it is built once from the
-generate stage's config (`SamplingSettings.from_config`).
+sampler `dpnb.generation.decoding`, Hugging Face `generate` and vLLM, `dpnb.generation.engines`); it
+is built once from the generate stage's config (`SamplingSettings.from_config`).
 
 What one step computes. The model's next-token logits `l` go, in float32 (HF `generate` upcasts them
 too), through the pipeline `generate` applies for plain sampling, in the same order:

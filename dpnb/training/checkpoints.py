@@ -10,7 +10,7 @@ the fields in `RESUME_NEUTRAL_FIELDS`, which do not change what is trained). It 
 of its contents (`dpnb.io.save_torch_atomic`): a truncated or corrupted checkpoint is refused with
 the fix, never resumed.
 
-Under torchrun (`dpnb.distributed`) the weights, optimizer and accountant are the same on every
+Under torchrun (`dpnb.training.distributed`) the weights, optimizer and accountant are the same on every
 rank, but the random states are not (each rank samples its own share of the records): rank 0
 gathers every rank's states and writes them all (`rank_rngs`, in rank order), and each rank of the
 resumed run, which must have as many processes, restores its own.
@@ -29,16 +29,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dpnb import distributed, privacy
+from dpnb import privacy
 from dpnb.errors import DpnbError
 from dpnb.io import DamagedFile, load_torch_verified, save_torch_atomic
 from dpnb.rundir import config_fingerprint  # the checkpoint's path is RunDir.checkpoint
+from dpnb.training import distributed
 
 if TYPE_CHECKING:
     from torch import nn
 
     from dpnb.config import FinetuneConfig
-    from dpnb.dpsgd import Records, Session
+    from dpnb.training.dpsgd import Records, Session
 
 CHECKPOINT_FORMAT = 2  # 2: with a checksum of its contents (dpnb.io.save_torch_atomic)
 # Config fields that do not change what is trained: a checkpoint written under other values resumes.

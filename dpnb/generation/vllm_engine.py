@@ -2,11 +2,11 @@
 
 vLLM batches continuously (a finished sample frees its slot at once), pages its key/value cache and
 runs its own CUDA kernels: at 25,000 samples of 300 tokens per model that is the difference between
-hours and minutes. It samples the same distribution as the other engines (`dpnb.decoding`, HF
+hours and minutes. It samples the same distribution as the other engines (`dpnb.generation.decoding`, HF
 `generate`): temperature, then top-k, then top-p over the model's next-token logits, with EOS masked
 before `min_new_tokens`. Its random streams differ, so the samples themselves differ.
 
-How it fits the engine interface (`dpnb.engines`). `VllmEngine.sample(prompts, seed)` sends one
+How it fits the engine interface (`dpnb.generation.engines`). `VllmEngine.sample(prompts, seed)` sends one
 request per distinct prompt, for as many samples as the prompt appears: a generate stage's shard (one
 label's prompt n times) is one request seeded from (seed, label, shard) alone, as in the other
 engines, so a resumed run samples the missing shards only. vLLM loads weights from a directory, so the
@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpnb.errors import DpnbError, require
-from dpnb.fast_forward import context_limit
+from dpnb.generation.fast_forward import context_limit
 from dpnb.models import release_memory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from dpnb.next_token import Sample, SamplingSettings
+    from dpnb.generation.next_token import Sample, SamplingSettings
 
 GPU_MEMORY_SHARE = 0.85  # of the GPU vLLM may take for weights and cache; the rest stays for torch
 
@@ -73,7 +73,7 @@ def request_seed(seed: int, request: int) -> int:
 def cut_at_stop(token_ids: Sequence[int], finish_reason: str | None,
                 stop_ids: Collection[int]) -> tuple[list[int], bool]:
     """A sample's new tokens before its first stop token, and whether a stop token ended it (the
-    format of `dpnb.engines.strip_prompt_and_cut`); vLLM may or may not return the stop token itself."""
+    format of `dpnb.generation.engines.strip_prompt_and_cut`); vLLM may or may not return the stop token itself."""
     ids = [int(t) for t in token_ids]
     for position, token in enumerate(ids):
         if token in stop_ids:
@@ -92,7 +92,7 @@ def export_weights(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, d
 
 
 class VllmEngine:
-    """vLLM over `model`'s weights (`dpnb.engines.Engine`): exported to a temporary directory in
+    """vLLM over `model`'s weights (`dpnb.generation.engines.Engine`): exported to a temporary directory in
     `scratch_dir` and loaded; the torch copy moves to the CPU meanwhile so that vLLM has the GPU's
     memory, and goes back where it was on `close`."""
 

@@ -5,7 +5,7 @@ training-shaped record whose text is the start of a real held-out review followe
 random words: easy to recognise, impossible to predict. It is built by the same `PromptFormat` as
 every training record, so it differs from a real review only in its text. Stage 06 inserts each
 canary into the training set with probability 1/2 and scores it by how much more likely training
-made its random words (`dpnb.attacks`).
+made its random words (`dpnb.auditing.attacks`).
 
 Exposure (Carlini et al.) says how far up the ranking of all possible suffixes a canary climbed, in
 bits: exposure = log2 |R| - log2 rank, with rank 1 the model's favourite among the |R| possible
@@ -30,7 +30,7 @@ from dpnb.errors import DpnbError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from dpnb.prompts import PromptFormat
+    from dpnb.data.prompts import PromptFormat
 
 
 # =========================================================================== canary records

@@ -1,7 +1,7 @@
 """Fast sampling from a causal LM: one continuation of each of many prompts, rows refilled as samples end.
 
 What it computes. Each sample continues its prompt one token at a time (ancestral sampling), each
-step's token chosen as `dpnb.next_token` defines (Hugging Face `generate`'s pipeline for plain
+step's token chosen as `dpnb.generation.next_token` defines (Hugging Face `generate`'s pipeline for plain
 sampling: min_new_tokens, temperature, top-k, top-p; or greedy), until a stop token or
 `max_new_tokens`. `FastSampler.sample` takes any list of prompts, identical ones allowed: a label's
 prompt repeated n times (the generate stage's shards) or a thousand distinct prompts (Private
@@ -18,13 +18,13 @@ Why it is faster than `generate` on a CPU, with the same distribution:
 - continuous batching: every row has its own position and attention mask, so a row whose sample ends
   takes the next pending sample at once instead of idling until the slowest row of its batch ends;
   when none is pending the live rows are packed to the front and the batch shrinks;
-- the forward pass over a static cache with packed weights (`dpnb.fast_forward`), and top-p without
-  sorting the vocabulary (`dpnb.next_token`).
+- the forward pass over a static cache with packed weights (`dpnb.generation.fast_forward`), and top-p without
+  sorting the vocabulary (`dpnb.generation.next_token`).
 
 Memory: the rows' cache (rows x (longest prompt after the shared prefix + max_new_tokens)), one prefill
 batch, and the prompts some of whose samples wait for a row; never every prompt at once.
 
-Exactness: the kept tokens and their probabilities are `dpnb.next_token`'s (HF's, up to the float
+Exactness: the kept tokens and their probabilities are `dpnb.generation.next_token`'s (HF's, up to the float
 rounding of one boundary token). Greedy decoding gives `generate`'s tokens as long as float rounding
 (attention and matrix products are done in a different order) does not flip an argmax between
 near-equal logits.
@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from dpnb.errors import require
-from dpnb.fast_forward import Cache, Runner, context_limit, is_supported, runner_for, unwrap
-from dpnb.next_token import Sample, SamplingSettings, next_tokens
+from dpnb.generation.fast_forward import Cache, Runner, context_limit, is_supported, runner_for, unwrap
+from dpnb.generation.next_token import Sample, SamplingSettings, next_tokens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

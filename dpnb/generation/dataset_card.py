@@ -128,13 +128,13 @@ def _privacy_section(provenance: Provenance) -> list[str]:
             "It is the baseline that shows what DP fine-tuning adds over prompting alone.",
         ]
     return [
-        "**No privacy statement.** This set was sampled with `dpnb.sampling.sample_labelled` from a model "
+        "**No privacy statement.** This set was sampled with `dpnb.generation.sampling.sample_labelled` from a model "
         "whose training this card does not describe; make no privacy claim for it.",
     ]
 
 
 def _evolution_section(provenance: Provenance, data: str) -> list[str]:
-    """The privacy section of a Private Evolution set (`dpnb.evolution`)."""
+    """The privacy section of a Private Evolution set (`dpnb.generation.evolution`)."""
     p = provenance.privacy or {}
     if p.get("epsilon") is None:
         return ["**No DP guarantee.** This Private Evolution set was selected by EXACT votes of the private "
@@ -218,7 +218,7 @@ def dataset_card(summary: dict[str, Any], provenance: Provenance) -> str:
         "## Files",
         "",
         "Columns `text`, `label` (int), `label_name`; rows grouped by label. "
-        "`datasets.load_from_disk(this_directory)` or `dpnb.sampling.load_synthetic` loads it; "
+        "`datasets.load_from_disk(this_directory)` or `dpnb.generation.sampling.load_synthetic` loads it; "
         "`samples.jsonl` and `samples.csv` hold the same rows; `generation.json` the counts and speed; "
         "`shards/` the raw samples (token ids).",
         "",

@@ -42,7 +42,7 @@ confidence c); it can only happen when the claim is below the ceiling.
 **Membership inference** on real reviews: ROC AUC and the TPR at low FPR of a score (`roc_summary`).
 **Synthetic-data attack**: an attacker who sees only released text fits an n-gram model on it
 (`NgramModel`) and scores each canary by the log-probability of its random words
-(`synthetic_attack`). Exposure of canaries is in `dpnb.canaries`.
+(`synthetic_attack`). Exposure of canaries is in `dpnb.auditing.canaries`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from dpnb.canaries import canary_text_ids, exposure, exposure_extrapolated
+from dpnb.auditing.canaries import canary_text_ids, exposure, exposure_extrapolated
 from dpnb.errors import DpnbError
 
 if TYPE_CHECKING:
