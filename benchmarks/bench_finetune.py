@@ -143,10 +143,11 @@ def run_case(case: Case, spec: dict) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from dpnb import privacy
     from dpnb.config import FinetuneConfig
     from dpnb.models import build_model, quiet_transformers, trainable_parameters
+    from dpnb.privacy import accounting
     from dpnb.training import dpsgd
+    from dpnb.training.plan import plan_training
 
     warnings.filterwarnings("ignore", message=QUIET)
     torch.set_num_threads(spec["threads"])
@@ -162,9 +163,9 @@ def run_case(case: Case, spec: dict) -> dict:
                          prefix_cache=case.cache, logical_batch_size=logical, physical_batch_size=physical,
                          max_grad_norm=0.5, lr=0.01, dtype="float32", device="cpu", max_steps=steps, seed=0,
                          deterministic=True)
-    plan = dpsgd.plan_training(dataclasses.replace(cfg, dp=False), n)
+    plan = plan_training(dataclasses.replace(cfg, dp=False), n)
     if dp:  # one noise multiplier costs what another does: skip the calibration
-        plan = dataclasses.replace(plan, dp=True, noise_multiplier=1.0, delta=privacy.default_delta(n))
+        plan = dataclasses.replace(plan, dp=True, noise_multiplier=1.0, delta=accounting.default_delta(n))
     torch.manual_seed(cfg.seed)
     with quiet_transformers():
         model, _ = build_model(spec["model"], cfg, "cpu")

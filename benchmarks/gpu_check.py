@@ -81,14 +81,15 @@ from transformers import (  # noqa: E402
     LlamaConfig,
 )
 
-from dpnb import privacy  # noqa: E402
 from dpnb.config import FinetuneConfig  # noqa: E402
 from dpnb.generation import decoding, engines  # noqa: E402
 from dpnb.generation.fast_forward import is_supported, unwrap  # noqa: E402
 from dpnb.generation.next_token import SamplingSettings  # noqa: E402
 from dpnb.models import build_model, quiet_transformers, trainable_parameters  # noqa: E402
+from dpnb.privacy import accounting  # noqa: E402
 from dpnb.sweep import sweep_configs  # noqa: E402
 from dpnb.training import dpsgd  # noqa: E402
+from dpnb.training.plan import plan_training  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--smoke", action="store_true", help="the same code on the CPU at tiny shapes (< 1 minute)")
@@ -168,8 +169,8 @@ def fixed_session(model, cfg: FinetuneConfig, sizes: list[int], sigma: float) ->
     """dpnb's DP session over records 0..sum(sizes)-1, its logical batches fixed to `sizes`, noise sigma
     given (no calibration: one sigma costs what another does)."""
     n = sum(sizes)
-    plan = dpsgd.plan_training(dataclasses.replace(cfg, dp=False), n)
-    plan = dataclasses.replace(plan, dp=True, noise_multiplier=sigma, delta=privacy.default_delta(n))
+    plan = plan_training(dataclasses.replace(cfg, dp=False), n)
+    plan = dataclasses.replace(plan, dp=True, noise_multiplier=sigma, delta=accounting.default_delta(n))
     with quiet_transformers():
         session = dpsgd.make_session(model, cfg, plan, DEVICE)
     ends = [sum(sizes[: k + 1]) for k in range(len(sizes))]

@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 
-from dpnb import independent_accounting, models, privacy, registry
+from dpnb import models, registry
 from dpnb.errors import DpnbError, require
 from dpnb.io import read_json
 from dpnb.pipeline import refresh_notebooks, run_pipeline, run_report
+from dpnb.privacy import guarantee, independent_accounting
 from dpnb.rundir import RunDir
 from dpnb.sweep import run_sweep, sweep_commands
 from dpnb.training.distributed import launched_by_torchrun
@@ -62,7 +63,7 @@ def verify(run_dir: str) -> None:
 
 def verify_record(what: str, record: dict) -> None:
     """Recompute one privacy record's epsilon with Opacus and cross-check it with Google's dp-accounting."""
-    privacy.verify_privacy(record)
+    guarantee.verify_privacy(record)
     if not record.get("dp"):
         print(f"{what}: without DP; the record correctly claims no epsilon")
         return

@@ -314,7 +314,7 @@ def check_inputs(run: RunConfig, run_dir: RunDir, to_run: list[str]) -> None:
     """The stages' own checks of their data and of the N-dependent settings, made before any stage starts.
 
     Prepare's (`stages.prepare.check_data`: columns, encoding, labels, classes, empty texts,
-    max_length) reads the source, and fine-tuning's plan (`dpsgd.plan_training`: the logical batch
+    max_length) reads the source, and fine-tuning's plan (`training.plan.plan_training`: the logical batch
     and delta against N) needs only N: a bad input fails in seconds, as one line, with nothing written.
     """
     if "prepare" in to_run:
@@ -326,7 +326,7 @@ def check_inputs(run: RunConfig, run_dir: RunDir, to_run: list[str]) -> None:
     else:
         return  # the stage that needs prepare says so
     if "finetune" in to_run:
-        from dpnb.training.dpsgd import plan_training
+        from dpnb.training.plan import plan_training
 
         plan_training(run.finetune, n_train)
 

@@ -16,7 +16,7 @@ every record's influence the way DP-SGD needs (and C >= 2 would clip nothing).
 **DP-SGD** (Opacus, as `dpnb.training.dpsgd` states it for the language model): each step every record joins the
 batch with probability q = 1 / ceil(N / B) (Poisson sampling), each record's gradient is clipped to C,
 the sum gets N(0, sigma^2 C^2 I) noise and is divided by the expected batch size E = int(N q); Adam
-steps on the result (post-processing). sigma is calibrated by `dpnb.privacy.calibrate_noise` so that
+steps on the result (post-processing). sigma is calibrated by `dpnb.privacy.accounting.calibrate_noise` so that
 the accountant reports the target epsilon after exactly T = ceil(epochs / q) steps at this q; the
 noise draws from OS entropy unless `deterministic` (tests: then it is not a DP release).
 
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 
-from dpnb import privacy
 from dpnb.errors import require
 from dpnb.models import quiet_transformers
+from dpnb.privacy import accounting, guarantee
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,10 @@ def train_dp_classifier(features: np.ndarray, labels: Sequence[int], num_labels:
     n = len(y)
     require(n == len(x) and n > 0, f"{len(x)} embeddings but {n} labels; the direct DP classifier needs both")
     batch = min(settings.batch_size, n)
-    sample_rate = privacy.poisson_sample_rate(n, batch)
-    steps = privacy.planned_steps(n, batch, settings.epochs)
-    privacy.validate_delta(settings.delta, n)
-    sigma = privacy.calibrate_noise(settings.target_epsilon, settings.delta, sample_rate, steps, settings.accountant)
+    sample_rate = accounting.poisson_sample_rate(n, batch)
+    steps = accounting.planned_steps(n, batch, settings.epochs)
+    accounting.validate_delta(settings.delta, n)
+    sigma = accounting.calibrate_noise(settings.target_epsilon, settings.delta, sample_rate, steps, settings.accountant)
     model = torch.nn.Linear(x.shape[1], num_labels)
     torch.nn.init.zeros_(model.weight)
     torch.nn.init.zeros_(model.bias)
@@ -101,7 +101,7 @@ def train_dp_classifier(features: np.ndarray, labels: Sequence[int], num_labels:
     taken = 0
     with quiet_transformers():  # Opacus's hook warnings on a module whose inputs need no gradient
         taken = _train_steps(model, optimizer, loader, steps)
-    counted = sum(count for _, _, count in privacy.accountant_history(engine.accountant))
+    counted = sum(count for _, _, count in accounting.accountant_history(engine.accountant))
     require(counted == steps == taken, f"the accountant counted {counted} steps, the loop took {taken} of {steps}")
     record = privacy_record(settings, n, batch, sample_rate, steps, sigma)
     inner = model._module
@@ -134,7 +134,7 @@ def privacy_record(settings: DPClassifierSettings, n: int, batch: int, sample_ra
              if settings.deterministic else
              {"deterministic": False, "noise_seeded_from": "64 bits of OS entropy (not saved)", "dp_release": True})
     return {
-        **privacy.privacy_fields(sigma, sample_rate, steps, settings.delta, settings.accountant),
+        **guarantee.privacy_fields(sigma, sample_rate, steps, settings.delta, settings.accountant),
         "dp": True, "mechanism": "DP-SGD on logistic regression over frozen sentence embeddings",
         "dataset_size": n, "logical_batch_size": batch, "expected_batch_size": n * sample_rate,
         "divisor": int(n * sample_rate), "epochs": settings.epochs, "max_grad_norm": settings.max_grad_norm,

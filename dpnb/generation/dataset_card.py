@@ -9,7 +9,7 @@ so the released set carries the same (epsilon, delta) however many samples it ho
 respect to it. A model fine-tuned without DP gives no guarantee, and the card says so.
 
 The figures come from privacy.json as the accountant wrote them, never recomputed; the headline
-(epsilon, delta) is rounded UP (`dpnb.privacy.round_up`), so a guarantee is never shown stronger
+(epsilon, delta) is rounded UP (`dpnb.privacy.guarantee.round_up`), so a guarantee is never shown stronger
 than it is.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpnb.errors import require
-from dpnb.privacy import check_privacy_record, round_up
+from dpnb.privacy.guarantee import check_privacy_record, round_up
 
 KINDS = ("dp", "pe", "non_dp", "zero_shot", "unspecified")
 

@@ -45,9 +45,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpnb import privacy
-from dpnb.composition import Mechanism, calibrate_last, composed_record
 from dpnb.errors import require
+from dpnb.privacy import accounting, guarantee
+from dpnb.privacy.composition import Mechanism, calibrate_last, composed_record
 
 GAUSSIAN_SAMPLE_RATE = 1.0  # one PE iteration in the accountants' terms: a Gaussian step over every record
 VOTES = "Private Evolution votes"
@@ -77,19 +77,19 @@ def plan_evolution(iterations: int, nearest: int, target_epsilon: float | None, 
     """Calibrate sigma so that T iterations spend exactly the target epsilon at delta (None: no DP).
 
     With `spent` (the mechanisms the population already went through: DP fine-tuning, a DP labelling
-    classifier), the target is the total of all of them, composed (`dpnb.composition.calibrate_last`).
+    classifier), the target is the total of all of them, composed (`dpnb.privacy.composition.calibrate_last`).
     """
     require(iterations >= 1, f"Private Evolution needs at least one iteration, got {iterations}")
     require(nearest >= 1, f"each record votes for at least one text, got nearest = {nearest}")
     if target_epsilon is None:
         return EvolutionPlan(iterations, nearest, None, None, None, accountant)
-    delta = privacy.default_delta(dataset_size) if delta is None else delta
-    privacy.validate_delta(delta, dataset_size)
+    delta = accounting.default_delta(dataset_size) if delta is None else delta
+    accounting.validate_delta(delta, dataset_size)
     if spent:
         votes = calibrate_last(target_epsilon, delta, spent, VOTES, GAUSSIAN_SAMPLE_RATE, iterations, accountant)
         sigma = votes.noise_multiplier
     else:
-        sigma = privacy.calibrate_noise(target_epsilon, delta, GAUSSIAN_SAMPLE_RATE, iterations, accountant)
+        sigma = accounting.calibrate_noise(target_epsilon, delta, GAUSSIAN_SAMPLE_RATE, iterations, accountant)
     return EvolutionPlan(iterations, nearest, sigma, delta, target_epsilon, accountant)
 
 
@@ -106,7 +106,7 @@ def privacy_record(plan: EvolutionPlan, spent: Sequence[Mechanism], dataset_size
     if spent:
         return {**composed_record([*spent, votes], plan.delta, plan.accountant), **common,
                 "composed_with": [m.name for m in spent]}
-    fields = privacy.privacy_fields(plan.noise_multiplier, GAUSSIAN_SAMPLE_RATE, plan.iterations, plan.delta,
+    fields = guarantee.privacy_fields(plan.noise_multiplier, GAUSSIAN_SAMPLE_RATE, plan.iterations, plan.delta,
                                     plan.accountant)
     return {**fields, "dp": True, **common}
 

@@ -18,7 +18,7 @@ before any training (`plan_audit`), so the guesses can depend only on the traine
 The one-run theorem assumes one fixed mechanism whose input the coins choose. So the twins' plan
 (the sampling rate q, the steps, delta, sigma and the divisor E) is made for N = n_train + repeats
 x n_canaries records, as if every canary were inserted (`twin_plan_size`), and training runs that
-plan on the records the coins actually put in (`dpnb.training.dpsgd.plan_training`): flipping a coin changes
+plan on the records the coins actually put in (`dpnb.training.plan.plan_training`): flipping a coin changes
 the data, never the mechanism. The guesses break ties with a stream of their own
 (`dpnb.auditing.attacks.guess_membership`), not the one the coins are drawn from.
 

@@ -114,7 +114,7 @@ from dpnb.generation.sampling import load_synthetic
 from dpnb.io import atomic_directory, cached, read_json, save_figure, write_json_atomic
 from dpnb.models import load_tokenizer, release_memory, resolve_device
 from dpnb.precision import Precision, choose
-from dpnb.privacy import default_delta
+from dpnb.privacy.accounting import default_delta
 from dpnb.rundir import RunDir, shared_store
 from dpnb.stages.prepare import load_prepared
 

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.figure import Figure
 
-from dpnb import faults, privacy
+from dpnb import faults
 from dpnb.data.prompts import PromptFormat
 from dpnb.errors import DpnbError
 from dpnb.generation.decoding import sample_continuations
@@ -47,6 +47,7 @@ from dpnb.models import (
     save_trained,
     trainable_parameters,
 )
+from dpnb.privacy.accounting import EpsilonTracker, accountant_history
 from dpnb.rundir import RunDir, shared_store
 from dpnb.stages.prepare import load_prepared
 from dpnb.training import distributed
@@ -63,16 +64,15 @@ from dpnb.training.checkpoints import (
 )
 from dpnb.training.dpsgd import (
     Records,
-    TrainingPlan,
     accounted_steps,
     compute_precision,
     epoch_steps,
     frozen_prefix,
     initial_loss,
     make_session,
-    plan_training,
     require_dp_when_distributed,
 )
+from dpnb.training.plan import TrainingPlan, plan_training, privacy_record
 
 if TYPE_CHECKING:
     import datasets
@@ -104,7 +104,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     privacy record (privacy.json). `shared_dir` (the runs of a sweep) keeps the frozen-prefix cache
     where the sweep's other runs on the same records find it (`dpnb.training.dpsgd.shared_prefix_cache`).
     `plan_size` (the audit's twins) is the N that q, the steps, delta, sigma and the divisor are planned
-    for, at least len(train) (`dpnb.training.dpsgd.plan_training`); by default len(train).
+    for, at least len(train) (`dpnb.training.plan.plan_training`); by default len(train).
 
     Under torchrun every rank calls it with the same arguments (`dpnb.training.distributed`): each trains on
     its share of every logical batch, only rank 0 writes (log, checkpoints, model, privacy.json), and
@@ -178,7 +178,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
             session.noise_rng.set_state(rng["noise"])
         restore_global_rngs(rng)
     say(describe_plan(plan, trainable_parameters(model), cfg))
-    tracker = (privacy.EpsilonTracker(plan.noise_multiplier, plan.sample_rate, plan.delta, cfg.accountant, plan.steps)
+    tracker = (EpsilonTracker(plan.noise_multiplier, plan.sample_rate, plan.delta, cfg.accountant, plan.steps)
                if cfg.dp else None)
 
     sampler_state = rng["sampler"] if rng else None
@@ -220,9 +220,9 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
         if steps_taken != position.step:
             raise RuntimeError(f"the accountant counted {steps_taken} noise-adding steps, the loop {position.step}")
         # every rank's accountant saw the same (sigma, q) at every step: the epsilon of one is the run's
-        distributed.require_same_on_every_rank(privacy.accountant_history(session.engine.accountant),
+        distributed.require_same_on_every_rank(accountant_history(session.engine.accountant),
                                                "the accountants' histories")
-    record = privacy.privacy_record(cfg, plan, steps_taken, trainable_parameters(model))
+    record = privacy_record(cfg, plan, steps_taken, trainable_parameters(model))
     with distributed.shared_section("writing the model and privacy.json"):  # every rank returns once they are written
         if main:
             card = {**model_card(model_name, cfg, notes), "precision": precision.record()}

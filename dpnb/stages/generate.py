@@ -28,7 +28,6 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from dpnb.composition import Mechanism
 from dpnb.config import GenerateConfig
 from dpnb.data.prompts import PromptFormat
 from dpnb.data.textstats import plot_length_histograms
@@ -51,7 +50,8 @@ from dpnb.generation.sampling import (
 from dpnb.io import read_json, save_figure, write_json_atomic
 from dpnb.models import load_base_model, load_tokenizer, load_trained, release_memory, resolve_device
 from dpnb.precision import Precision, choose
-from dpnb.privacy import default_delta
+from dpnb.privacy.accounting import default_delta
+from dpnb.privacy.composition import Mechanism
 from dpnb.rundir import RunDir, shared_store
 from dpnb.stages.prepare import load_prepared
 

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dpnb import privacy
 from dpnb.errors import DpnbError
 from dpnb.io import DamagedFile, load_torch_verified, save_torch_atomic
+from dpnb.privacy import accounting
 from dpnb.rundir import config_fingerprint  # the checkpoint's path is RunDir.checkpoint
 from dpnb.training import distributed
 
@@ -121,7 +121,7 @@ def save_checkpoint(path: Path, session: Session, position: Position, identity: 
             "format": CHECKPOINT_FORMAT, "identity": identity, "position": dataclasses.asdict(position),
             "log_length": log_length, "wall_s": wall_s, "trainable": trainable_state(session.trainable),
             "optimizer": session.adamw.state_dict(), "scheduler": session.scheduler.state_dict(),
-            "accountant": privacy.accountant_history(session.engine.accountant) if session.engine else None,
+            "accountant": accounting.accountant_history(session.engine.accountant) if session.engine else None,
             "rng": every_rank_rngs[0], "world_size": distributed.world_size(),
             "rank_rngs": every_rank_rngs if distributed.is_distributed() else None,
         }

@@ -294,7 +294,7 @@ class EveryStepSampler(DistributedUniformWithReplacementSampler):
 
 def every_step_loader(loader: DataLoader, generator: torch.Generator, dataset: Any) -> DataLoader:
     """`loader` (make_private's distributed DPDataLoader) with `EveryStepSampler` at the same q, over `dataset`
-    (the records there are: the plan may be made for more, `dpnb.training.dpsgd.plan_training`)."""
+    (the records there are: the plan may be made for more, `dpnb.training.plan.plan_training`)."""
     sampler = loader.batch_sampler
     require(isinstance(sampler, DistributedUniformWithReplacementSampler),
             "Opacus did not build a distributed Poisson sampler for this model (internal error)")

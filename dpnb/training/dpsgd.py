@@ -16,7 +16,7 @@ One logical (noise-adding) step of DP-SGD on N records, as Opacus runs it here:
 
 sigma (the noise multiplier) is fixed before training, calibrated so that the accountant (PRV or
 RDP, `dpnb.privacy`) reports the target epsilon after exactly the T steps the loop will take at
-exactly this q (`plan_training`).
+exactly this q (`dpnb.training.plan`).
 
 The logical batch is cut into physical batches (what fits in memory) by Opacus's
 `BatchMemoryManager`, which tells the optimizer which physical batch ends a logical one: only that
@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import hashlib
 import math
 import random
@@ -63,13 +62,14 @@ from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
-from dpnb import privacy
 from dpnb.errors import DpnbError, require
 from dpnb.io import DamagedFile
 from dpnb.models import quiet_transformers
 from dpnb.precision import Precision, choose
+from dpnb.privacy import accounting
 from dpnb.training import distributed
 from dpnb.training.head_loss import FrozenHeadLoss
+from dpnb.training.plan import TrainingPlan
 from dpnb.training.prefix_cache import (
     CACHE_FILE,
     PrefixCache,
@@ -201,77 +201,7 @@ class SequenceLoss:
         return losses.sum() if self.reduction == "sum" else losses.mean()
 
 
-# =========================================================================== the plan
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """What the loop will do, fixed before it starts: the numbers the privacy guarantee is made of.
-
-    `plan_size` is the N that q, the steps, delta, sigma and the divisor E were planned for;
-    `dataset_size` the records actually sampled from. They are equal except for the audit's twins,
-    planned for every canary inserted so that their mechanism does not depend on the coins.
-    """
-
-    dp: bool
-    dataset_size: int  # records the Poisson sampler draws from
-    plan_size: int  # the N the plan below is made for (>= dataset_size)
-    logical_batch_size: int
-    physical_batch_size: int
-    sample_rate: float  # q = 1 / ceil(plan_size / B), the Poisson sampling probability of each record at each step
-    expected_batch_size: float  # dataset_size * q, the mean number of records in a logical batch
-    steps_per_epoch: int
-    steps: int  # logical steps the loop takes
-    delta: float | None
-    noise_multiplier: float | None  # sigma; None without DP
-    accountant: str
-    target_epsilon: float | None
-
-    @property
-    def divisor(self) -> int:
-        """E = int(plan_size q): the public constant the noisy sum is divided by (Opacus's expected_batch_size)."""
-        return int(self.plan_size * self.sample_rate)
-
-
-@functools.lru_cache(maxsize=64)
-def _calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """`privacy.calibrate_noise`, remembered: a resumed or repeated run in one process asks it again."""
-    return privacy.calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
-
-
-def plan_training(cfg: FinetuneConfig, dataset_size: int, plan_size: int | None = None) -> TrainingPlan:
-    """Check the N-dependent parameters and calibrate sigma for exactly the steps the loop will take.
-
-    The plan is made for N = `plan_size` (default: `dataset_size`): q = 1 / ceil(N / B), the steps,
-    delta (default 1 / N^1.1, and below 1/N) and sigma; E = int(N q). Training then samples the
-    `dataset_size` <= N records it has at exactly that q, for those steps, divided by that E, and the
-    accountant is fed that q: the guarantee of the Poisson-subsampled Gaussian mechanism depends on
-    (q, sigma, T, delta) and on no data set size, and delta < 1/N <= 1/dataset_size.
-
-    Refused here, before any model is loaded: a logical batch larger than N, a delta not below 1/N,
-    and a logical batch size whose batch count Opacus's float arithmetic would turn into another
-    step count and sampling rate (`privacy.opacus_counts_epoch`: k = 93, 99, 105, ...; the message
-    names the nearest sizes that work; nothing is adjusted silently).
-    """
-    n, batch = dataset_size, cfg.logical_batch_size
-    require(n > 0, "the training set is empty; prepare some records first")
-    planned = n if plan_size is None else plan_size
-    require(planned >= n, f"the plan is made for {planned} records but the training set has {n}; plan for at least {n}")
-    require(batch <= planned, f"finetune.logical_batch_size ({batch}) is larger than the training set ({planned} "
-                              f"records); make it at most {planned}")
-    sample_rate = privacy.poisson_sample_rate(planned, batch)
-    per_epoch = privacy.steps_per_epoch(planned, batch)
-    steps = privacy.planned_steps(planned, batch, cfg.epochs, cfg.max_steps)
-    delta = sigma = None
-    if cfg.dp:
-        delta = cfg.delta if cfg.delta is not None else privacy.default_delta(planned)
-        privacy.validate_delta(delta, planned)
-        sigma = _calibrate_noise(cfg.target_epsilon, delta, sample_rate, steps, cfg.accountant)
-    return TrainingPlan(dp=cfg.dp, dataset_size=n, plan_size=planned, logical_batch_size=batch,
-                        physical_batch_size=cfg.physical_batch_size, sample_rate=sample_rate,
-                        expected_batch_size=n * sample_rate, steps_per_epoch=per_epoch, steps=steps, delta=delta,
-                        noise_multiplier=sigma, accountant=cfg.accountant,
-                        target_epsilon=cfg.target_epsilon if cfg.dp else None)
+# =========================================================================== the session
 
 
 class _RecordIndices:
@@ -561,7 +491,7 @@ def make_session(model: nn.Module, cfg: FinetuneConfig, plan: TrainingPlan, devi
         with quiet_transformers():
             engine = PrivacyEngine(accountant=cfg.accountant)
             if accountant_history:
-                engine.accountant = privacy.restore_accountant(cfg.accountant, accountant_history)
+                engine.accountant = accounting.restore_accountant(cfg.accountant, accountant_history)
             wrapped = engine.make_private(
                 module=stepped, optimizer=adamw, data_loader=plain, noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, loss_reduction="mean",
@@ -615,7 +545,7 @@ def require_dp_when_distributed(cfg: FinetuneConfig) -> None:
 
 def accounted_steps(session: Session, plan: TrainingPlan) -> int:
     """The noise-adding steps the accountant has counted, after checking each was taken at the planned sigma and q."""
-    history = privacy.accountant_history(session.engine.accountant)
+    history = accounting.accountant_history(session.engine.accountant)
     for sigma, rate, _ in history:
         if not (math.isclose(sigma, plan.noise_multiplier) and math.isclose(rate, plan.sample_rate)):
             raise RuntimeError(f"the accountant saw steps at sigma={sigma}, q={rate}; the plan has "

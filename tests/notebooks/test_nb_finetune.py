@@ -6,7 +6,8 @@ import json
 
 from testkit import execute_notebook, nbval_check
 
-from dpnb import independent_accounting, privacy
+from dpnb.privacy import independent_accounting
+from dpnb.privacy import guarantee
 from dpnb.config import PrepareConfig
 from dpnb.rundir import RunDir
 from dpnb.stages import prepare
@@ -23,7 +24,7 @@ def test_finetune_notebook(tmp_path, toy_data_dir, monkeypatch):
 
     record = json.loads(run.privacy.read_text())
     assert record["steps"] == 3 and record["mode"] == "lora" and record["dataset_size"] == 40
-    privacy.verify_privacy(record)
+    guarantee.verify_privacy(record)
     assert independent_accounting.cross_check(record)["agrees"]
     cells = json.loads(executed.read_text())["cells"]
     checked = next(cell for cell in cells if "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT"))

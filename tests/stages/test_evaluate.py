@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from testkit import LONG_REVIEW, TINY_EVALUATE, build_run, toy_reviews
 
-from dpnb import privacy
 from dpnb.config import EvaluateConfig, GenerateConfig, build
 from dpnb.errors import DpnbError
 from dpnb.evaluation import classifier, embeddings, memorisation
 from dpnb.io import write_json_atomic
 from dpnb.models import load_tokenizer
+from dpnb.privacy import guarantee
 from dpnb.rundir import SHARED_STORE_ENV
 from dpnb.stages import evaluate, report
 
@@ -138,7 +138,7 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     assert direct["n_train"] == 32 and direct["n_test"] == 20 and direct["epsilon"] <= 8.0
     saved_privacy = json.loads((run.dp_classifier / "privacy.json").read_text())
     assert saved_privacy == direct["privacy"]
-    privacy.verify_privacy(saved_privacy)
+    guarantee.verify_privacy(saved_privacy)
     real, synthetic, zero_shot = metrics["real"], metrics["synthetic"], metrics["zero_shot"]
     assert (real["n_train"], real["n_test"], synthetic["n_train"], zero_shot["n_train"]) == (32, 20, 16, 4)
     assert real["trained"] and synthetic["trained"] and real["f1_average"] == "binary"

@@ -18,10 +18,8 @@ from opacus.optimizers.optimizer import DPOptimizer
 from safetensors.torch import load_file
 from testkit import toy_reviews
 
-from dpnb import privacy
 from dpnb.config import FinetuneConfig
 from dpnb.errors import DpnbError
-from dpnb.independent_accounting import cross_check
 from dpnb.models import (
     MODEL_CARD,
     build_model,
@@ -32,10 +30,13 @@ from dpnb.models import (
     load_trained,
     quiet_transformers,
 )
+from dpnb.privacy import accounting, guarantee
+from dpnb.privacy.independent_accounting import cross_check
 from dpnb.rundir import CHECKPOINT_FILE
 from dpnb.stages import finetune
 from dpnb.training import dpsgd
 from dpnb.training.checkpoints import TrainingInterrupted
+from dpnb.training.plan import TrainingPlan, plan_training
 
 LABELS = ("negative", "positive")
 
@@ -115,10 +116,10 @@ def test_a_records_loss_does_not_depend_on_its_batch(arch, toy, tokenizer):
 # --------------------------------------------------------------------------- clipping and noise
 
 
-def fixed_noise_plan(cfg: FinetuneConfig, n: int, sigma: float) -> dpsgd.TrainingPlan:
+def fixed_noise_plan(cfg: FinetuneConfig, n: int, sigma: float) -> TrainingPlan:
     """The run's plan with a chosen noise multiplier (skips calibrating one: these tests take one step)."""
-    plan = dpsgd.plan_training(dataclasses.replace(cfg, dp=False), n)
-    return dataclasses.replace(plan, dp=True, noise_multiplier=sigma, delta=privacy.default_delta(n))
+    plan = plan_training(dataclasses.replace(cfg, dp=False), n)
+    return dataclasses.replace(plan, dp=True, noise_multiplier=sigma, delta=accounting.default_delta(n))
 
 
 def clipped_sum_by_brute_force(model, records, indices, pad_id, clip):
@@ -178,7 +179,7 @@ def test_dp_gradient_is_the_clipped_sum_over_the_expected_batch(arch, mode, grad
         torch.testing.assert_close(p.grad * divisor, clipped_sum, rtol=1e-3, atol=1e-8)
     total = torch.sqrt(sum((p.grad**2).sum() for p in trainable)) * divisor
     assert float(total) <= len(indices) * clip * (1 + 1e-5)  # each record contributes at most C
-    assert privacy.accountant_history(session.engine.accountant) == [(0.0, 0.25, 1)]
+    assert accounting.accountant_history(session.engine.accountant) == [(0.0, 0.25, 1)]
 
 
 def test_dp_noise_is_gaussian_with_std_sigma_times_clip(toy, tokenizer):
@@ -192,7 +193,7 @@ def test_dp_noise_is_gaussian_with_std_sigma_times_clip(toy, tokenizer):
     # 3.2 million coordinates: the sample std is within a fraction of a percent of sigma * C
     assert abs(float(noise.std()) / (sigma * clip) - 1) < 0.01
     assert abs(float(noise.mean())) < 5 * sigma * clip / math.sqrt(noise.numel())
-    assert privacy.accountant_history(session.engine.accountant) == [(sigma, 0.25, 1)]
+    assert accounting.accountant_history(session.engine.accountant) == [(sigma, 0.25, 1)]
 
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -201,7 +202,7 @@ def test_without_dp_the_gradient_is_the_plain_mean_over_the_logical_batch(toy, t
     model, _ = build_model("tiny-llama", cfg, "cpu")
     reference = copy.deepcopy(model)
     records = dpsgd.Records.from_dataset(toy)
-    session = dpsgd.make_session(model, cfg, dpsgd.plan_training(cfg, len(records)), "cpu")
+    session = dpsgd.make_session(model, cfg, plan_training(cfg, len(records)), "cpu")
     assert session.engine is None
     session.adamw.step = lambda: None  # keep the accumulated gradient for inspection
     session.adamw.zero_grad = lambda set_to_none=True: None
@@ -232,7 +233,7 @@ def test_training_lowers_the_loss_without_and_with_dp(toy, tokenizer, tmp_path):
         if not dp:
             assert record["epsilon"] is None and record["noise_multiplier"] is None and record["dp"] is False
             assert all(r["epsilon"] is None for r in log)
-            privacy.verify_privacy(record)  # a non-DP record must not claim an epsilon
+            guarantee.verify_privacy(record)  # a non-DP record must not claim an epsilon
             continue
         # the guarantee: at most the target, close to it, for the q, T and delta the run really has
         # (closed forms: q = 1/ceil(32/8), 6 steps, delta = 32^-1.1), as Google's dp_accounting computes it
@@ -419,9 +420,9 @@ def test_a_plan_made_for_more_records_runs_on_the_records_there_are(toy, tokeniz
     records there are: the loader draws those 32 at q, the optimizer divides by E, the accountant counts q,
     and privacy.json states that mechanism."""
     cfg = config(max_steps=3)
-    plan = dpsgd.plan_training(cfg, 32, 40)
+    plan = plan_training(cfg, 32, 40)
     assert (plan.dataset_size, plan.plan_size, plan.sample_rate, plan.divisor) == (32, 40, 1 / 5, 8)
-    assert plan.expected_batch_size == 32 / 5 and plan.delta == privacy.default_delta(40) and plan.steps == 3
+    assert plan.expected_batch_size == 32 / 5 and plan.delta == accounting.default_delta(40) and plan.steps == 3
     with quiet_transformers():
         model, _ = build_model("tiny-llama", cfg, "cpu")
     session = dpsgd.make_session(model, cfg, plan, "cpu")
@@ -436,9 +437,9 @@ def test_a_plan_made_for_more_records_runs_on_the_records_there_are(toy, tokeniz
     assert (record["dataset_size"], record["planned_dataset_size"], record["sample_rate"], record["divisor"]) == \
         (32, 40, 1 / 5, 8)
     assert (record["delta"], record["noise_multiplier"], record["steps"]) == (plan.delta, plan.noise_multiplier, 3)
-    privacy.verify_privacy(record)
+    guarantee.verify_privacy(record)
     with pytest.raises(DpnbError, match="plan for at least 32"):
-        dpsgd.plan_training(cfg, 32, 31)
+        plan_training(cfg, 32, 31)
 
 
 # --------------------------------------------------------------------------- bad parameters

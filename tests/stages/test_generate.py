@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from dpnb import privacy
 from dpnb.config import GenerateConfig
 from dpnb.data.prompts import PromptFormat
 from dpnb.errors import DpnbError
@@ -32,7 +31,8 @@ from dpnb.generation.sampling import (
 )
 from dpnb.io import read_json
 from dpnb.models import load_causal_lm, load_tokenizer
-from dpnb.privacy import round_up
+from dpnb.privacy import guarantee
+from dpnb.privacy.guarantee import round_up
 from dpnb.stages import generate
 
 LABELS = ("negative", "positive")
@@ -360,7 +360,7 @@ def test_run_stage_writes_a_private_evolution_set_with_its_guarantee(prepared, t
     assert set(data["text"]) <= set(pool)  # selected from the pool: one vote, no variations
     record = read_json(run.pe / "privacy.json")
     assert record["dp"] and record["steps"] == 1 and record["sample_rate"] == 1.0 and record["epsilon"] <= 4.0
-    privacy.verify_privacy(record)
+    guarantee.verify_privacy(record)
     card = (run.pe / "README.md").read_text()
     assert "Private Evolution" in card and "ε = 4.00" in card
     histograms = read_json(run.pe_private / "histograms.json")
@@ -380,7 +380,7 @@ def test_private_evolution_from_the_finetuned_model_composes_both_budgets(prepar
     names = [m["name"] for m in record["mechanisms"]]
     assert names == ["DP-SGD fine-tuning", "DP classifier that labels the pool", "Private Evolution votes"]
     assert 7.9 <= record["epsilon"] <= 8.0 and record["mechanisms"][2]["steps"] == 2
-    privacy.verify_privacy(record)
+    guarantee.verify_privacy(record)
     assert len(summary["pe"]["evolution"]["iterations"]) == 2
     # at most n_per_label of each label: a label the DP classifier gave few samples keeps fewer
     assert all(n <= 2 for n in summary["pe"]["kept"].values()) and summary["pe"]["kept_total"] == len(

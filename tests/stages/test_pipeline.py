@@ -8,9 +8,10 @@ import math
 import pytest
 from testkit import tiny_config, write_config
 
-from dpnb import independent_accounting, pipeline, privacy
+from dpnb import pipeline
 from dpnb.errors import DpnbError
 from dpnb.io import read_json, read_jsonl
+from dpnb.privacy import guarantee, independent_accounting
 from dpnb.registry import STAGES
 from dpnb.rundir import RunDir
 from dpnb.sweep import run_sweep
@@ -26,7 +27,7 @@ def test_whole_pipeline_skip_refuse_force(tmp_path, toy_data_dir, capsys):
         assert (run.notebooks / STAGES[stage].notebook).exists()  # executed notebooks are kept
     record = read_json(run.privacy)
     assert record["dp"] is True and 0 < record["epsilon"] <= 8
-    privacy.verify_privacy(record)  # Opacus recomputes the saved epsilon
+    guarantee.verify_privacy(record)  # Opacus recomputes the saved epsilon
     assert independent_accounting.cross_check(record)["agrees"]  # and so does Google's dp-accounting
     log = read_jsonl(run.train_log)
     assert log[0]["step"] == 0 and log[0]["epsilon"] == 0

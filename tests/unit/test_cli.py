@@ -111,10 +111,10 @@ def test_report_builds_the_papers_table_from_run_files(tmp_path):
 
 def test_verify_recomputes_with_two_accountant_libraries_and_catches_a_wrong_step_count(tmp_path, capsys,
                                                                                         monkeypatch):
-    from dpnb import privacy
+    from dpnb.privacy import accounting, guarantee
 
     run = RunDir(tmp_path / "run")
-    record = {"dp": True, "dp_release": True, **privacy.privacy_fields(0.4971, 0.125, 8, 1.05e-3, "prv")}
+    record = {"dp": True, "dp_release": True, **guarantee.privacy_fields(0.4971, 0.125, 8, 1.05e-3, "prv")}
     write_json_atomic(run.privacy, record)
     assert cli.main(["verify", str(run.path)]) == 0
     printed = capsys.readouterr().out
@@ -124,16 +124,16 @@ def test_verify_recomputes_with_two_accountant_libraries_and_catches_a_wrong_ste
     assert cli.main(["verify", str(run.path)]) != 0
     # ... and a bug in the primary accounting path (here: epsilon 20% low, consistently in the record and in
     # the recomputation) passes Opacus's own check but is caught by the independent library
-    buggy = privacy.epsilon_spent
+    buggy = accounting.epsilon_spent
 
     def under_counting(*args, **kwargs):
         return 0.8 * buggy(*args, **kwargs)
 
-    monkeypatch.setattr(privacy, "epsilon_spent", under_counting)
-    low = {**record, **privacy.privacy_fields(0.4971, 0.125, 8, 1.05e-3, "prv")}
+    monkeypatch.setattr(accounting, "epsilon_spent", under_counting)
+    low = {**record, **guarantee.privacy_fields(0.4971, 0.125, 8, 1.05e-3, "prv")}
     assert low["epsilon"] < 0.81 * record["epsilon"]
     write_json_atomic(run.privacy, low)
-    privacy.verify_privacy(low)  # the buggy path agrees with itself
+    guarantee.verify_privacy(low)  # the buggy path agrees with itself
     assert cli.main(["verify", str(run.path)]) != 0
     assert "UNDER-CLAIM" in capsys.readouterr().err
 
@@ -211,15 +211,15 @@ def test_a_sweep_under_torchrun_is_refused_with_the_way_to_do_it(tmp_path, monke
 def test_verify_covers_every_record_of_the_run(tmp_path, capsys):
     """The fine-tuning, the Private Evolution set (composed with the fine-tuning) and the direct DP classifier:
     each is recomputed and cross-checked; one edited record fails the whole verification."""
-    from dpnb import composition, privacy
+    from dpnb.privacy import composition, guarantee
 
     run = RunDir(tmp_path / "run")
-    tuning = {"dp": True, **privacy.privacy_fields(0.9, 0.125, 16, 1e-4, "prv")}
+    tuning = {"dp": True, **guarantee.privacy_fields(0.9, 0.125, 16, 1e-4, "prv")}
     mechanisms = [composition.Mechanism("DP-SGD fine-tuning", 0.9, 0.125, 16),
                   composition.Mechanism("Private Evolution votes", 3.0, 1.0, 1)]
     write_json_atomic(run.privacy, tuning)
     write_json_atomic(run.pe / "privacy.json", composition.composed_record(mechanisms, 1e-4))
-    write_json_atomic(run.dp_classifier / "privacy.json", {"dp": True, **privacy.privacy_fields(2.0, 0.25, 40, 1e-4,
+    write_json_atomic(run.dp_classifier / "privacy.json", {"dp": True, **guarantee.privacy_fields(2.0, 0.25, 40, 1e-4,
                                                                                                  "prv")})
     assert cli.main(["verify", str(run.path)]) == 0
     printed = capsys.readouterr().out

@@ -45,15 +45,17 @@ from safetensors.torch import load_file
 from testkit import EOS, PAD, VOCAB, as_dataset, small_records, toy_reviews, write_csv
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dpnb import pipeline, privacy, registry
+from dpnb import pipeline, registry
 from dpnb.config import FinetuneConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import read_json, read_jsonl
 from dpnb.models import build_model, load_tokenizer, quiet_transformers
+from dpnb.privacy import accounting, guarantee
 from dpnb.rundir import RunDir
 from dpnb.stages import finetune
 from dpnb.training import distributed, dpsgd
 from dpnb.training.checkpoints import TrainingInterrupted
+from dpnb.training.plan import plan_training
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden"),
@@ -114,8 +116,8 @@ def session_steps(case: str, sigma: float, steps: int) -> dict[str, Any]:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
-    plan = dataclasses.replace(dpsgd.plan_training(dataclasses.replace(cfg, dp=False), len(records)), dp=True,
-                               noise_multiplier=sigma, delta=privacy.default_delta(len(records)))
+    plan = dataclasses.replace(plan_training(dataclasses.replace(cfg, dp=False), len(records)), dp=True,
+                               noise_multiplier=sigma, delta=accounting.default_delta(len(records)))
     assert plan.sample_rate == 1.0
     prefix = dpsgd.frozen_prefix(model, records, cfg, PAD, "cpu")[0]
     assert (prefix is not None) == (case == "lora-top-cached")
@@ -143,7 +145,7 @@ def session_steps(case: str, sigma: float, steps: int) -> dict[str, Any]:
         DPOptimizer.add_noise = add_noise
     return {"grads": grads, "weights": {k: p.detach().clone() for k, p in params.items()},
             "results": [(r.loss, r.batch_size) for r in results], "noise_draws": len(noise_draws),
-            "history": privacy.accountant_history(session.engine.accountant),
+            "history": accounting.accountant_history(session.engine.accountant),
             "divisor": session.optimizer.expected_batch_size}
 
 
@@ -358,7 +360,7 @@ def test_epsilon_is_the_single_process_epsilon(runs, tmp_path):
     assert {k: v for k, v in distributed_record.items() if k not in ignored} == \
         {k: v for k, v in single_record.items() if k not in ignored}
     assert distributed_record["steps"] == 8 and distributed_record["sample_rate"] == 1 / 6
-    privacy.verify_privacy(distributed_record)
+    guarantee.verify_privacy(distributed_record)
     log, single_log = read_jsonl(whole.train_log), read_jsonl(single.train_log)
     assert [r["step"] for r in log] == list(range(9))  # one line per step: only rank 0 writes
     assert [r["epsilon"] for r in log] == [r["epsilon"] for r in single_log]

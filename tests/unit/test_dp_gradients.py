@@ -50,14 +50,15 @@ from scipy import stats
 from testkit import EOS, PAD, VOCAB, as_dataset, small_records, toy_reviews
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from dpnb import privacy
 from dpnb.config import AuditConfig, FinetuneConfig
 from dpnb.config import build as build_config
 from dpnb.errors import DpnbError
-from dpnb.independent_accounting import cross_check, google_epsilons
 from dpnb.models import build_model, is_quantized_4bit, load_causal_lm, load_tokenizer, quiet_transformers
+from dpnb.privacy import accounting
+from dpnb.privacy.independent_accounting import cross_check, google_epsilons
 from dpnb.stages import audit, finetune
 from dpnb.training import dpsgd
+from dpnb.training.plan import TrainingPlan, plan_training
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden"),  # the capture below
@@ -133,10 +134,10 @@ def build(arch: str, cfg: FinetuneConfig, saved_bases: dict[str, str] | None = N
     return model, notes
 
 
-def fixed_noise_plan(cfg: FinetuneConfig, n: int, sigma: float) -> dpsgd.TrainingPlan:
+def fixed_noise_plan(cfg: FinetuneConfig, n: int, sigma: float) -> TrainingPlan:
     """The run's plan with a chosen noise multiplier (no calibration: these tests take a step or two)."""
-    plan = dpsgd.plan_training(dataclasses.replace(cfg, dp=False), n)
-    return dataclasses.replace(plan, dp=True, noise_multiplier=sigma, delta=privacy.default_delta(n))
+    plan = plan_training(dataclasses.replace(cfg, dp=False), n)
+    return dataclasses.replace(plan, dp=True, noise_multiplier=sigma, delta=accounting.default_delta(n))
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -256,7 +257,7 @@ def test_update_is_the_clipped_sum_of_per_record_gradients_over_the_expected_bat
     assert divisor == int(len(records) * plan.sample_rate) == 6  # the public E, not the drawn |B|
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert_update_is_clipped_sum(steps, grads, norms, clip, divisor, torch.float32)
-    assert privacy.accountant_history(session.engine.accountant) == [(0.0, plan.sample_rate, 2)]
+    assert accounting.accountant_history(session.engine.accountant) == [(0.0, plan.sample_rate, 2)]
     if grad_sample_mode == "ghost" and mode == "full":
         assert any("untied" in note for note in notes)
 
@@ -520,7 +521,7 @@ def test_noise_has_std_sigma_clip_over_expected_batch(kind, monkeypatch):
     signal = clipped_sum(grads, norms, steps.drawn(0), clip)
     noise = torch.cat([(steps.updates[0][k].double() * divisor - signal[k]).reshape(-1) for k in signal])
     assert_gaussian(noise, sigma * clip)  # i.e. the update's noise has std sigma * C / E per coordinate
-    assert privacy.accountant_history(session.engine.accountant) == [(sigma, plan.sample_rate, 1)]
+    assert accounting.accountant_history(session.engine.accountant) == [(sigma, plan.sample_rate, 1)]
 
 
 @pytest.mark.parametrize("kind", ["ghost-full", "hooks-lora"])
@@ -542,7 +543,7 @@ def test_a_logical_batch_without_records_adds_noise_and_counts_as_a_step(kind, m
     divisor = session.optimizer.expected_batch_size
     assert divisor == 1
     assert_gaussian(update * divisor, sigma * clip)
-    assert privacy.accountant_history(session.engine.accountant) == [(sigma, 1 / 16, taken)]
+    assert accounting.accountant_history(session.engine.accountant) == [(sigma, 1 / 16, taken)]
     assert dpsgd.accounted_steps(session, plan) == taken
 
 

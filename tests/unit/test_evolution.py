@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpnb import independent_accounting, privacy
 from dpnb.generation import evolution
+from dpnb.privacy import accounting, guarantee, independent_accounting
 
 
 def unit_rows(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -61,10 +61,10 @@ def test_noise_has_std_sigma():
 @pytest.mark.parametrize(("target", "iterations"), [(8.0, 1), (8.0, 3), (1.0, 2)])
 def test_the_plan_spends_the_target_and_google_agrees(target, iterations):
     plan = evolution.plan_evolution(iterations, 4, target, None, dataset_size=1024)
-    assert plan.delta == pytest.approx(privacy.default_delta(1024))
-    epsilon = privacy.epsilon_spent(plan.noise_multiplier, 1.0, iterations, plan.delta, "prv")
+    assert plan.delta == pytest.approx(accounting.default_delta(1024))
+    epsilon = accounting.epsilon_spent(plan.noise_multiplier, 1.0, iterations, plan.delta, "prv")
     assert target - 0.02 <= epsilon <= target
-    record = privacy.privacy_fields(plan.noise_multiplier, 1.0, iterations, plan.delta, "prv")
+    record = guarantee.privacy_fields(plan.noise_multiplier, 1.0, iterations, plan.delta, "prv")
     check = independent_accounting.cross_check({**record, "dp": True})
     assert check["google_pld"] == pytest.approx(epsilon, abs=0.05)
     assert plan.history == [(plan.noise_multiplier, 1.0, iterations)]

@@ -14,8 +14,9 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from dpnb.errors import DpnbError
-from dpnb.independent_accounting import DEFAULT_SLACK, MIN_SLACK, cross_check, google_epsilons
-from dpnb.privacy import calibrate_noise, epsilon_spent, privacy_fields
+from dpnb.privacy.accounting import calibrate_noise, epsilon_spent
+from dpnb.privacy.guarantee import privacy_fields
+from dpnb.privacy.independent_accounting import DEFAULT_SLACK, MIN_SLACK, cross_check, google_epsilons
 
 DEMO = {"noise_multiplier": 0.4971, "sample_rate": 0.125, "steps": 8, "delta": 1.05e-3}
 PAPER_N = 25_000

@@ -66,7 +66,7 @@ number of the same kind: PLD for a PRV claim, RDP for an RDP claim. With toleran
    count that was not the one accounted for).
 
 Why 2% and 0.02: over the grid (q in {0.004, 0.04, 0.125}, T in {8, 125, 1000}, sigma calibrated
-with RDP to epsilon 1, 3, 8, delta = 1e-5; `python -m dpnb.independent_accounting` prints it),
+with RDP to epsilon 1, 3, 8, delta = 1e-5; `python -m dpnb.privacy.independent_accounting` prints it),
 Opacus PRV minus Google PLD was +0.008 to +0.011 in epsilon: an absolute gap (PRV reports the upper
 end of its 0.01-wide interval; PLD is within 1.6e-3 of its limit), 0.14% at epsilon ~7 but
 5.5% at epsilon 0.18, hence the absolute floor `MIN_SLACK = 0.02`. Opacus RDP and Google RDP
@@ -94,7 +94,7 @@ import dp_accounting
 from dp_accounting import pld, rdp
 
 from dpnb.errors import DpnbError, require
-from dpnb.privacy import calibrate_noise, epsilon_spent
+from dpnb.privacy.accounting import calibrate_noise, epsilon_spent
 
 PLD_DISCRETIZATION = 1e-3  # PLD grid spacing in privacy loss up to PLD_REFERENCE_STEPS; pessimistic
 PLD_REFERENCE_STEPS = 1000  # beyond it the spacing shrinks as 1/sqrt(T): the error grows as spacing^2 * T
@@ -150,7 +150,7 @@ def google_epsilons(noise_multiplier: float, sample_rate: float, steps: int, del
 
 
 def google_epsilons_of(history: list[tuple[float, float, int]], delta: float) -> dict[str, Any]:
-    """`google_epsilons` of several mechanisms composed (`dpnb.composition`): one ComposedDpEvent of each
+    """`google_epsilons` of several mechanisms composed (`dpnb.privacy.composition`): one ComposedDpEvent of each
     (sigma, q, steps)'s self-composed Poisson-subsampled Gaussian event, PLD at the total step count's spacing."""
     for sigma, rate, count in history:
         _check_settings(sigma, rate, count, delta)
@@ -331,7 +331,7 @@ def comparison_table(qs: tuple[float, ...] = (0.004, 0.04, 0.125), step_counts: 
                      target_epsilons: tuple[float, ...] = (1.0, 3.0, 8.0), delta: float = 1e-5) -> list[dict[str, Any]]:
     """Opacus PRV/RDP against Google PLD/RDP over a grid, with timings (slow: 1-2 minutes; not for tests).
 
-    sigma is calibrated with Opacus's RDP (`dpnb.privacy.calibrate_noise(..., "rdp")`) so that RDP's
+    sigma is calibrated with Opacus's RDP (`dpnb.privacy.accounting.calibrate_noise(..., "rdp")`) so that RDP's
     epsilon is the target; PLD and PRV then come out 10-50% lower. Settings where PRV would need too
     large a grid report PRV as None.
     """
@@ -391,5 +391,5 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m dpnb.independent_accounting: the grid behind DEFAULT_SLACK
+if __name__ == "__main__":  # python -m dpnb.privacy.independent_accounting: the grid behind DEFAULT_SLACK
     print(format_table(comparison_table()))

@@ -13,8 +13,8 @@ steps of one run, and give a far smaller epsilon than adding the two epsilons (b
 valid, looser). `calibrate_last` finds the noise of the last mechanism so that the whole history spends
 exactly a total target: "PE spends what fine-tuning left of the budget".
 
-A record (`composed_record`) lists every mechanism; `dpnb.privacy.recompute_epsilon` and `dpnb verify`
-(with Google's dp-accounting, `dpnb.independent_accounting`) recompute its epsilon from that list.
+A record (`composed_record`) lists every mechanism; `dpnb.privacy.guarantee.recompute_epsilon` and `dpnb verify`
+(with Google's dp-accounting, `dpnb.privacy.independent_accounting`) recompute its epsilon from that list.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dpnb import privacy
 from dpnb.errors import DpnbError, require
+from dpnb.privacy import accounting
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,15 @@ def epsilon_of(mechanisms: Sequence[Mechanism], delta: float, accountant: str = 
     require(len(mechanisms) > 0, "there is no mechanism to compose")
     if check:
         for m in mechanisms:
-            privacy._check_mechanism(m.noise_multiplier, m.sample_rate, m.steps, delta, accountant)
+            accounting.check_mechanism(m.noise_multiplier, m.sample_rate, m.steps, delta, accountant)
             if accountant == "prv" and m.steps:
-                privacy.check_prv_feasible(m.noise_multiplier, m.sample_rate, m.steps, delta)
+                accounting.check_prv_feasible(m.noise_multiplier, m.sample_rate, m.steps, delta)
     history = [m.step for m in mechanisms if m.steps > 0]
     if not history:
         return 0.0
-    acc = privacy.new_accountant(accountant)
+    acc = accounting.new_accountant(accountant)
     acc.history = history
-    return privacy._accountant_epsilon(acc, delta)
+    return accounting.accountant_epsilon(acc, delta)
 
 
 def calibrate_last(target_epsilon: float, delta: float, spent: Sequence[Mechanism], name: str, sample_rate: float,
@@ -80,7 +80,7 @@ def calibrate_last(target_epsilon: float, delta: float, spent: Sequence[Mechanis
     require(already < target_epsilon,
             f"the mechanisms before {name} already spend epsilon {already:.3f} of the total {target_epsilon:g}: "
             f"raise the total, or give them less")
-    tolerance = privacy._epsilon_tolerance(target_epsilon, accountant)
+    tolerance = accounting.epsilon_tolerance(target_epsilon, accountant)
 
     def excess(log_sigma: float) -> tuple[float, float]:  # (log epsilon - log target, epsilon)
         mechanism = Mechanism(name, math.exp(log_sigma), sample_rate, steps)
@@ -90,7 +90,7 @@ def calibrate_last(target_epsilon: float, delta: float, spent: Sequence[Mechanis
     high = 1.0
     while (f_high := excess(math.log(high)))[0] > 0:
         high *= 2
-        require(high <= privacy.MAX_NOISE_MULTIPLIER, f"a total epsilon of {target_epsilon:g} is out of reach")
+        require(high <= accounting.MAX_NOISE_MULTIPLIER, f"a total epsilon of {target_epsilon:g} is out of reach")
     low = high / 2
     while (f_low := excess(math.log(low)))[0] <= 0:
         high, f_high, low = low, f_low, low / 2
@@ -115,7 +115,7 @@ def composed_record(mechanisms: Sequence[Mechanism], delta: float, accountant: s
     """privacy.json's accounting fields for the composition: epsilon by each accountant, and every mechanism."""
     epsilon = epsilon_of(mechanisms, delta, accountant)
     epsilons = {accountant: epsilon}
-    for other in privacy.ACCOUNTANTS:
+    for other in accounting.ACCOUNTANTS:
         if other != accountant:
             try:
                 epsilons[other] = epsilon_of(mechanisms, delta, other)

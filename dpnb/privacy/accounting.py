@@ -1,5 +1,8 @@
-"""How much privacy a DP-SGD run spends (sampling rate, step counts, noise calibration, accounting),
-and privacy.json, the record that states it: written, recomputed, verified, checked and displayed here.
+"""How much privacy a DP-SGD run spends: sampling rate, step counts, noise calibration, accounting.
+
+The record that states a guarantee (privacy.json) is `dpnb.privacy.guarantee`; the plan of a
+fine-tuning run, which feeds these functions its N, batch size, epochs and target, is
+`dpnb.training.plan`.
 
 The mechanism
 -------------
@@ -72,12 +75,12 @@ accountant instead of exhausting memory. RDP costs ~0.1-0.15 s per call regardle
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
@@ -85,11 +88,6 @@ from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 from opacus.accountants.utils import get_noise_multiplier
 
 from dpnb.errors import DpnbError, require
-from dpnb.rundir import library_versions
-
-if TYPE_CHECKING:
-    from dpnb.config import FinetuneConfig
-    from dpnb.training.dpsgd import TrainingPlan
 
 ACCOUNTANTS = ("rdp", "prv")  # accountants that may calibrate noise and report a guarantee
 ALL_ACCOUNTANTS = ("rdp", "prv", "gdp")  # gdp only for comparison: it can under-estimate epsilon
@@ -209,7 +207,7 @@ def planned_steps(n: int, logical_batch_size: int, epochs: float, max_steps: int
 # --------------------------------------------------------------------------- accountants
 
 
-def _check_mechanism(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str,
+def check_mechanism(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str,
                      allowed: Sequence[str] = ALL_ACCOUNTANTS) -> None:
     require(accountant in allowed, f"unknown accountant {accountant!r}; use one of {', '.join(allowed)}")
     require(
@@ -256,7 +254,8 @@ def check_prv_feasible(noise_multiplier: float, sample_rate: float, steps: int, 
         raise DpnbError(
             f"the PRV accountant needs a grid of {size:,} points (about {size * 170 / 2**30:.1f} GB) for "
             f"sigma = {noise_multiplier:.4g}, q = {sample_rate:.4g}, {steps} steps; use accountant 'rdp', "
-            f"or fewer steps / a larger noise multiplier (limit: dpnb.privacy.MAX_PRV_GRID = {MAX_PRV_GRID:,})"
+            f"or fewer steps / a larger noise multiplier (limit: dpnb.privacy.accounting.MAX_PRV_GRID = "
+            f"{MAX_PRV_GRID:,})"
         )
 
 
@@ -266,10 +265,10 @@ def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: flo
         return 0.0
     acc = new_accountant(accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    return _accountant_epsilon(acc, delta)
+    return accountant_epsilon(acc, delta)
 
 
-def _accountant_epsilon(acc: Any, delta: float) -> float:
+def accountant_epsilon(acc: Any, delta: float) -> float:
     """Epsilon of an accountant's history at delta, with this package's fixed PRV settings."""
     settings = {}
     if acc.mechanism() == "prv":
@@ -293,7 +292,7 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
     `get_epsilon` would after `steps` calls to `step`; 0.0 for zero steps. PRV uses `PRV_EPS_ERROR`
     and refuses grids above `MAX_PRV_GRID`.
     """
-    _check_mechanism(noise_multiplier, sample_rate, steps, delta, accountant)
+    check_mechanism(noise_multiplier, sample_rate, steps, delta, accountant)
     if steps == 0:
         return 0.0
     if accountant == "prv":
@@ -304,7 +303,7 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
 # --------------------------------------------------------------------------- calibration
 
 
-def _epsilon_tolerance(target_epsilon: float, accountant: str) -> float:
+def epsilon_tolerance(target_epsilon: float, accountant: str) -> float:
     """How far below the target the calibrated epsilon may land.
 
     0.2% of the target, at most Opacus's default 0.01. PRV's reported epsilon moves in steps of
@@ -315,12 +314,13 @@ def _epsilon_tolerance(target_epsilon: float, accountant: str) -> float:
     return min(0.01, max(0.002 * target_epsilon, floor))
 
 
+@functools.lru_cache(maxsize=64)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                     accountant: str = "prv") -> float:
     """The constant noise multiplier sigma whose epsilon after exactly `steps` steps is at most the target.
 
     Epsilon falls as sigma grows, so a one-dimensional search on sigma finds the smallest sigma whose
-    epsilon is within a small tolerance below the target (`_epsilon_tolerance`; 0.2% of it, at most
+    epsilon is within a small tolerance below the target (`epsilon_tolerance`; 0.2% of it, at most
     0.01; 0.005 at least for PRV).
 
     - RDP: Opacus's `get_noise_multiplier(steps=...)`.
@@ -333,6 +333,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
       `epsilon_spent`, keeping an upper end whose epsilon is at most the target throughout.
 
     The returned sigma's epsilon is recomputed by `epsilon_spent` and is never above the target.
+    Remembered (`lru_cache`): a function of its five numbers that takes seconds, asked again when a run
+    resumes or trains twice in one process (the audit's twins, torchrun's check before training).
     """
     require(accountant in ACCOUNTANTS, f"unknown accountant {accountant!r}; use one of {', '.join(ACCOUNTANTS)}")
     require(
@@ -346,7 +348,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     )
     require(isinstance(delta, (int, float)) and 0 < delta < 1, f"delta must be in (0, 1), got {delta!r}")
 
-    tolerance = _epsilon_tolerance(target_epsilon, accountant)
+    tolerance = epsilon_tolerance(target_epsilon, accountant)
     if accountant == "rdp":
         sigma = _calibrate_rdp(target_epsilon, delta, sample_rate, steps, tolerance)
     else:  # a coarse RDP answer is enough for the bracket (each RDP evaluation costs ~0.15 s)
@@ -451,7 +453,7 @@ class EpsilonTracker:
     _rdp_one_step: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check_mechanism(self.noise_multiplier, self.sample_rate, self.planned_steps, self.delta, self.accountant,
+        check_mechanism(self.noise_multiplier, self.sample_rate, self.planned_steps, self.delta, self.accountant,
                          ACCOUNTANTS)
         require(isinstance(self.exact_every, int) and self.exact_every >= 1, "exact_every must be a positive integer")
         if self.accountant == "prv" and self.planned_steps > 0:
@@ -490,7 +492,7 @@ class EpsilonTracker:
         return float(eps)
 
 
-# --------------------------------------------------------------------------- checkpoints and privacy.json
+# --------------------------------------------------------------------------- an accountant's history (checkpoints)
 
 
 def accountant_history(accountant: Any) -> list[tuple[float, float, int]]:
@@ -514,148 +516,8 @@ def restore_accountant(name: str, history: Iterable[Sequence[Any]]) -> Any:
         sigma, rate, count = entry
         require(isinstance(count, int) or (isinstance(count, float) and count.is_integer()),
                 f"accountant history step counts must be whole numbers, got {count!r}; the checkpoint is damaged")
-        _check_mechanism(sigma, rate, int(count), 0.5, name)
+        check_mechanism(sigma, rate, int(count), 0.5, name)
         restored.append((float(sigma), float(rate), int(count)))
     acc = new_accountant(name)
     acc.history = restored
     return acc
-
-
-def privacy_fields(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                   accountant: str) -> dict[str, Any]:
-    """The accounting part of privacy.json, computed on the same path `recompute_epsilon` takes.
-
-    `epsilons` holds the epsilon of every guarantee-giving accountant, for comparison. PRV refuses
-    settings whose grid would take gigabytes: when it is not the chosen accountant it is left out
-    rather than failing a finished training; the chosen one must succeed.
-    """
-    epsilon = epsilon_spent(noise_multiplier, sample_rate, steps, delta, accountant)
-    epsilons = {}
-    for name in ACCOUNTANTS:
-        if name == accountant:
-            epsilons[name] = epsilon
-            continue
-        with contextlib.suppress(DpnbError):
-            epsilons[name] = epsilon_spent(noise_multiplier, sample_rate, steps, delta, name)
-    return {
-        "epsilon": epsilon,
-        "epsilons": epsilons,
-        "delta": delta, "noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps,
-        "accountant": accountant,
-    }
-
-
-def noise_source(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Where the run's noise and Poisson sampling came from, and whether that makes it a DP release."""
-    if not cfg.dp:
-        return {"deterministic": cfg.deterministic, "noise_seeded_from": None, "dp_release": False}
-    if cfg.deterministic:
-        return {"deterministic": True, "noise_seeded_from": "the config seed", "dp_release": False,
-                "release_note": "NOT a DP release: the noise and the batches were drawn from the config's seed, so "
-                                "anyone who knows it can regenerate them and the (epsilon, delta) below does not hold "
-                                "for this model (finetune.deterministic: true, meant for tests and teaching)"}
-    return {"deterministic": False, "noise_seeded_from": "64 bits of OS entropy (not saved in any shareable file)",
-            "dp_release": True,
-            "release_note": "noise and Poisson sampling drawn from torch generators seeded with OS entropy: "
-                            "unpredictable to anyone holding the config or the model; not a cryptographic RNG, and "
-                            "the Gaussian samples are not hardened against floating-point attacks (Opacus's "
-                            "secure_mode needs torchcsprng, which has no build for this torch)"}
-
-
-def privacy_record(cfg: FinetuneConfig, plan: TrainingPlan, steps: int, trainable: int) -> dict[str, Any]:
-    """privacy.json: the guarantee of a finished fine-tuning run that took `steps` noise-adding steps.
-
-    Under DP `steps` must be what the accountant counted. Epsilon is computed by `privacy_fields`,
-    the path `verify_privacy` retraces, so anyone can recompute it from (noise_multiplier,
-    sample_rate, steps, delta, accountant). A run without DP has a null epsilon. The record is meant
-    to be shared: it holds no hash, index or count of private records beyond N (the data set size,
-    which the accounting needs), and no seed that determines the noise.
-
-    The mechanism it states: each of the `dataset_size` records joins each of the `steps` logical
-    batches with probability `sample_rate` (`expected_batch_size` records on average), each record's
-    gradient is clipped to `max_grad_norm`, the sum gets Gaussian noise of std noise_multiplier *
-    max_grad_norm and is divided by `divisor` (E = int(planned_dataset_size * sample_rate), a public
-    constant). `planned_dataset_size` is the N the plan was made for: the dataset size, except for the
-    audit's twins, planned as if every canary were inserted so that the mechanism is the same
-    whichever canaries the coins inserted.
-    """
-    common = {
-        "dp": cfg.dp, "mode": cfg.mode, "dataset_size": plan.dataset_size, "planned_dataset_size": plan.plan_size,
-        "logical_batch_size": plan.logical_batch_size, "physical_batch_size": plan.physical_batch_size,
-        "expected_batch_size": plan.expected_batch_size, "divisor": plan.divisor if cfg.dp else None,
-        "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-        "planned_steps": plan.steps, "trainable_parameters": trainable, "versions": library_versions(),
-        **noise_source(cfg),
-    }
-    if not cfg.dp:
-        return {"epsilon": None, "epsilons": None, "delta": None, "noise_multiplier": None,
-                "sample_rate": plan.sample_rate, "steps": steps, "accountant": None, "max_grad_norm": None,
-                "grad_sample_mode": None, "target_epsilon": None, **common}
-    return {
-        **privacy_fields(plan.noise_multiplier, plan.sample_rate, steps, plan.delta, cfg.accountant),
-        "max_grad_norm": cfg.max_grad_norm, "grad_sample_mode": cfg.grad_sample_mode,
-        "target_epsilon": cfg.target_epsilon, **common,
-    }
-
-
-def recompute_epsilon(privacy: dict[str, Any], accountant: str | None = None) -> float:
-    """Epsilon of a privacy.json record, recomputed from its noise_multiplier, sample_rate, steps, delta and
-    accountant (or, for a set several mechanisms made, from its `mechanisms`: `dpnb.composition`)."""
-    require(privacy.get("dp", True), "this run was trained without DP: it has no epsilon to recompute")
-    if privacy.get("mechanisms"):
-        from dpnb import composition  # composition builds on this module
-
-        mechanisms = [composition.Mechanism(**m) for m in privacy["mechanisms"]]
-        return composition.epsilon_of(mechanisms, float(privacy["delta"]), accountant or str(privacy["accountant"]))
-    missing = [k for k in ("noise_multiplier", "sample_rate", "steps", "delta", "accountant") if privacy.get(k) is None]
-    require(not missing, f"privacy record lacks {', '.join(missing)}; it was not written by dpnb finetune")
-    return epsilon_spent(float(privacy["noise_multiplier"]), float(privacy["sample_rate"]), int(privacy["steps"]),
-                         float(privacy["delta"]), accountant or str(privacy["accountant"]))
-
-
-def verify_privacy(privacy: dict[str, Any], rel_tol: float = 1e-6) -> None:
-    """Raise DpnbError unless the record's epsilon (and its `epsilons`) match a fresh recomputation.
-
-    A non-DP record (`dp` false) must have a null epsilon.
-    """
-    if not privacy.get("dp", True):
-        require(privacy.get("epsilon") is None,
-                f"privacy record says dp = false but claims epsilon = {privacy.get('epsilon')!r}; "
-                f"a run without noise has no finite epsilon: rerun the finetune stage")
-        return
-    saved = privacy.get("epsilon")
-    require(saved is not None, "privacy record of a DP run has no epsilon; rerun the finetune stage")
-    recomputed = recompute_epsilon(privacy)
-    _require_close(float(saved), recomputed, rel_tol, "epsilon")
-    for name, value in (privacy.get("epsilons") or {}).items():
-        _require_close(float(value), recompute_epsilon(privacy, name), rel_tol, f"epsilons.{name}")
-
-
-def _require_close(saved: float, recomputed: float, rel_tol: float, what: str) -> None:
-    require(
-        math.isclose(saved, recomputed, rel_tol=rel_tol, abs_tol=1e-12),
-        f"privacy record's {what} = {saved!r} but its noise multiplier, sample rate, steps and delta give "
-        f"{recomputed!r}: the record is inconsistent; rerun the finetune stage (do not publish this epsilon)",
-    )
-
-
-# --------------------------------------------------------------------------- display and checks of privacy.json
-
-
-def round_up(value: float, significant: int = 3) -> float:
-    """`value` rounded UP to `significant` digits: a privacy parameter is never shown smaller than it is."""
-    if value <= 0 or not math.isfinite(value):
-        return value
-    scale = 10 ** (significant - 1 - math.floor(math.log10(value)))
-    return math.ceil(value * scale - 1e-9) / scale  # the tolerance keeps 3.21 from becoming 3.22
-
-
-def check_privacy_record(privacy: dict[str, Any]) -> None:
-    """A DP run's privacy.json must state a finite epsilon and a delta: never describe a missing guarantee."""
-    epsilon, delta = privacy.get("epsilon"), privacy.get("delta")
-    require(
-        isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0
-        and isinstance(delta, (int, float)) and 0 <= delta < 1,
-        f"privacy.json says dp is true but has no finite epsilon and delta (epsilon={epsilon!r}, "
-        f"delta={delta!r}); rerun the finetune stage",
-    )
