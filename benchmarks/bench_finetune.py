@@ -147,16 +147,18 @@ def run_case(case: Case, spec: dict) -> dict:
     from dpnb.models import build_model, quiet_transformers, trainable_parameters
     from dpnb.privacy import accounting
     from dpnb.training import dpsgd
+    from dpnb.training.frozen_prefix import frozen_prefix
+    from dpnb.training.loss import Records
     from dpnb.training.plan import plan_training
 
     warnings.filterwarnings("ignore", message=QUIET)
     torch.set_num_threads(spec["threads"])
     data = json.loads(Path(spec["records"]).read_text())
-    records = dpsgd.Records(data["input_ids"], data["prompt_lengths"])
+    records = Records(data["input_ids"], data["prompt_lengths"])
     logical, physical, warmup, steps = spec["logical"], spec["physical"], spec["warmup"], spec["warmup"] + spec["steps"]
     sizes = [min(physical, logical)] * warmup + [logical] * spec["steps"]  # a warm-up step: one physical batch
     n = sum(sizes)
-    records = dpsgd.Records(records.input_ids[:n], records.prompt_lengths[:n])
+    records = Records(records.input_ids[:n], records.prompt_lengths[:n])
     dp = case.name != "nodp"
     cfg = FinetuneConfig(mode="lora", dp=dp, grad_sample_mode="ghost" if case.name == "ghost" else "hooks",
                          lora_r=2, lora_alpha=4, lora_dropout=0.0, lora_targets=("v_proj",), lora_top_layers=case.top,
@@ -170,7 +172,7 @@ def run_case(case: Case, spec: dict) -> dict:
     with quiet_transformers():
         model, _ = build_model(spec["model"], cfg, "cpu")
     started = time.perf_counter()
-    prefix, note = dpsgd.frozen_prefix(model, records, cfg, data["pad_id"], "cpu")
+    prefix, note = frozen_prefix(model, records, cfg, data["pad_id"], "cpu")
     build_s = time.perf_counter() - started
     if case.cache and prefix is None:
         raise RuntimeError(f"the cache was asked for but is off: {note}")

@@ -89,6 +89,7 @@ from dpnb.models import build_model, quiet_transformers, trainable_parameters  #
 from dpnb.privacy import accounting  # noqa: E402
 from dpnb.sweep import sweep_configs  # noqa: E402
 from dpnb.training import dpsgd  # noqa: E402
+from dpnb.training.loss import Records, collate, per_record_loss  # noqa: E402
 from dpnb.training.plan import plan_training  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -180,7 +181,7 @@ def fixed_session(model, cfg: FinetuneConfig, sizes: list[int], sigma: float) ->
     return session
 
 
-def run_steps(session: dpsgd.Session, records: dpsgd.Records, cfg: FinetuneConfig, pad_id: int,
+def run_steps(session: dpsgd.Session, records: Records, cfg: FinetuneConfig, pad_id: int,
               steps: int) -> list[float]:
     """Wall seconds of each of the next `steps` logical steps."""
     walls, wall = [], time.perf_counter()
@@ -212,14 +213,14 @@ def small_lm(arch: str):
     return AutoModelForCausalLM.from_config(config)
 
 
-def small_records(n: int) -> dpsgd.Records:
+def small_records(n: int) -> Records:
     g = torch.Generator().manual_seed(1)
     ids, prompts = [], []
     for _ in range(n):
         length = int(torch.randint(6, 16, (1,), generator=g))
         ids.append(torch.randint(3, SMALL_VOCAB, (length,), generator=g).tolist() + [2])
         prompts.append(int(torch.randint(1, 4, (1,), generator=g)))
-    return dpsgd.Records(ids, prompts)
+    return Records(ids, prompts)
 
 
 CLIP_CASES = [  # name, arch, mode, grad_sample_mode, precision, TF32 in the DP step, tolerance
@@ -292,9 +293,9 @@ for name, arch, mode, gsm, precision, tf32, tol in CLIP_CASES:
         grads, norms = [], []
         for i in range(len(records)):
             model.zero_grad(set_to_none=True)
-            batch = dpsgd.collate(records, [i], SMALL_PAD).to(DEVICE)
+            batch = collate(records, [i], SMALL_PAD).to(DEVICE)
             logits = model(**batch.model_inputs()).logits[:, :-1]
-            dpsgd.per_record_loss(logits, batch.targets, batch.target_mask).sum().backward()
+            per_record_loss(logits, batch.targets, batch.target_mask).sum().backward()
             grads.append({k: p.grad.detach().double().clone() for k, p in params.items()})
             norms.append(math.sqrt(sum(float((g**2).sum()) for g in grads[-1].values())))
         model.zero_grad(set_to_none=True)
@@ -410,11 +411,11 @@ def quantize_4bit(model, compute_dtype: torch.dtype):
     return model
 
 
-def random_records(n: int, vocab: int, eos: int) -> dpsgd.Records:
+def random_records(n: int, vocab: int, eos: int) -> Records:
     """n records of exactly TOKENS ids: a 3-token label prompt (not in the loss), random review ids, EOS."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100 % vocab, vocab - 100 % vocab, (n, TOKENS - 1), generator=g)
-    return dpsgd.Records([row + [eos] for row in ids.tolist()], [3] * n)
+    return Records([row + [eos] for row in ids.tolist()], [3] * n)
 
 
 def memory_estimate_gb(name: str, cfg: FinetuneConfig, batch: int) -> float:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import datasets
 
     from dpnb.rundir import RunDir
-    from dpnb.training.dpsgd import Records
+    from dpnb.training.loss import Records
 
 # --------------------------------------------------------------------------- token records (DP-SGD tests)
 
@@ -40,7 +40,7 @@ def small_records(n: int, seed: int = 1) -> Records:
     """`n` random records of 7-16 tokens (prompt of 1-3 tokens, then the review and EOS)."""
     import torch
 
-    from dpnb.training.dpsgd import Records
+    from dpnb.training.loss import Records
 
     g = torch.Generator().manual_seed(seed)
     ids, prompts = [], []

@@ -63,15 +63,14 @@ from dpnb.training.checkpoints import (
     training_identity,
 )
 from dpnb.training.dpsgd import (
-    Records,
     accounted_steps,
     compute_precision,
     epoch_steps,
-    frozen_prefix,
-    initial_loss,
     make_session,
     require_dp_when_distributed,
 )
+from dpnb.training.frozen_prefix import frozen_prefix
+from dpnb.training.loss import Records, initial_loss
 from dpnb.training.plan import TrainingPlan, plan_training, privacy_record
 
 if TYPE_CHECKING:
@@ -102,7 +101,7 @@ def train(model_name: str, train: datasets.Dataset, cfg: FinetuneConfig, out_dir
     to train, modified in place; `should_stop(step)` is asked after every logical step and, when it
     answers True, training checkpoints and raises `TrainingInterrupted`, as on SIGINT. Returns the
     privacy record (privacy.json). `shared_dir` (the runs of a sweep) keeps the frozen-prefix cache
-    where the sweep's other runs on the same records find it (`dpnb.training.dpsgd.shared_prefix_cache`).
+    where the sweep's other runs on the same records find it (`dpnb.training.frozen_prefix.shared_prefix_cache`).
     `plan_size` (the audit's twins) is the N that q, the steps, delta, sigma and the divisor are planned
     for, at least len(train) (`dpnb.training.plan.plan_training`); by default len(train).
 

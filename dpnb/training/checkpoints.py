@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from dpnb.config import FinetuneConfig
-    from dpnb.training.dpsgd import Records, Session
+    from dpnb.training.dpsgd import Session
+    from dpnb.training.loss import Records
 
 CHECKPOINT_FORMAT = 2  # 2: with a checksum of its contents (dpnb.io.save_torch_atomic)
 # Config fields that do not change what is trained: a checkpoint written under other values resumes.

@@ -1,4 +1,4 @@
-"""The DP-SGD step with Opacus: records, batches, the per-record loss, the plan, the logical steps.
+"""The DP-SGD step with Opacus: the training session and its logical steps.
 
 One logical (noise-adding) step of DP-SGD on N records, as Opacus runs it here:
 
@@ -16,7 +16,8 @@ One logical (noise-adding) step of DP-SGD on N records, as Opacus runs it here:
 
 sigma (the noise multiplier) is fixed before training, calibrated so that the accountant (PRV or
 RDP, `dpnb.privacy`) reports the target epsilon after exactly the T steps the loop will take at
-exactly this q (`dpnb.training.plan`).
+exactly this q (`dpnb.training.plan`). The records and the per-record loss l_i are
+`dpnb.training.loss`; the fast path for top-block training is `dpnb.training.frozen_prefix`.
 
 The logical batch is cut into physical batches (what fits in memory) by Opacus's
 `BatchMemoryManager`, which tells the optimizer which physical batch ends a logical one: only that
@@ -29,11 +30,7 @@ Loss reduction, precisely. Opacus's hooks assume the loss of a physical batch of
 `mean_i l_i` (loss_reduction="mean") and multiply the back-propagated signal by n, which recovers
 g_i = grad l_i for each record, whatever n is; Poisson sampling makes n vary, and that is fine.
 The optimizer then divides the noisy sum by E, not by n. Ghost clipping gets the per-record losses
-from the same criterion (`reduction = "none"`). Records are padded on the right; padding is masked
-by each record's length, never by token id, because the pad token is EOS for SmolLM2 and the EOS
-closing each record must be learned. By default the prompt tokens are not in the loss
-(`loss_on_prompt`): the model learns the review given its label prompt, which is what generation
-asks of it.
+from the same criterion (`reduction = "none"`).
 
 The non-DP baseline (`dp: false`) takes the same steps: the same Poisson-sampled logical batches
 (same q, same seed, same number of steps), cut into the same physical batches, with the plain
@@ -43,162 +40,33 @@ gradient of the logical batch's mean loss; no PrivacyEngine, no clipping, no noi
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import hashlib
 import math
-import random
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 
-from dpnb.errors import DpnbError, require
-from dpnb.io import DamagedFile
+from dpnb.errors import require
 from dpnb.models import quiet_transformers
 from dpnb.precision import Precision, choose
 from dpnb.privacy import accounting
 from dpnb.training import distributed
-from dpnb.training.head_loss import FrozenHeadLoss
+from dpnb.training.frozen_prefix import FrozenPrefix
+from dpnb.training.loss import Records, SequenceLoss, collate, per_record_loss
 from dpnb.training.plan import TrainingPlan
-from dpnb.training.prefix_cache import (
-    CACHE_FILE,
-    PrefixCache,
-    TopBlocks,
-    build_prefix_cache,
-    building_lock,
-    collate_cached,
-    frozen_fingerprint,
-    records_fingerprint,
-)
+from dpnb.training.prefix_cache import collate_cached
 
 if TYPE_CHECKING:
-    import datasets
     from torch import nn
 
     from dpnb.config import FinetuneConfig
-
-
-# =========================================================================== records and the loss
-
-
-@dataclass(frozen=True)
-class Records:
-    """The tokenised training records: ids (prompt + review + EOS) and each prompt's length."""
-
-    input_ids: list[list[int]]
-    prompt_lengths: list[int]
-
-    @classmethod
-    def from_dataset(cls, dataset: datasets.Dataset) -> Records:
-        require("input_ids" in dataset.column_names,
-                f"the training data has no input_ids column (columns: {', '.join(dataset.column_names)}); "
-                f"prepare it with the prepare stage (dpnb.data)")
-        ids = [[int(t) for t in row] for row in dataset["input_ids"]]
-        if "prompt_length" in dataset.column_names:
-            prompts = [int(n) for n in dataset["prompt_length"]]
-        else:
-            prompts = [0] * len(ids)
-        require(all(len(row) >= 2 for row in ids),
-                "every training record needs at least two tokens (one to predict from, one to predict)")
-        return cls(ids, prompts)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def fingerprint(self) -> str:
-        """A hash of the token ids and prompt lengths: a checkpoint resumes only on the same records."""
-        lengths = np.array([len(row) for row in self.input_ids], dtype=np.int64)
-        flat = np.fromiter((t for row in self.input_ids for t in row), dtype=np.int64, count=int(lengths.sum()))
-        digest = hashlib.sha256()
-        for array in (lengths, np.array(self.prompt_lengths, dtype=np.int64), flat):
-            digest.update(array.tobytes())
-        return digest.hexdigest()
-
-
-@dataclass
-class Batch:
-    """A right-padded physical batch, with the targets each position predicts and which of them count."""
-
-    input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T], 1 on real tokens
-    position_ids: torch.Tensor  # [B, T]
-    targets: torch.Tensor  # [B, T-1], input_ids shifted left by one
-    target_mask: torch.Tensor  # [B, T-1], 1 where the target is a real token inside the loss
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def to(self, device: str | torch.device) -> Batch:
-        return Batch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids}
-
-
-def collate(records: Records, indices: Sequence[int], pad_id: int, loss_on_prompt: bool = False) -> Batch:
-    """Pad `records[indices]` on the right and mark the targets of the loss.
-
-    Position j predicts token j+1; it counts when token j+1 is a real token (j+1 < length) and,
-    unless `loss_on_prompt`, not part of the prompt (j+1 >= prompt_length). Padding is found from
-    the lengths, never from the pad id (which is EOS for some tokenizers). `position_ids` are built
-    with `repeat`, one row per record: GPT-2's per-record position gradients need a real [B, T]
-    tensor, not an `expand`ed view (opacus issue #841); for right padding they are 0..T-1.
-    """
-    rows = [records.input_ids[i] for i in indices]
-    lengths = torch.tensor([len(r) for r in rows])
-    width = int(lengths.max())
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for k, row in enumerate(rows):
-        input_ids[k, : len(row)] = torch.tensor(row, dtype=torch.long)
-    positions = torch.arange(width).unsqueeze(0)
-    attention_mask = (positions < lengths.unsqueeze(1)).long()
-    first_target = torch.ones(len(rows), dtype=torch.long)
-    if not loss_on_prompt:
-        prompts = torch.tensor([records.prompt_lengths[i] for i in indices])
-        first_target = torch.clamp(prompts, min=1)
-    target_positions = positions[:, 1:]  # the index of the token each position predicts
-    target_mask = (target_positions < lengths.unsqueeze(1)) & (target_positions >= first_target.unsqueeze(1))
-    return Batch(input_ids, attention_mask, positions.repeat(len(rows), 1), input_ids[:, 1:].clone(),
-                 target_mask.float())
-
-
-def per_record_loss(logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """l_i = sum_t mask_it * CE(logits_it, target_it) / sum_t mask_it: one mean token loss per record.
-
-    `logits` are the model's outputs at positions 0..T-2 ([B, T-1, V]); computed in float32 so a
-    bfloat16 model still gets an accurate loss.
-    """
-    batch, steps, vocab = logits.shape
-    token_loss = F.cross_entropy(logits.reshape(-1, vocab).float(), targets.reshape(-1), reduction="none")
-    token_loss = token_loss.view(batch, steps) * target_mask
-    return token_loss.sum(dim=1) / target_mask.sum(dim=1).clamp(min=1)
-
-
-class SequenceLoss:
-    """The per-record loss reduced as `reduction` says ("mean", "sum" or "none").
-
-    Opacus's ghost clipping calls it with `reduction = "none"` to get one loss per record.
-    """
-
-    def __init__(self, reduction: str = "mean"):
-        self.reduction = reduction
-
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        losses = per_record_loss(logits, targets, target_mask)
-        if self.reduction == "none":
-            return losses
-        return losses.sum() if self.reduction == "sum" else losses.mean()
 
 
 # =========================================================================== the session
@@ -253,108 +121,6 @@ class Session:
         device_type = next(self.trainable.parameters()).device.type
         return torch.autocast(device_type=device_type, dtype=self.autocast)
 
-
-# =========================================================================== the fast path for top-block training
-
-
-@dataclass
-class FrozenPrefix:
-    """Top-block training without the frozen blocks: their outputs cached, the head's loss fused.
-
-    When every trainable weight sits in the top K blocks (LoRA on the top layers, or mode full with
-    `top_layers`), the input h^s of the lowest trainable block is a fixed function of each record
-    (`dpnb.training.prefix_cache`): it is computed once, and each step runs only the top blocks (`top`, which
-    Opacus wraps in place of the whole model) and the frozen LM head's cross-entropy at the review's
-    tokens only (`dpnb.training.head_loss`). Per-record losses and gradients are those of the full model, so
-    clipping, noise and the accounting are unchanged.
-    """
-
-    cache: PrefixCache
-    top: TopBlocks
-    head_loss: FrozenHeadLoss
-
-
-def frozen_prefix(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_id: int,
-                  device: str, shared_dir: Path | None = None,
-                  precision: Precision | None = None) -> tuple[FrozenPrefix | None, str]:
-    """The fast path for `model` when it applies, else None; and a note saying which, and why.
-
-    Under a bf16 `precision` the frozen blocks run under bf16 autocast while the cache is built, and
-    the frozen head's loss forms its logits from a bf16 copy of the head (softmax in float32): both
-    are frozen computations, so only their rounding changes, never the clipping bound.
-
-    With `shared_dir` (the runs of a sweep: `dpnb.rundir.shared_store`) the cache is kept there, under
-    a key naming the records, the frozen weights and how it was built, and a later run with the same
-    key maps it instead of building it again.
-    """
-    if not cfg.prefix_cache:
-        return None, "frozen-prefix cache off (finetune.prefix_cache: false): every step runs the whole model"
-    if cfg.dp and cfg.grad_sample_mode == "ghost":
-        return None, "frozen-prefix cache off: it runs with Opacus hooks, not ghost clipping"
-    try:
-        top = TopBlocks(model)  # checks that nothing below is trainable or random
-        head_loss = FrozenHeadLoss.of_model(model, dtype=precision.dtype if precision else None)
-    except DpnbError as why:
-        return None, f"frozen-prefix cache off: {why}"
-    if top.start == 0:
-        return None, "frozen-prefix cache off: the lowest block is trainable, so there is nothing to cache"
-    frozen = frozen_copy(model, precision)
-    with precision.frozen_forward() if precision else contextlib.nullcontext():
-        if shared_dir is None:
-            cache = build_prefix_cache(frozen, records, start=top.start, batch_size=cfg.physical_batch_size,
-                                       device=device, pad_id=pad_id, fingerprint=False)
-            kept = "in memory only: private, like the records"
-        else:
-            dtype = precision.dtype_name if precision else "float32"
-            cache, kept = shared_prefix_cache(model, records, top.start, cfg.physical_batch_size, device, pad_id,
-                                              shared_dir, dtype, frozen)
-    del frozen
-    if cache.states.dtype != torch.float32:  # the trained blocks' residual stream stays float32
-        cache = PrefixCache(cache.states.float(), cache.offsets, cache.start, cache.meta)
-    return FrozenPrefix(cache, top, head_loss), (
-        f"frozen-prefix cache: blocks 0-{top.start - 1} run once per record ({cache.nbytes / 2**20:.0f} MiB, "
-        f"{kept}); each step runs blocks {top.start}-{top.depth - 1} and the frozen head's loss at the "
-        f"review's tokens")
-
-
-def frozen_copy(model: nn.Module, precision: Precision | None) -> nn.Module:
-    """What runs the frozen blocks while the cache is built: a bf16 copy of `model` on a CPU where bf16
-    was chosen (measured 4x float32 there, against 2.7x for autocast, which casts the float32 weights at
-    every call), else `model` itself (on a GPU autocast is as fast; a 4-bit base is never copied)."""
-    if precision is None or precision.dtype != torch.bfloat16 or precision.device_type != "cpu":
-        return model
-    if any(getattr(p, "quant_state", None) is not None or p.dtype == torch.uint8 for p in model.parameters()):
-        return model
-    return copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
-
-
-def shared_prefix_cache(model: nn.Module, records: Records, start: int, batch_size: int, device: str, pad_id: int,
-                        shared_dir: Path, dtype: str = "float32",
-                        frozen: nn.Module | None = None) -> tuple[PrefixCache, str]:
-    """The prefix cache of these records and frozen weights from `shared_dir`, built and saved there first
-    if no earlier run did; and where it came from.
-
-    The key hashes the records, the frozen weights below `start` and the batch size, device and
-    compute dtype it is built with (batching and the format change the float rounding of the states,
-    so a shared cache gives a run exactly the states it would have built itself). The directory is
-    private (0700), like the records.
-    """
-    records_hash, frozen_hash = records_fingerprint(records.input_ids), frozen_fingerprint(model, start)
-    key = hashlib.sha256(f"{records_hash}:{frozen_hash}:{batch_size}:{torch.device(device).type}:{dtype}".encode())
-    directory = shared_dir / f"prefix-cache-{key.hexdigest()[:16]}"
-    with building_lock(directory):  # runs that need this cache at once: the first builds it, the others map it
-        if (directory / CACHE_FILE).exists():
-            try:
-                cache = PrefixCache.load(directory, mmap=True)
-                if cache.meta.get("records") == records_hash and cache.meta.get("frozen") == frozen_hash:
-                    return cache, f"shared by the sweep's runs, mapped from {directory} (private)"
-            except DamagedFile as why:  # never used: built again and replaced
-                print(f"{why}: building it again")
-        cache = build_prefix_cache(frozen if frozen is not None else model, records, start=start,
-                                   batch_size=batch_size, device=device, pad_id=pad_id, fingerprint=False)
-        cache.meta["frozen"] = frozen_hash  # the float32 weights' identity, whatever format ran them
-        cache.save(directory)
-    return cache, f"built and saved for the sweep's other runs in {directory} (private)"
 
 
 # =========================================================================== precision
@@ -427,7 +193,7 @@ def promote_grad_samples(params: Sequence[torch.Tensor]) -> None:
             p.grad_sample = sample.float()
 
 
-# =========================================================================== one training session
+# =========================================================================== making the session
 
 
 def noise_generators(cfg: FinetuneConfig, device: str) -> tuple[torch.Generator, torch.Generator]:
@@ -678,19 +444,3 @@ def epoch_steps(session: Session, records: Records, cfg: FinetuneConfig, pad_id:
         if sampler_state is not None and mid_epoch:
             session.sampler_rng.set_state(sampler_state)
         yield from dp_logical_steps(session, batches, records, cfg, pad_id, device)
-
-
-def initial_loss(model: nn.Module, records: Records, cfg: FinetuneConfig, pad_id: int, device: str) -> float:
-    """Step 0 of the log: the mean loss before any update, on min(N, logical batch) records drawn with the seed."""
-    chosen = sorted(random.Random(cfg.seed).sample(range(len(records)), min(len(records), cfg.logical_batch_size)))
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(chosen), cfg.physical_batch_size):
-            batch = collate(records, chosen[start : start + cfg.physical_batch_size], pad_id,
-                            cfg.loss_on_prompt).to(device)
-            logits = model(**batch.model_inputs()).logits[:, :-1]
-            total += float(per_record_loss(logits, batch.targets, batch.target_mask).sum())
-    model.train(was_training)
-    return total / len(chosen)

@@ -347,7 +347,7 @@ def build_prefix_cache(model: nn.Module, records: Any, start: int | None = None,
                        fingerprint: bool = True) -> PrefixCache:
     """The hidden states entering block `start` (default: the lowest trainable) of every record.
 
-    `records` is a `dpnb.training.dpsgd.Records` or a list of token-id lists. Records are run through the
+    `records` is a `dpnb.training.loss.Records` or a list of token-id lists. Records are run through the
     model's own embedding and lower blocks in eval mode, without grad, `batch_size` at a time
     (sorted by length, right-padded as `collate` pads: the pad id does not matter), and the forward
     pass stops at block `start`. States stay on `device` (default: the model's) only while computed
@@ -406,7 +406,7 @@ def build_prefix_cache(model: nn.Module, records: Any, start: int | None = None,
 
 @dataclass
 class CachedBatch:
-    """A right-padded physical batch of cached states, with the targets and mask of `dpsgd.collate`."""
+    """A right-padded physical batch of cached states, with the targets and mask of `loss.collate`."""
 
     hidden_states: torch.Tensor  # [B, T, d], zeros on padding
     attention_mask: torch.Tensor  # [B, T]
@@ -427,7 +427,7 @@ class CachedBatch:
 
 
 def collate_cached(cache: PrefixCache, batch: Any, indices: Sequence[int]) -> CachedBatch:
-    """The cached states of records `indices`, padded like `batch` (their `dpnb.training.dpsgd.collate`), with its
+    """The cached states of records `indices`, padded like `batch` (their `dpnb.training.loss.collate`), with its
     targets, target mask, attention mask and position ids (so the loss counts the same tokens)."""
     indices = [int(i) for i in indices]
     lengths = batch.attention_mask.sum(dim=1).tolist()

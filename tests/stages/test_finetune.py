@@ -36,6 +36,7 @@ from dpnb.rundir import CHECKPOINT_FILE
 from dpnb.stages import finetune
 from dpnb.training import dpsgd
 from dpnb.training.checkpoints import TrainingInterrupted
+from dpnb.training.loss import Records, collate, initial_loss, per_record_loss
 from dpnb.training.plan import TrainingPlan, plan_training
 
 LABELS = ("negative", "positive")
@@ -78,15 +79,15 @@ def run(model_name, data, cfg, out, tokenizer, **kwargs):
 
 def test_padding_is_masked_by_length_not_by_token_id(tokenizer):
     eos = tokenizer.eos_token_id
-    records = dpsgd.Records([[5, 6, 7, eos], [5, 6, 8, 9, 10, eos]], [2, 2])
-    batch = dpsgd.collate(records, [0, 1], pad_id=eos)
+    records = Records([[5, 6, 7, eos], [5, 6, 8, 9, 10, eos]], [2, 2])
+    batch = collate(records, [0, 1], pad_id=eos)
     assert batch.input_ids.tolist()[0] == [5, 6, 7, eos, eos, eos]
     assert batch.attention_mask.tolist()[0] == [1, 1, 1, 1, 0, 0]
     # targets: tokens 1..T-1; record 0 learns 7 and its EOS (not the prompt's 6, not the two pads)
     assert batch.targets.tolist()[0] == [6, 7, eos, eos, eos]
     assert batch.target_mask.tolist()[0] == [0, 1, 1, 0, 0]
     assert batch.target_mask.tolist()[1] == [0, 1, 1, 1, 1]
-    with_prompt = dpsgd.collate(records, [0, 1], pad_id=eos, loss_on_prompt=True)
+    with_prompt = collate(records, [0, 1], pad_id=eos, loss_on_prompt=True)
     assert with_prompt.target_mask.tolist()[0] == [1, 1, 1, 0, 0]
     # one real row per record (not an expanded view): GPT-2's per-record position gradients need it
     assert batch.position_ids.shape == (2, 6) and batch.position_ids.stride(0) == 6
@@ -96,13 +97,13 @@ def test_padding_is_masked_by_length_not_by_token_id(tokenizer):
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
 def test_a_records_loss_does_not_depend_on_its_batch(arch, toy, tokenizer):
     model = load_causal_lm(arch).eval()
-    records = dpsgd.Records.from_dataset(toy)
+    records = Records.from_dataset(toy)
     pad = tokenizer.pad_token_id
 
     def losses(indices):
-        batch = dpsgd.collate(records, indices, pad)
+        batch = collate(records, indices, pad)
         logits = model(**batch.model_inputs()).logits[:, :-1]
-        return dpsgd.per_record_loss(logits, batch.targets, batch.target_mask)
+        return per_record_loss(logits, batch.targets, batch.target_mask)
 
     longest = max(range(len(records)), key=lambda i: len(records.input_ids[i]))
     shortest = min(range(len(records)), key=lambda i: len(records.input_ids[i]))
@@ -129,9 +130,9 @@ def clipped_sum_by_brute_force(model, records, indices, pad_id, clip):
     norms = []
     for i in indices:
         model.zero_grad()
-        batch = dpsgd.collate(records, [i], pad_id)
+        batch = collate(records, [i], pad_id)
         logits = model(**batch.model_inputs()).logits[:, :-1]
-        dpsgd.per_record_loss(logits, batch.targets, batch.target_mask).sum().backward()
+        per_record_loss(logits, batch.targets, batch.target_mask).sum().backward()
         grads = [p.grad.detach().clone() for p in params]
         norm = torch.sqrt(sum((g**2).sum() for g in grads))
         norms.append(float(norm))
@@ -140,7 +141,7 @@ def clipped_sum_by_brute_force(model, records, indices, pad_id, clip):
     return total, norms
 
 
-def one_dp_step(arch: str, cfg: FinetuneConfig, records: dpsgd.Records, indices: list[int], sigma: float,
+def one_dp_step(arch: str, cfg: FinetuneConfig, records: Records, indices: list[int], sigma: float,
                 pad_id: int):
     """Build the model and take one DP step on `indices` (one physical batch = the logical batch).
 
@@ -166,7 +167,7 @@ def one_dp_step(arch: str, cfg: FinetuneConfig, records: dpsgd.Records, indices:
 def test_dp_gradient_is_the_clipped_sum_over_the_expected_batch(arch, mode, grad_sample_mode, toy, tokenizer):
     clip, indices = 1e-2, [0, 3, 5, 6]
     cfg = config(mode=mode, grad_sample_mode=grad_sample_mode, max_grad_norm=clip, lora_r=4)
-    records = dpsgd.Records.from_dataset(toy)
+    records = Records.from_dataset(toy)
     model, reference, session, notes = one_dp_step(arch, cfg, records, indices, 0.0, tokenizer.pad_token_id)
     assert bool(notes) == (grad_sample_mode == "ghost") and not (notes and embeddings_tied(model))
 
@@ -185,7 +186,7 @@ def test_dp_gradient_is_the_clipped_sum_over_the_expected_batch(arch, mode, grad
 def test_dp_noise_is_gaussian_with_std_sigma_times_clip(toy, tokenizer):
     clip, sigma, indices = 1e-2, 0.7, [1, 2, 4]
     cfg = config(max_grad_norm=clip)
-    records = dpsgd.Records.from_dataset(toy)
+    records = Records.from_dataset(toy)
     model, reference, session, _ = one_dp_step("tiny-llama", cfg, records, indices, sigma, tokenizer.pad_token_id)
     expected, _ = clipped_sum_by_brute_force(reference, records, indices, tokenizer.pad_token_id, clip)
     noise = torch.cat([(p.grad * session.optimizer.expected_batch_size - clipped_sum).reshape(-1)
@@ -201,7 +202,7 @@ def test_without_dp_the_gradient_is_the_plain_mean_over_the_logical_batch(toy, t
     cfg = config(dp=False, physical_batch_size=2)
     model, _ = build_model("tiny-llama", cfg, "cpu")
     reference = copy.deepcopy(model)
-    records = dpsgd.Records.from_dataset(toy)
+    records = Records.from_dataset(toy)
     session = dpsgd.make_session(model, cfg, plan_training(cfg, len(records)), "cpu")
     assert session.engine is None
     session.adamw.step = lambda: None  # keep the accumulated gradient for inspection
@@ -210,9 +211,9 @@ def test_without_dp_the_gradient_is_the_plain_mean_over_the_logical_batch(toy, t
     result = next(dpsgd.plain_logical_steps(session, iter([torch.tensor(indices)]), records, cfg,
                                                tokenizer.pad_token_id, "cpu"))
     # physical batches of 2, 2 and 1 give the gradient of one mean over all 5 records: no clipping, no noise
-    batch = dpsgd.collate(records, indices, tokenizer.pad_token_id)
+    batch = collate(records, indices, tokenizer.pad_token_id)
     logits = reference(**batch.model_inputs()).logits[:, :-1]
-    losses = dpsgd.per_record_loss(logits, batch.targets, batch.target_mask)
+    losses = per_record_loss(logits, batch.targets, batch.target_mask)
     losses.mean().backward()
     assert result.batch_size == 5 and math.isclose(result.loss, float(losses.mean().detach()), rel_tol=1e-5)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
@@ -304,14 +305,14 @@ def test_qlora_dp_gradient_is_the_clipped_sum_of_per_record_gradients(toy, token
     tokenizer.save_pretrained(directory)
     clip, indices, pad = 1e-2, [1, 2, 4], tokenizer.pad_token_id
     cfg = config(mode="qlora", lora_r=4, max_grad_norm=clip)
-    records = dpsgd.Records.from_dataset(toy)
+    records = Records.from_dataset(toy)
     torch.manual_seed(0)
     with quiet_transformers():
         model, _ = build_model(str(directory), cfg, "cpu")
     assert is_quantized_4bit(model)
     # the finetune stage's step-0 loss (eval mode, no grad): on a CPU with AVX512-BF16 bitsandbytes used to
     # repack the 4-bit weights for inference here, after which they passed no gradient back
-    dpsgd.initial_loss(model, records, cfg, pad, "cpu")
+    initial_loss(model, records, cfg, pad, "cpu")
     model.train()
     with torch.no_grad():  # B starts at zero, which would leave every gradient of A at zero
         for name, p in model.named_parameters():

@@ -35,7 +35,7 @@ from dpnb.models import (
 )
 from dpnb.rundir import RunDir
 from dpnb.stages import finetune, generate, prepare
-from dpnb.training.dpsgd import Records, collate, per_record_loss
+from dpnb.training.loss import Records, collate, per_record_loss
 
 MODEL = "tiny-gpt2-bpe"
 EOT = gpt2_tokenizer.END_OF_TEXT_ID  # <|endoftext|>: GPT-2's EOS, BOS and UNK

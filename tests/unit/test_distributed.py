@@ -55,6 +55,8 @@ from dpnb.rundir import RunDir
 from dpnb.stages import finetune
 from dpnb.training import distributed, dpsgd
 from dpnb.training.checkpoints import TrainingInterrupted
+from dpnb.training.frozen_prefix import frozen_prefix
+from dpnb.training.loss import Records
 from dpnb.training.plan import plan_training
 
 pytestmark = [
@@ -119,7 +121,7 @@ def session_steps(case: str, sigma: float, steps: int) -> dict[str, Any]:
     plan = dataclasses.replace(plan_training(dataclasses.replace(cfg, dp=False), len(records)), dp=True,
                                noise_multiplier=sigma, delta=accounting.default_delta(len(records)))
     assert plan.sample_rate == 1.0
-    prefix = dpsgd.frozen_prefix(model, records, cfg, PAD, "cpu")[0]
+    prefix = frozen_prefix(model, records, cfg, PAD, "cpu")[0]
     assert (prefix is not None) == (case == "lora-top-cached")
     session = dpsgd.make_session(model, cfg, plan, "cpu", prefix=prefix)
     params = trainable(model)
@@ -226,7 +228,7 @@ def faults_task(out: Path) -> dict[str, str]:
     fails writing the outputs while rank 1 waits for them (two steps of train_config each)."""
     cfg, rank = dataclasses.replace(train_config(), max_steps=2), distributed.rank()
 
-    def attempt(name: str, records: dpsgd.Records, run_cfg: FinetuneConfig = cfg) -> str:
+    def attempt(name: str, records: Records, run_cfg: FinetuneConfig = cfg) -> str:
         try:
             finetune.train("small-llama", as_dataset(records), run_cfg, out / "faults" / name,
                            tokenizer=load_tokenizer("tiny-llama"), base_model=small_lm(), verbose=False)

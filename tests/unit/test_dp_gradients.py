@@ -58,6 +58,8 @@ from dpnb.privacy import accounting
 from dpnb.privacy.independent_accounting import cross_check, google_epsilons
 from dpnb.stages import audit, finetune
 from dpnb.training import dpsgd
+from dpnb.training.frozen_prefix import frozen_prefix
+from dpnb.training.loss import Records, collate, per_record_loss
 from dpnb.training.plan import TrainingPlan, plan_training
 
 pytestmark = [
@@ -147,15 +149,15 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
 # =========================================================================== brute force and capture
 
 
-def per_record_gradients(model, records: dpsgd.Records) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+def per_record_gradients(model, records: Records) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     """Every record's gradient g_i, one record at a time (no padding), plain autograd; and ||g_i||."""
     params = trainable(model)
     grads, norms = [], []
     for i in range(len(records)):
         model.zero_grad(set_to_none=True)
-        batch = dpsgd.collate(records, [i], PAD)
+        batch = collate(records, [i], PAD)
         logits = model(**batch.model_inputs()).logits[:, :-1]
-        dpsgd.per_record_loss(logits, batch.targets, batch.target_mask).sum().backward()
+        per_record_loss(logits, batch.targets, batch.target_mask).sum().backward()
         grads.append({name: p.grad.detach().clone() for name, p in params.items()})
         norms.append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads[-1].values())))
     model.zero_grad(set_to_none=True)
@@ -178,7 +180,7 @@ class Steps:
         return [i for batch in self.physical[step] for i in batch]
 
 
-def take_steps(session: dpsgd.Session, records: dpsgd.Records, cfg: FinetuneConfig, steps: int, monkeypatch,
+def take_steps(session: dpsgd.Session, records: Records, cfg: FinetuneConfig, steps: int, monkeypatch,
                stop_at_empty: bool = False) -> Steps:
     """Run `steps` logical steps of `epoch_steps`, recording each physical batch's indices and the
     gradient each AdamW step receives; AdamW does not move the weights, so every step sees the same model."""
@@ -262,7 +264,7 @@ def test_update_is_the_clipped_sum_of_per_record_gradients_over_the_expected_bat
         assert any("untied" in note for note in notes)
 
 
-def record_contributions(session: dpsgd.Session, records: dpsgd.Records, cfg: FinetuneConfig) -> list[float]:
+def record_contributions(session: dpsgd.Session, records: Records, cfg: FinetuneConfig) -> list[float]:
     """||update * E|| of logical steps that each hold one record alone (noise 0): that record's contribution
     to the summed update, in float64; AdamW does not move the weights, so every step sees the same model."""
     params = list(trainable(session.trainable).values())
@@ -318,7 +320,7 @@ def test_the_cpu_bf16_fast_path_keeps_the_clipping_bound(arch, monkeypatch):
     cfg = dataclasses.replace(cfg, max_grad_norm=clip)
     precision = dpsgd.compute_precision(cfg, "cpu")
     assert precision.dtype == precision.autocast == torch.bfloat16
-    prefix, note = dpsgd.frozen_prefix(model, records, cfg, PAD, "cpu", precision=precision)
+    prefix, note = frozen_prefix(model, records, cfg, PAD, "cpu", precision=precision)
     assert prefix is not None, note
     assert prefix.cache.meta["dtype"] == "bfloat16" and prefix.cache.states.dtype == torch.float32
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # the copy was bf16, the model is not
@@ -371,7 +373,7 @@ def test_bf16_mixed_precision_gives_the_float32_clipped_sum(arch, mode, cached, 
     for precision in ("fp32", "bf16-mixed"):
         run_cfg = dataclasses.replace(cfg, max_grad_norm=clip, precision=precision)
         model, _ = build(arch, run_cfg)
-        prefix = dpsgd.frozen_prefix(model, records, run_cfg, PAD, "cpu")[0]
+        prefix = frozen_prefix(model, records, run_cfg, PAD, "cpu")[0]
         assert (prefix is not None) == cached
         session = dpsgd.make_session(model, run_cfg, fixed_noise_plan(run_cfg, len(records), 0.0), "cpu",
                                      prefix=prefix)
@@ -463,7 +465,7 @@ def test_frozen_prefix_cache_gives_the_same_clipped_sum(arch, how, monkeypatch):
     for cached in (True, False):
         cfg = dataclasses.replace(cfg, max_grad_norm=clip, prefix_cache=cached)
         model, _ = build(arch, cfg)
-        prefix, note = dpsgd.frozen_prefix(model, records, cfg, PAD, "cpu")
+        prefix, note = frozen_prefix(model, records, cfg, PAD, "cpu")
         assert (prefix is not None) == cached, note
         if cached:
             assert prefix.top.start == 1 and "blocks 0-0 run once" in note
@@ -476,7 +478,7 @@ def test_frozen_prefix_cache_gives_the_same_clipped_sum(arch, how, monkeypatch):
     assert got[True].physical == got[False].physical  # deterministic: the same Poisson draw
     assert relative_error(got[True].updates[0], got[False].updates[0]) <= REL_TOL[torch.float32]
     ghost = dataclasses.replace(cfg, prefix_cache=True, grad_sample_mode="ghost")
-    assert dpsgd.frozen_prefix(model, records, ghost, PAD, "cpu")[0] is None  # the cache runs with hooks only
+    assert frozen_prefix(model, records, ghost, PAD, "cpu")[0] is None  # the cache runs with hooks only
 
 
 # =========================================================================== 2. noise

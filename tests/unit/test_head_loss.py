@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from dpnb.errors import DpnbError
-from dpnb.training.dpsgd import Records, collate, per_record_loss
 from dpnb.training.head_loss import FrozenHeadLoss, head_loss
+from dpnb.training.loss import Records, collate, per_record_loss
 
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 

@@ -25,9 +25,10 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from dpnb.errors import DpnbError
 from dpnb.io import DamagedFile
-from dpnb.training import dpsgd
-from dpnb.training.dpsgd import Records, collate, per_record_loss, shared_prefix_cache
+from dpnb.training import frozen_prefix
+from dpnb.training.frozen_prefix import shared_prefix_cache
 from dpnb.training.head_loss import FrozenHeadLoss
+from dpnb.training.loss import Records, collate, per_record_loss
 from dpnb.training.prefix_cache import (
     PrefixCache,
     TopBlocks,
@@ -280,7 +281,7 @@ def test_two_sweep_jobs_building_one_cache_at_once_build_it_once(tmp_path, monke
     model, recs, shared = top_lora("llama"), records(), tmp_path / "shared"
     first_building, second_on_its_way = threading.Event(), threading.Event()
     builds, outcomes = [], {}
-    build, flock = dpsgd.build_prefix_cache, fcntl.flock
+    build, flock = frozen_prefix.build_prefix_cache, fcntl.flock
 
     def held_build(*args, **kwargs):
         builds.append(threading.current_thread().name)
@@ -302,7 +303,7 @@ def test_two_sweep_jobs_building_one_cache_at_once_build_it_once(tmp_path, monke
         finally:
             second_on_its_way.set()
 
-    monkeypatch.setattr(dpsgd, "build_prefix_cache", held_build)
+    monkeypatch.setattr(frozen_prefix, "build_prefix_cache", held_build)
     monkeypatch.setattr(fcntl, "flock", watched_flock)
     first, second = threading.Thread(target=job, name="first"), threading.Thread(target=job, name="second")
     first.start()
