@@ -52,7 +52,7 @@ def small_records(n: int, seed: int = 1) -> Records:
 
 
 def as_dataset(records: Records) -> datasets.Dataset:
-    """The records as the prepared data set `finetune.train` reads."""
+    """The records as the prepared data set `dpnb.training.loop.train` reads."""
     import datasets
 
     return datasets.Dataset.from_dict({"input_ids": records.input_ids, "prompt_length": records.prompt_lengths})

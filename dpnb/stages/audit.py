@@ -1,6 +1,6 @@
 """06 audit: does the trained model leak its training records, and is the accounted epsilon honest?
 
-The stage trains two twins with the run's fine-tuning config (`finetune.train`, exactly as stage 02
+The stage trains two twins with the run's fine-tuning config (`dpnb.training.loop.train`, exactly as stage 02
 trains): one with DP, one without. Both train on the prepared records plus the canaries whose fair
 coin came up "inserted" (`dpnb.auditing.canaries`), and both are attacked three ways (`dpnb.auditing.attacks`):
 
@@ -59,6 +59,7 @@ from dpnb.auditing.attacks import (
 )
 from dpnb.auditing.canaries import make_canaries, with_canaries
 from dpnb.config import AuditConfig, FinetuneConfig, GenerateConfig, build
+from dpnb.data.prepared import load_prepared, train_sha256
 from dpnb.data.prompts import PromptFormat
 from dpnb.errors import DpnbError
 from dpnb.generation.dataset_card import Provenance
@@ -67,8 +68,7 @@ from dpnb.io import cached, read_json, save_figure, to_json, write_json_atomic
 from dpnb.lessons import roc_region
 from dpnb.models import load_base_model, load_tokenizer, load_trained, resolve_device
 from dpnb.runconfig import to_dict
-from dpnb.stages import finetune
-from dpnb.stages.prepare import load_prepared, train_sha256
+from dpnb.training import loop
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -185,10 +185,10 @@ def twin_configs(finetune_cfg: FinetuneConfig) -> dict[str, FinetuneConfig]:
 def train_twin(model_name: str, train: datasets.Dataset, train_hash: str, finetune_cfg: FinetuneConfig,
                twin_dir: Path, tokenizer: PreTrainedTokenizerBase, verbose: bool = True,
                plan_size: int | None = None) -> dict[str, Any]:
-    """Fine-tune one twin with `finetune.train`, exactly as stage 02 does; returns its privacy record.
+    """Fine-tune one twin with `loop.train`, exactly as stage 02 does; returns its privacy record.
 
     `plan_size` (`twin_plan_size`) is the N its q, steps, delta, sigma and divisor are planned for.
-    `finetune.train` itself returns a finished result of the same training, and resumes its own
+    `loop.train` itself returns a finished result of the same training, and resumes its own
     checkpoint. A twin directory left by other inputs (an interrupted audit with another config or
     other canaries, named by `inputs.json`) is cleared first: it is unfinished work, not a result.
     """
@@ -198,8 +198,8 @@ def train_twin(model_name: str, train: datasets.Dataset, train_hash: str, finetu
     if twin_dir.exists() and (not inputs_path.exists() or read_json(inputs_path) != json.loads(to_json(inputs))):
         shutil.rmtree(twin_dir)
     write_json_atomic(inputs_path, inputs)
-    return finetune.train(model_name, train, finetune_cfg, twin_dir, train_sha256=train_hash, tokenizer=tokenizer,
-                          verbose=verbose, plan_size=plan_size)
+    return loop.train(model_name, train, finetune_cfg, twin_dir, train_sha256=train_hash, tokenizer=tokenizer,
+                      verbose=verbose, plan_size=plan_size)
 
 
 def claimed_guarantee(privacy: dict[str, Any], repeats: int) -> dict[str, Any] | None:

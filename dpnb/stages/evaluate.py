@@ -13,12 +13,8 @@ steadier on a few hundred texts); `meta` names both. In the embedding path every
 training subsample, each synthetic set, the test set) is embedded once and its features reused:
 by every classifier that reads it, for label fidelity and for MAUVE.
 
-**Standard errors** (`standard_errors`). An accuracy p measured on n_test test texts has standard
-error sqrt(p (1 - p) / n_test) (binomial sampling of the test set). A difference between two
-sources has standard error sqrt(se_1^2 + se_2^2), about sqrt(2) se when the two are close; this
-treats the two as independent, which overstates it a little when both are scored on the same test
-texts (their errors are positively correlated). Only the test sampling is counted, not the spread
-over training seeds.
+**Standard errors** (`dpnb.evaluation.standard_errors`): of each source's accuracy, from the
+binomial sampling of the test set, and of the differences between sources.
 
 **MAUVE** (`dpnb.evaluation.embeddings.mauve_score`; when `mauve` is set). How close the distribution of a
 source's texts is to that of held-out real reviews, on MiniLM sentence embeddings (cut to
@@ -68,7 +64,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -85,6 +80,7 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from dpnb.config import SOURCE_NAMES, EvaluateConfig
+from dpnb.data.prepared import load_prepared
 from dpnb.data.sources import stratified_indices
 from dpnb.data.textstats import diversity, length_summary, lengths_from_counts, plot_length_histograms
 from dpnb.errors import DpnbError, require
@@ -110,13 +106,13 @@ from dpnb.evaluation.memorisation import (
     review_token_ids,
     text_token_ids,
 )
+from dpnb.evaluation.standard_errors import standard_errors
 from dpnb.generation.sampling import load_synthetic
 from dpnb.io import atomic_directory, cached, read_json, save_figure, write_json_atomic
 from dpnb.models import load_tokenizer, release_memory, resolve_device
 from dpnb.precision import Precision, choose
 from dpnb.privacy.accounting import default_delta
 from dpnb.rundir import RunDir, shared_store
-from dpnb.stages.prepare import load_prepared
 
 T = TypeVar("T")
 
@@ -124,9 +120,6 @@ STAGE = "evaluate"
 SOURCES = SOURCE_NAMES  # real, dp_classifier, synthetic (DP fine-tuned), pe (Private Evolution), zero_shot
 SYNTHETIC_SOURCES = ("synthetic", "pe", "zero_shot")
 MAUVE_ENCODER = DEFAULT_ENCODER  # MAUVE's features, whatever the classifier
-# accuracy differences shown with their standard error: (a, b) is "a - b"
-DIFFERENCES = (("synthetic", "real"), ("pe", "real"), ("dp_classifier", "real"), ("zero_shot", "real"),
-               ("synthetic", "zero_shot"), ("pe", "zero_shot"))
 
 
 # --------------------------------------------------------------------------- one synthetic set's quality
@@ -543,38 +536,6 @@ def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
             })
         rows[source] = row
     return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def accuracy_standard_error(accuracy: float | None, n_test: int | None) -> float | None:
-    """sqrt(p (1 - p) / n) of an accuracy p on n test texts; None when either is missing."""
-    if accuracy is None or not n_test or (isinstance(accuracy, float) and math.isnan(accuracy)):
-        return None
-    return math.sqrt(accuracy * (1 - accuracy) / n_test)
-
-
-def standard_errors(metrics: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Standard errors of each source's accuracy and of the differences between sources.
-
-    `accuracy[source]` = {accuracy p, n_test n, se = sqrt(p (1 - p) / n)}; `differences["a - b"]` =
-    {difference p_a - p_b, se = sqrt(se_a^2 + se_b^2), z = difference / se} for the pairs of
-    `DIFFERENCES` whose two accuracies exist (about 2 standard errors or more: unlikely to be test
-    noise alone). The two sources are treated as independent, though both are scored on the same test
-    texts; see the module docstring. Sources without an accuracy (nothing to train on) are left out.
-    """
-    per_source: dict[str, dict[str, Any]] = {}
-    for source in evaluated_sources(metrics):
-        entry = metrics[source]
-        se = accuracy_standard_error(entry.get("accuracy"), entry.get("n_test"))
-        if se is not None:
-            per_source[source] = {"accuracy": entry["accuracy"], "n_test": entry["n_test"], "se": se}
-    differences: dict[str, dict[str, Any]] = {}
-    for a, b in DIFFERENCES:
-        if a in per_source and b in per_source:
-            difference = per_source[a]["accuracy"] - per_source[b]["accuracy"]
-            se = math.sqrt(per_source[a]["se"] ** 2 + per_source[b]["se"] ** 2)
-            differences[f"{a} - {b}"] = {"difference": difference, "se": se,
-                                         "z": difference / se if se > 0 else None}
-    return {"accuracy": per_source, "differences": differences}
 
 
 def utility_table(metrics: dict[str, Any]) -> pd.DataFrame:

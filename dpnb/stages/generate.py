@@ -29,6 +29,7 @@ import torch
 from matplotlib.figure import Figure
 
 from dpnb.config import GenerateConfig
+from dpnb.data.prepared import load_prepared
 from dpnb.data.prompts import PromptFormat
 from dpnb.data.textstats import plot_length_histograms
 from dpnb.evaluation.dp_classifier import DPClassifier, DPClassifierSettings, train_dp_classifier
@@ -53,7 +54,6 @@ from dpnb.precision import Precision, choose
 from dpnb.privacy.accounting import default_delta
 from dpnb.privacy.composition import Mechanism
 from dpnb.rundir import RunDir, shared_store
-from dpnb.stages.prepare import load_prepared
 
 STAGE = "generate"
 SETS = ("synthetic", "zero_shot", "pe")

@@ -9,7 +9,8 @@ The stage reads top to bottom, one step per module:
 5.   **stats**: counts, dropped rows, token-length percentiles, truncation, duplicates
      (`dpnb.data.textstats.split_stats`); the token-length figure;
 6.   **write** `data/train`, `data/test`, `data/manifest.json`, `data_stats.json` and
-     `figures/token_lengths.png` into the run directory, atomically, then the completion marker.
+     `figures/token_lengths.png` into the run directory, atomically, then the completion marker
+     (the format of data/, and `load_prepared` that reads it back: `dpnb.data.prepared`).
 
 In DP fine-tuning the unit of privacy is one record: one review here. That is why duplicates are
 counted (a review present twice has twice the influence) and why every record is cut to the same
@@ -19,18 +20,16 @@ token budget.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import datasets
-import numpy as np
 import pandas as pd
-from datasets import Dataset, Features, List, Value, load_from_disk
 
 from dpnb import models
 from dpnb.config import PrepareConfig
+from dpnb.data.prepared import to_dataset, train_sha256
 from dpnb.data.prompts import PromptFormat, encode_records
 from dpnb.data.sources import load_splits, subsample, validate_split
 from dpnb.data.textstats import split_stats, token_lengths_figure
@@ -39,29 +38,6 @@ from dpnb.io import atomic_directory, read_json, save_figure, write_json_atomic
 from dpnb.rundir import RunDir
 
 STAGE = "prepare"
-
-
-# --------------------------------------------------------------------------- records
-
-
-def to_dataset(columns: dict[str, list]) -> Dataset:
-    """One split's records (`encode_records`'s columns) as a `datasets.Dataset` with the contract's types."""
-    features = Features({
-        "text": Value("string"), "label": Value("int64"), "label_name": Value("string"),
-        "input_ids": List(Value("int32")), "prompt_length": Value("int32"), "n_tokens": Value("int32"),
-        "truncated": Value("bool"),
-    })
-    return Dataset.from_dict(columns, features=features)
-
-
-def train_sha256(columns: dict[str, list]) -> str:
-    """sha256 over the training records in order: for each, its label and its number of ids as
-    little-endian int64, then its ids as little-endian int32. Equal hashes mean equal training data."""
-    digest = hashlib.sha256()
-    for label, ids in zip(columns["label"], columns["input_ids"], strict=True):
-        digest.update(np.asarray([label, len(ids)], dtype="<i8").tobytes())
-        digest.update(np.asarray(ids, dtype="<i4").tobytes())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- stats
@@ -167,15 +143,6 @@ def run_stage(run: RunDir, cfg: PrepareConfig, force: bool = False) -> dict[str,
     save_figure(token_lengths_figure(splits, cfg.label_names, cfg.max_length), run.figure("token_lengths.png"))
     run.mark_complete(STAGE, cfg, started)
     return read_json(run.data_stats)  # the same values a skipped run returns
-
-
-def load_prepared(run: RunDir) -> tuple[Dataset, Dataset, dict[str, Any]]:
-    """The prepared train and test records and the manifest, for the stages after prepare."""
-    run.require_stage(STAGE)
-    parts = (run.data / "train", run.data / "test", run.data / "manifest.json")
-    for path in parts:
-        require(path.exists(), f"{path} is missing although prepare completed; rerun prepare with force=True")
-    return load_from_disk(str(parts[0])), load_from_disk(str(parts[1])), read_json(parts[2])
 
 
 @contextlib.contextmanager

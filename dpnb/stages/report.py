@@ -12,7 +12,7 @@ Rows of the table, one per (run, source) for every source a run's metrics.json h
   (epsilon 0), once per distinct data, base model and classifier.
 Columns: epsilon spent, delta, noise multiplier, noise-adding steps (PE: iterations); the classifier
 that produced the numbers; accuracy on the real test set with its standard error `accuracy_se` =
-sqrt(p (1 - p) / n_test) (`dpnb.stages.evaluate.standard_errors`); F1; `mauve` of the source's texts
+sqrt(p (1 - p) / n_test) (`dpnb.evaluation.standard_errors`); F1; `mauve` of the source's texts
 against held-out real texts (the real row: real training texts against the same, the ceiling); label
 fidelity (the share of a synthetic set's texts the real-data classifier labels as prompted); counts;
 wall time. Rows scored by different classifiers do not compare.
@@ -47,10 +47,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from dpnb.config import SOURCE_NAMES
+from dpnb.evaluation.standard_errors import accuracy_standard_error, standard_errors
 from dpnb.io import read_json, read_jsonl, save_figure, write_text_atomic
 from dpnb.rundir import RunDir
-from dpnb.stages.evaluate import SOURCES, accuracy_standard_error, standard_errors
-from dpnb.stages.finetune import plot_loss_vs_epsilon, smoothed
+from dpnb.training.train_log import plot_loss_vs_epsilon, smoothed
 
 SELECTION_WARNING = (
     "Every run in the table spent its own privacy budget on the same private data: releasing the outputs of k "
@@ -179,7 +180,7 @@ def _shared_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def report_rows(summaries: list[dict[str, Any]]) -> pd.DataFrame:
     """Every (run, source) row, references merged, in the table's order, with the data key `_key` kept."""
-    rows = [_metric_row(source, summary, summary["metrics"][source]) for summary in summaries for source in SOURCES
+    rows = [_metric_row(source, summary, summary["metrics"][source]) for summary in summaries for source in SOURCE_NAMES
             if isinstance(summary["metrics"].get(source), dict) and summary["metrics"][source].get("accuracy")
             is not None]
     if not rows:
@@ -188,7 +189,7 @@ def report_rows(summaries: list[dict[str, Any]]) -> pd.DataFrame:
     frame["runs"] = 1
     shared = frame.source.isin(list(REFERENCES))
     table = pd.concat([pd.DataFrame(_shared_rows(frame[shared])), frame[~shared]], ignore_index=True)
-    table["_source"] = table.source.map(SOURCES.index)
+    table["_source"] = table.source.map(SOURCE_NAMES.index)
     table["_epsilon"] = pd.to_numeric(table.epsilon, errors="coerce").fillna(math.inf)  # unknown: last
     table = table.sort_values(["_source", "model", "_epsilon", "run"], kind="stable", na_position="first")
     return table.drop(columns=["_source", "_epsilon"]).reset_index(drop=True)[[*COLUMNS, "_key"]]

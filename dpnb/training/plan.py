@@ -95,6 +95,28 @@ def plan_training(cfg: FinetuneConfig, dataset_size: int, plan_size: int | None 
                         target_epsilon=cfg.target_epsilon if cfg.dp else None)
 
 
+def describe_plan(plan: TrainingPlan, trainable: int, cfg: FinetuneConfig) -> str:
+    """One paragraph with the numbers of the run, for the log and the notebook."""
+    lines = [
+        f"{plan.steps} logical steps over {plan.dataset_size} records: each record is sampled with probability "
+        f"q = {plan.sample_rate:.6g} per step (expected logical batch {plan.expected_batch_size:.1f}, physical "
+        f"batches of at most {plan.physical_batch_size}); {trainable:,} trainable parameters ({cfg.mode})."
+    ]
+    if plan.plan_size != plan.dataset_size:
+        lines.append(f"Planned for N = {plan.plan_size} records (q, steps, delta, sigma, and the divisor "
+                     f"E = {plan.divisor}), whatever part of them is present.")
+    if plan.dp:
+        sigma = plan.noise_multiplier
+        lines.append(
+            f"DP-SGD: clip each record's gradient to C = {cfg.max_grad_norm:g}, add Gaussian noise with "
+            f"sigma = {sigma:.4f} (std sigma*C = {sigma * cfg.max_grad_norm:.3g}); target epsilon "
+            f"{plan.target_epsilon:g} at delta = {plan.delta:.3g} ({plan.accountant} accountant)."
+        )
+    else:
+        lines.append("No DP: no clipping, no noise (epsilon = infinity).")
+    return "\n".join(lines)
+
+
 # =========================================================================== privacy.json
 
 

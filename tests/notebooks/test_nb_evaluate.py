@@ -7,6 +7,7 @@ import re
 
 from testkit import TINY_EVALUATE, build_run, execute_notebook, nbval_check
 
+from dpnb.evaluation.standard_errors import standard_errors
 from dpnb.stages import evaluate
 
 
@@ -42,7 +43,7 @@ def test_evaluate_notebook(tmp_path, monkeypatch):
     # the exercises' answers: real reviews with their words garbled have a higher distinct-1
     real, garbled = (float(v) for v in re.findall(r"distinct-1 (\d\.\d+)", distinct)[:2])
     assert "16 real reviews" in distinct and garbled > real
-    gap = evaluate.standard_errors(metrics)["differences"]["synthetic - zero_shot"]
+    gap = standard_errors(metrics)["differences"]["synthetic - zero_shot"]
     assert f"synthetic - zero_shot: {gap['difference']:+.3f}, one standard error {gap['se']:.3f}" in gap_answer
     assert f"with 80 test reviews instead of 20: about {gap['se'] / 2:.3f}" in gap_answer
     nbval_check(executed)

@@ -12,8 +12,10 @@ from testkit import TINY_AUDIT, TINY_FINETUNE
 
 from dpnb.auditing import attacks
 from dpnb.auditing.canaries import exposure, exposure_extrapolated, with_canaries
+from dpnb.data.prepared import to_dataset
 from dpnb.errors import DpnbError
 from dpnb.stages import audit
+from dpnb.training import loop
 
 # --------------------------------------------------------------------------- exposure
 
@@ -402,7 +404,7 @@ def tiny_prepared(toy_data_dir):
 
     prepared = prepare.prepare_data(PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=16, n_test=40,
                                                max_length=16))
-    return prepare.to_dataset(prepared.train), prepare.to_dataset(prepared.test), prepared.manifest
+    return to_dataset(prepared.train), to_dataset(prepared.test), prepared.manifest
 
 
 def test_canaries_are_shaped_like_training_records(tiny_prepared):
@@ -441,13 +443,12 @@ def test_flipping_a_coin_leaves_the_twins_mechanism_unchanged(tiny_prepared, tmp
     from dpnb.config import AuditConfig, FinetuneConfig
     from dpnb.data.prompts import PromptFormat
     from dpnb.models import load_tokenizer
-    from dpnb.stages import finetune
 
     train, test, manifest = tiny_prepared
     cfg = AuditConfig(**TINY_AUDIT)
     drawn = audit.plan_audit(train, test, manifest["label_names"], load_tokenizer("tiny-llama"),
                              PromptFormat.from_dict(manifest["prompt"]), 16, cfg)
-    plans, plan_training = [], finetune.plan_training
+    plans, plan_training = [], loop.plan_training
 
     class Planned(Exception):
         pass
@@ -456,7 +457,7 @@ def test_flipping_a_coin_leaves_the_twins_mechanism_unchanged(tiny_prepared, tmp
         plans.append(plan_training(*args, **kwargs))
         raise Planned
 
-    monkeypatch.setattr(finetune, "plan_training", planned)
+    monkeypatch.setattr(loop, "plan_training", planned)
     for flip in (False, True):
         coins = drawn.inserted ^ (np.arange(cfg.n_canaries) == 0) if flip else drawn.inserted
         plan = dataclasses.replace(drawn, canaries=[{**c, "inserted": bool(k)} for c, k in zip(drawn.canaries, coins,

@@ -15,6 +15,7 @@ from testkit import LONG_REVIEW, TINY_EVALUATE, build_run, toy_reviews
 from dpnb.config import EvaluateConfig, GenerateConfig, build
 from dpnb.errors import DpnbError
 from dpnb.evaluation import classifier, embeddings, memorisation
+from dpnb.evaluation.standard_errors import accuracy_standard_error, standard_errors
 from dpnb.io import write_json_atomic
 from dpnb.models import load_tokenizer
 from dpnb.privacy import guarantee
@@ -56,7 +57,7 @@ def test_standard_errors_match_hand_computation():
     # zero_shot was not trained (no accuracy): left out, and so are its differences.
     metrics = {"real": {"accuracy": 0.8, "n_test": 100}, "synthetic": {"accuracy": 0.6, "n_test": 100},
                "zero_shot": {"accuracy": None, "n_test": 100}, "meta": {}}
-    errors = evaluate.standard_errors(metrics)
+    errors = standard_errors(metrics)
     assert set(errors["accuracy"]) == {"real", "synthetic"}
     assert errors["accuracy"]["real"]["se"] == pytest.approx(0.04)
     assert errors["accuracy"]["synthetic"]["se"] == pytest.approx(0.0489898, abs=1e-7)
@@ -65,7 +66,7 @@ def test_standard_errors_match_hand_computation():
     assert difference["difference"] == pytest.approx(-0.2)
     assert difference["se"] == pytest.approx(0.0632456, abs=1e-7)
     assert difference["z"] == pytest.approx(-3.16228, abs=1e-5)
-    assert evaluate.accuracy_standard_error(1.0, 20) == 0.0 and evaluate.accuracy_standard_error(None, 20) is None
+    assert accuracy_standard_error(1.0, 20) == 0.0 and accuracy_standard_error(None, 20) is None
 
 
 def test_label_fidelity_overall_and_per_label():

@@ -33,8 +33,7 @@ from dpnb.models import (
 from dpnb.privacy import accounting, guarantee
 from dpnb.privacy.independent_accounting import cross_check
 from dpnb.rundir import CHECKPOINT_FILE
-from dpnb.stages import finetune
-from dpnb.training import dpsgd
+from dpnb.training import dpsgd, loop, train_log
 from dpnb.training.checkpoints import TrainingInterrupted
 from dpnb.training.loss import Records, collate, initial_loss, per_record_loss
 from dpnb.training.plan import TrainingPlan, plan_training
@@ -71,7 +70,7 @@ def config(**overrides) -> FinetuneConfig:
 
 
 def run(model_name, data, cfg, out, tokenizer, **kwargs):
-    return finetune.train(model_name, data, cfg, out, tokenizer=tokenizer, verbose=False, **kwargs)
+    return loop.train(model_name, data, cfg, out, tokenizer=tokenizer, verbose=False, **kwargs)
 
 
 # --------------------------------------------------------------------------- records and the loss
@@ -227,7 +226,7 @@ def test_training_lowers_the_loss_without_and_with_dp(toy, tokenizer, tmp_path):
     for dp in (False, True):
         cfg = config(dp=dp, max_steps=6, accountant="prv")
         record = run("tiny-llama", toy, cfg, tmp_path / str(dp), tokenizer)
-        log = finetune.read_train_log(tmp_path / str(dp))
+        log = train_log.read_train_log(tmp_path / str(dp))
         assert [r["step"] for r in log] == list(range(7))
         start, end = log[0]["loss"], sum(r["loss"] for r in log[-2:]) / 2
         assert end < start - 0.2, (dp, start, end)
@@ -349,7 +348,7 @@ def test_empty_poisson_batches_add_noise_and_count_as_steps(tokenizer, tmp_path,
     cfg = config(mode="lora", lora_r=2, logical_batch_size=1, physical_batch_size=1, max_steps=6, seed=3,
                  deterministic=True)
     record = run("tiny-llama", data, cfg, tmp_path, tokenizer)
-    log = finetune.read_train_log(tmp_path)
+    log = train_log.read_train_log(tmp_path)
     empty = [r for r in log[1:] if r["loss"] is None]  # a step that drew no record logs no loss
     assert empty and len(log) == 7
     # every step, empty or not, added noise (counted here, apart from Opacus's accountant) and is accounted
@@ -374,7 +373,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(mode, dp, stop_at, how, t
     cfg = config(mode=mode, dp=dp, lora_r=4, lora_dropout=0.1, max_steps=6, logical_batch_size=8,
                  physical_batch_size=4, checkpoint_every=100, lr_schedule="linear", deterministic=True)
     whole = run("tiny-llama", toy, cfg, tmp_path / "whole", tokenizer)
-    lrs = [r["lr"] for r in finetune.read_train_log(tmp_path / "whole")[1:]]
+    lrs = [r["lr"] for r in train_log.read_train_log(tmp_path / "whole")[1:]]
     assert lrs == pytest.approx([cfg.lr * (1 - k / 6) for k in range(6)])  # linear decay, step k uses 1 - k/6
 
     def stop(step: int) -> bool:
@@ -391,14 +390,14 @@ def test_an_interrupted_run_resumes_to_the_same_result(mode, dp, stop_at, how, t
     assert signal.getsignal(signal.SIGINT) is handler  # the run's handler is gone again
     assert (tmp_path / "parts" / "checkpoints" / CHECKPOINT_FILE).exists()
     assert not (tmp_path / "parts" / "privacy.json").exists()
-    assert len(finetune.read_train_log(tmp_path / "parts")) == stop_at + 1
+    assert len(train_log.read_train_log(tmp_path / "parts")) == stop_at + 1
     resumed = run("tiny-llama", toy, cfg, tmp_path / "parts", tokenizer)
 
     assert resumed["steps"] == whole["steps"] == 6
     assert resumed["epsilon"] == whole["epsilon"]
     strip = ("wall_s",)
-    assert ([{k: v for k, v in r.items() if k not in strip} for r in finetune.read_train_log(tmp_path / "parts")]
-            == [{k: v for k, v in r.items() if k not in strip} for r in finetune.read_train_log(tmp_path / "whole")])
+    assert ([{k: v for k, v in r.items() if k not in strip} for r in train_log.read_train_log(tmp_path / "parts")]
+            == [{k: v for k, v in r.items() if k not in strip} for r in train_log.read_train_log(tmp_path / "whole")])
     a, b = weights(tmp_path / "whole" / "model"), weights(tmp_path / "parts" / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # a finished run is returned as it is, not trained again
@@ -453,7 +452,7 @@ def test_a_plan_made_for_more_records_runs_on_the_records_there_are(toy, tokeniz
 ])
 def test_data_dependent_parameters_fail_before_any_model_loads(values, message, toy, tmp_path):
     with pytest.raises(DpnbError, match=message):
-        finetune.train("no-such-model", toy, config(**values), tmp_path / "out", verbose=False)
+        loop.train("no-such-model", toy, config(**values), tmp_path / "out", verbose=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -461,7 +460,7 @@ def test_a_batch_count_opacus_would_miscount_fails_before_any_model_loads(tokeni
     """93 records in logical batches of 1: 93 batches per epoch, which Opacus would count as 92 (and account
     q = 1/92 while sampling at 1/93); refused in planning, naming the nearest size that works."""
     with pytest.raises(DpnbError, match="makes 93 batches per epoch.*use logical_batch_size 2$"):
-        finetune.train("no-such-model", toy_dataset(tokenizer, 93), config(logical_batch_size=1, physical_batch_size=1),
+        loop.train("no-such-model", toy_dataset(tokenizer, 93), config(logical_batch_size=1, physical_batch_size=1),
                        tmp_path / "out", verbose=False)
     assert not (tmp_path / "out").exists()
 
@@ -496,14 +495,14 @@ def test_one_loss_figure_serves_a_run_and_a_report():
     dp_log = [{"step": 0, "epsilon": 0.0, "loss": 4.0}, {"step": 1, "epsilon": 1.0, "loss": None},
               {"step": 2, "epsilon": 2.0, "loss": 3.5}]
     plain_log = [{"step": 0, "epsilon": None, "loss": 4.0}, {"step": 1, "epsilon": None, "loss": 3.0}]
-    figure = finetune.plot_loss_vs_epsilon(dp_log, title="one run")
+    figure = train_log.plot_loss_vs_epsilon(dp_log, title="one run")
     (axis,) = figure.axes
     assert axis.get_title() == "one run" and axis.get_xlabel() == "epsilon spent"
     assert list(axis.lines[0].get_xdata()) == [0.0, 2.0]  # the step that drew no record is left out
-    axis = finetune.plot_loss_vs_epsilon(plain_log).axes[0]
+    axis = train_log.plot_loss_vs_epsilon(plain_log).axes[0]
     assert list(axis.lines[0].get_xdata()) == [0, 1] and "no DP" in axis.get_xlabel()
-    report_axis = finetune.plot_loss_vs_epsilon(plain_log).axes[0]
-    finetune.plot_loss_vs_epsilon({"eps1": dp_log, "nodp": plain_log, "empty": []}, ax=report_axis)
+    report_axis = train_log.plot_loss_vs_epsilon(plain_log).axes[0]
+    train_log.plot_loss_vs_epsilon({"eps1": dp_log, "nodp": plain_log, "empty": []}, ax=report_axis)
     labels = [line.get_label() for line in report_axis.lines[1:]]
     # beside DP runs, a run without an epsilon has no place on the axis (curves are labelled "name: ...")
     assert labels and {label.split(":")[0] for label in labels} == {"eps1"}

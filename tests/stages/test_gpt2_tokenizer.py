@@ -17,6 +17,7 @@ from testkit import write_csv
 
 from dpnb import gpt2_tokenizer
 from dpnb.config import FinetuneConfig, GenerateConfig, PrepareConfig
+from dpnb.data.prepared import load_prepared
 from dpnb.data.prompts import PromptFormat
 from dpnb.errors import DpnbError
 from dpnb.generation.decoding import sample_continuations
@@ -35,6 +36,7 @@ from dpnb.models import (
 )
 from dpnb.rundir import RunDir
 from dpnb.stages import finetune, generate, prepare
+from dpnb.training import loop
 from dpnb.training.loss import Records, collate, per_record_loss
 
 MODEL = "tiny-gpt2-bpe"
@@ -197,7 +199,7 @@ def gpt2_run(tmp_path_factory, source):
 
 
 def test_prepared_records_on_gpt2(gpt2_run, tokenizer):
-    train, _, manifest = prepare.load_prepared(gpt2_run)
+    train, _, manifest = load_prepared(gpt2_run)
     assert manifest["model"] == MODEL and manifest["max_length"] == 1024
     fmt = PromptFormat.from_dict(manifest["prompt"])
     for record in train:
@@ -272,11 +274,11 @@ def test_records_longer_than_the_models_positions_are_refused_before_training(so
     """Records prepared for a longer context (here 1,024 tokens) on a model of 64 positions."""
     run = RunDir(tmp_path / "run")
     prepare.run_stage(run, PrepareConfig(source=str(source), model=MODEL, max_length=1024))
-    train, _, _ = prepare.load_prepared(run)
+    train, _, _ = load_prepared(run)
     base = load_base_model(MODEL, for_training=True)
     small = type(base)(type(base.config)(**{**base.config.to_dict(), "n_positions": 64}))
     with pytest.raises(DpnbError, match=r"longest training record.*64 positions"):
-        finetune.train(MODEL, train, gpt2_config(), tmp_path / "out", tokenizer=tokenizer, base_model=small,
+        loop.train(MODEL, train, gpt2_config(), tmp_path / "out", tokenizer=tokenizer, base_model=small,
                        verbose=False)
 
 
@@ -319,8 +321,8 @@ def test_an_untied_gpt2_saves_and_reloads_untied(tokenizer, tmp_path):
 
 
 def test_ghost_clipping_trains_an_untied_gpt2_that_reloads_untied(gpt2_run, tokenizer, tmp_path):
-    train, _, _ = prepare.load_prepared(gpt2_run)
-    record = finetune.train(MODEL, train, gpt2_config(grad_sample_mode="ghost", samples_before_after=0),
+    train, _, _ = load_prepared(gpt2_run)
+    record = loop.train(MODEL, train, gpt2_config(grad_sample_mode="ghost", samples_before_after=0),
                             tmp_path / "ghost", tokenizer=tokenizer, verbose=False)
     assert record["steps"] == 2
     assert read_json(tmp_path / "ghost" / "model" / "dpnb_model.json")["untied_embeddings"] is True

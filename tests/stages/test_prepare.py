@@ -16,6 +16,7 @@ from testkit import toy_reviews, write_csv
 from dpnb import models
 from dpnb.config import PrepareConfig
 from dpnb.data import prompts, sources
+from dpnb.data.prepared import load_prepared, train_sha256
 from dpnb.errors import DpnbError
 from dpnb.io import read_json
 from dpnb.rundir import RunDir
@@ -370,7 +371,7 @@ def test_run_stage_writes_the_contract(tmp_path, toy_data_dir, cached_tokenizer)
     config = cfg(toy_data_dir, n_train=60, n_test=40, max_length=48, prompt_format="chat", max_dropped_fraction=0)
     run = RunDir(tmp_path / "run")
     stats = prepare.run_stage(run, config)
-    dataset, test, manifest = prepare.load_prepared(run)
+    dataset, test, manifest = load_prepared(run)
     train = dataset.to_dict()
     assert (len(dataset), len(test)) == (60, 40)
     assert set(dataset.column_names) == {"text", "label", "label_name", "input_ids", "prompt_length", "n_tokens",
@@ -382,7 +383,7 @@ def test_run_stage_writes_the_contract(tmp_path, toy_data_dir, cached_tokenizer)
         assert record["input_ids"][: record["prompt_length"]] == prompt
         assert record["n_tokens"] == len(record["input_ids"]) <= 48
         assert record["input_ids"][-1] == cached_tokenizer.eos_token_id
-    assert manifest["train_sha256"] == prepare.train_sha256(train)
+    assert manifest["train_sha256"] == train_sha256(train)
     assert {k: manifest[k] for k in ("model", "label_names", "max_length", "n_train", "n_test", "seed")} == {
         "model": "tiny-llama", "label_names": list(LABELS), "max_length": 48, "n_train": 60, "n_test": 40, "seed": 0}
     split = stats["splits"]["train"]
@@ -404,7 +405,7 @@ def test_run_stage_skips_refuses_and_forces(tmp_path, toy_data_dir, cached_token
     with pytest.raises(DpnbError, match="different config"):
         prepare.run_stage(run, cfg(toy_data_dir, n_train=50, n_test=20, max_length=24))
     forced = prepare.run_stage(run, cfg(toy_data_dir, n_train=50, n_test=20, max_length=24), force=True)
-    assert forced["splits"]["train"]["records"] == 50 and prepare.load_prepared(run)[2]["n_train"] == 50
+    assert forced["splits"]["train"]["records"] == 50 and load_prepared(run)[2]["n_train"] == 50
 
 
 def test_interrupted_run_keeps_the_previous_data_and_resumes(tmp_path, toy_data_dir, cached_tokenizer, monkeypatch):
@@ -430,7 +431,7 @@ def test_interrupted_run_keeps_the_previous_data_and_resumes(tmp_path, toy_data_
 
 def test_load_prepared_before_prepare_is_an_error(tmp_path):
     with pytest.raises(DpnbError, match="stage 'prepare' has not completed"):
-        prepare.load_prepared(RunDir(tmp_path / "empty"))
+        load_prepared(RunDir(tmp_path / "empty"))
 
 
 def test_format_example_shows_where_the_prompt_ends(tokenizer):

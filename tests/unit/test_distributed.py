@@ -52,8 +52,7 @@ from dpnb.io import read_json, read_jsonl
 from dpnb.models import build_model, load_tokenizer, quiet_transformers
 from dpnb.privacy import accounting, guarantee
 from dpnb.rundir import RunDir
-from dpnb.stages import finetune
-from dpnb.training import distributed, dpsgd
+from dpnb.training import distributed, dpsgd, loop
 from dpnb.training.checkpoints import TrainingInterrupted
 from dpnb.training.frozen_prefix import frozen_prefix
 from dpnb.training.loss import Records
@@ -160,7 +159,7 @@ def train_run(out: Path, stop_at: int | None = None) -> str:
     """One run through train(); with `stop_at`, rank 1 alone asks to stop there (as a signal reaching one
     rank first would), and every rank must stop at that step."""
     try:
-        finetune.train("small-llama", as_dataset(small_records(TRAIN_RECORDS)), train_config(), out,
+        loop.train("small-llama", as_dataset(small_records(TRAIN_RECORDS)), train_config(), out,
                        tokenizer=load_tokenizer("tiny-llama"), base_model=small_lm(), verbose=False,
                        should_stop=(lambda step: step == stop_at and distributed.rank() == 1) if stop_at else None)
     except TrainingInterrupted:
@@ -230,7 +229,7 @@ def faults_task(out: Path) -> dict[str, str]:
 
     def attempt(name: str, records: Records, run_cfg: FinetuneConfig = cfg) -> str:
         try:
-            finetune.train("small-llama", as_dataset(records), run_cfg, out / "faults" / name,
+            loop.train("small-llama", as_dataset(records), run_cfg, out / "faults" / name,
                            tokenizer=load_tokenizer("tiny-llama"), base_model=small_lm(), verbose=False)
         except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
             return f"{type(exc).__name__}: {exc}"
@@ -241,13 +240,13 @@ def faults_task(out: Path) -> dict[str, str]:
 
     seen = {"records": attempt("records", small_records(TRAIN_RECORDS, seed=1 + rank)),
             "plan": attempt("plan", small_records(TRAIN_RECORDS), dataclasses.replace(cfg, target_epsilon=8.0 + rank))}
-    save_trained = finetune.save_trained
+    save_trained = loop.save_trained
     if rank == 0:
-        finetune.save_trained = full_disk
+        loop.save_trained = full_disk
     try:
         seen["write"] = attempt("write", small_records(TRAIN_RECORDS))
     finally:
-        finetune.save_trained = save_trained
+        loop.save_trained = save_trained
     return seen
 
 
@@ -356,7 +355,7 @@ def test_epsilon_is_the_single_process_epsilon(runs, tmp_path):
     whole = RunDir(runs["out"] / "whole")
     distributed_record = read_json(whole.privacy)
     single = RunDir(tmp_path / "single")
-    single_record = finetune.train("small-llama", as_dataset(small_records(TRAIN_RECORDS)), train_config(), single,
+    single_record = loop.train("small-llama", as_dataset(small_records(TRAIN_RECORDS)), train_config(), single,
                                    tokenizer=load_tokenizer("tiny-llama"), base_model=small_lm(), verbose=False)
     ignored = {"versions"}
     assert {k: v for k, v in distributed_record.items() if k not in ignored} == \

@@ -56,8 +56,8 @@ from dpnb.errors import DpnbError
 from dpnb.models import build_model, is_quantized_4bit, load_causal_lm, load_tokenizer, quiet_transformers
 from dpnb.privacy import accounting
 from dpnb.privacy.independent_accounting import cross_check, google_epsilons
-from dpnb.stages import audit, finetune
-from dpnb.training import dpsgd
+from dpnb.stages import audit
+from dpnb.training import dpsgd, loop, train_log
 from dpnb.training.frozen_prefix import frozen_prefix
 from dpnb.training.loss import Records, collate, per_record_loss
 from dpnb.training.plan import TrainingPlan, plan_training
@@ -629,10 +629,10 @@ def test_deterministic_runs_reproduce_and_are_not_a_dp_release(tmp_path, tokeniz
     for deterministic in (True, False):
         for run in range(2):
             out = tmp_path / f"{deterministic}-{run}"
-            record = finetune.train("small-llama", as_dataset(records), dataclasses.replace(
+            record = loop.train("small-llama", as_dataset(records), dataclasses.replace(
                 cfg, deterministic=deterministic), out, tokenizer=tokenizer, base_model=small_lm("llama"),
                 verbose=False)
-            log = [{k: v for k, v in r.items() if k != "wall_s"} for r in finetune.read_train_log(out)]
+            log = [{k: v for k, v in r.items() if k != "wall_s"} for r in train_log.read_train_log(out)]
             outputs[deterministic, run] = (record, log, load_file(out / "model" / "adapter_model.safetensors"))
     for deterministic in (True, False):
         (rec_a, log_a, w_a), (rec_b, log_b, w_b) = outputs[deterministic, 0], outputs[deterministic, 1]
@@ -689,11 +689,11 @@ def test_prefix_cache_changes_neither_the_weights_nor_the_epsilon(tmp_path, toke
     for cached in (True, False):
         noise_additions.clear()
         out = tmp_path / str(cached)
-        record = finetune.train("small-llama", as_dataset(records), dataclasses.replace(cfg, prefix_cache=cached), out,
+        record = loop.train("small-llama", as_dataset(records), dataclasses.replace(cfg, prefix_cache=cached), out,
                                 tokenizer=tokenizer, base_model=small_lm("llama"), verbose=False)
         assert len(noise_additions) == 3
         assert_epsilon_is_independently_right(record, 16, 4, 3)
-        runs[cached] = record, load_file(out / "model" / "adapter_model.safetensors"), finetune.read_train_log(out)
+        runs[cached] = record, load_file(out / "model" / "adapter_model.safetensors"), train_log.read_train_log(out)
     (cached, w_cached, log_cached), (whole, w_whole, log_whole) = runs[True], runs[False]
     assert cached["epsilon"] == whole["epsilon"] and cached["steps"] == whole["steps"] == 3
     # same noise and batches (deterministic); float32, 3 AdamW steps of lr 1e-2 (each moves a weight by up to
@@ -715,7 +715,7 @@ def test_ghost_clipping_trains_gpt2_through_train(tmp_path, tokenizer, noise_add
     data = datasets.Dataset.from_dict({"input_ids": ids, "prompt_length": prompts})
     cfg = config(grad_sample_mode="ghost", logical_batch_size=8, physical_batch_size=4, max_steps=2,
                  deterministic=False)
-    record = finetune.train("tiny-gpt2", data, cfg, tmp_path, tokenizer=tokenizer, verbose=False)
+    record = loop.train("tiny-gpt2", data, cfg, tmp_path, tokenizer=tokenizer, verbose=False)
     assert len(noise_additions) == 2
     assert record["grad_sample_mode"] == "ghost" and record["dp_release"] is True
     assert_epsilon_is_independently_right(record, 32, 8, 2)
@@ -726,5 +726,5 @@ def test_ghost_clipping_trains_gpt2_through_train(tmp_path, tokenizer, noise_add
     trained = load_file(tmp_path / "model" / "model.safetensors")
     before = fresh.state_dict()
     assert any(not torch.equal(trained[k], before[k]) for k in trained if k in before)
-    log = finetune.read_train_log(tmp_path)
+    log = train_log.read_train_log(tmp_path)
     assert all(r["loss"] is None or math.isfinite(r["loss"]) for r in log) and len(log) == 3
