@@ -144,12 +144,13 @@ def run_case(case: Case, spec: dict) -> dict:
     from torch.utils.data import DataLoader
 
     from dpnb.config import FinetuneConfig
-    from dpnb.models import build_model, quiet_transformers, trainable_parameters
+    from dpnb.models import quiet_transformers
     from dpnb.privacy import accounting
     from dpnb.training import dpsgd
     from dpnb.training.frozen_prefix import frozen_prefix
     from dpnb.training.loss import Records
     from dpnb.training.plan import plan_training
+    from dpnb.training.trainable import build_model, trainable_parameters
 
     warnings.filterwarnings("ignore", message=QUIET)
     torch.set_num_threads(spec["threads"])

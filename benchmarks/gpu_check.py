@@ -85,12 +85,13 @@ from dpnb.config import FinetuneConfig  # noqa: E402
 from dpnb.generation import decoding, engines  # noqa: E402
 from dpnb.generation.fast_forward import is_supported, unwrap  # noqa: E402
 from dpnb.generation.next_token import SamplingSettings  # noqa: E402
-from dpnb.models import build_model, quiet_transformers, trainable_parameters  # noqa: E402
+from dpnb.models import quiet_transformers  # noqa: E402
 from dpnb.privacy import accounting  # noqa: E402
 from dpnb.sweep import sweep_configs  # noqa: E402
 from dpnb.training import dpsgd  # noqa: E402
 from dpnb.training.loss import Records, collate, per_record_loss  # noqa: E402
 from dpnb.training.plan import plan_training  # noqa: E402
+from dpnb.training.trainable import build_model, trainable_parameters  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--smoke", action="store_true", help="the same code on the CPU at tiny shapes (< 1 minute)")

@@ -7,7 +7,7 @@ The finetune stage (`dpnb.stages.finetune`) trains the run's generator with it, 
    before any model is loaded;
 2. the outputs already there: a finished training of the same identity (model, config, records) is
    returned as it is, a checkpoint of it resumed (`dpnb.training.checkpoints`), anything else cleared;
-3. the model (`dpnb.models.build_model`), the loss before any update (step 0 of the log) or the
+3. the model (`dpnb.training.trainable`), the loss before any update (step 0 of the log) or the
    checkpoint's state, the precision, the fast path (`dpnb.training.frozen_prefix`) and the Opacus
    session (`dpnb.training.dpsgd`);
 4. the logical steps, each logged (`dpnb.training.train_log`) with the epsilon spent so far, a
@@ -36,14 +36,11 @@ from dpnb.errors import DpnbError
 from dpnb.io import append_jsonl, read_json, write_json_atomic
 from dpnb.models import (
     MODEL_CARD,
-    build_model,
     load_tokenizer,
-    model_card,
     quiet_transformers,
     require_records_fit,
     resolve_device,
     save_trained,
-    trainable_parameters,
 )
 from dpnb.precision import Precision
 from dpnb.privacy.accounting import EpsilonTracker, accountant_history
@@ -72,6 +69,7 @@ from dpnb.training.frozen_prefix import frozen_prefix
 from dpnb.training.loss import Records, initial_loss
 from dpnb.training.plan import TrainingPlan, describe_plan, plan_training, privacy_record
 from dpnb.training.train_log import report_step, truncate_log
+from dpnb.training.trainable import build_model, model_card, trainable_parameters
 
 if TYPE_CHECKING:
     import datasets

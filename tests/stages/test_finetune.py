@@ -20,16 +20,7 @@ from testkit import toy_reviews
 
 from dpnb.config import FinetuneConfig
 from dpnb.errors import DpnbError
-from dpnb.models import (
-    MODEL_CARD,
-    build_model,
-    embeddings_tied,
-    is_quantized_4bit,
-    load_causal_lm,
-    load_tokenizer,
-    load_trained,
-    quiet_transformers,
-)
+from dpnb.models import MODEL_CARD, load_causal_lm, load_tokenizer, load_trained, quiet_transformers
 from dpnb.privacy import accounting, guarantee
 from dpnb.privacy.independent_accounting import cross_check
 from dpnb.rundir import CHECKPOINT_FILE
@@ -37,6 +28,7 @@ from dpnb.training import dpsgd, loop, train_log
 from dpnb.training.checkpoints import TrainingInterrupted
 from dpnb.training.loss import Records, collate, initial_loss, per_record_loss
 from dpnb.training.plan import TrainingPlan, plan_training
+from dpnb.training.trainable import build_model, embeddings_tied, is_quantized_4bit
 
 LABELS = ("negative", "positive")
 

@@ -24,20 +24,12 @@ from dpnb.generation.decoding import sample_continuations
 from dpnb.generation.next_token import SamplingSettings
 from dpnb.generation.sampling import load_synthetic, sample_labelled
 from dpnb.io import read_json
-from dpnb.models import (
-    build_model,
-    embeddings_tied,
-    load_base_model,
-    load_tokenizer,
-    load_trained,
-    model_card,
-    save_trained,
-    untie_embeddings,
-)
+from dpnb.models import load_base_model, load_tokenizer, load_trained, save_trained
 from dpnb.rundir import RunDir
 from dpnb.stages import finetune, generate, prepare
 from dpnb.training import loop
 from dpnb.training.loss import Records, collate, per_record_loss
+from dpnb.training.trainable import build_model, embeddings_tied, model_card, untie_embeddings
 
 MODEL = "tiny-gpt2-bpe"
 EOT = gpt2_tokenizer.END_OF_TEXT_ID  # <|endoftext|>: GPT-2's EOS, BOS and UNK

@@ -49,7 +49,7 @@ from dpnb import pipeline, registry
 from dpnb.config import FinetuneConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import read_json, read_jsonl
-from dpnb.models import build_model, load_tokenizer, quiet_transformers
+from dpnb.models import load_tokenizer, quiet_transformers
 from dpnb.privacy import accounting, guarantee
 from dpnb.rundir import RunDir
 from dpnb.training import distributed, dpsgd, loop
@@ -57,6 +57,7 @@ from dpnb.training.checkpoints import TrainingInterrupted
 from dpnb.training.frozen_prefix import frozen_prefix
 from dpnb.training.loss import Records
 from dpnb.training.plan import plan_training
+from dpnb.training.trainable import build_model
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden"),

@@ -53,7 +53,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from dpnb.config import AuditConfig, FinetuneConfig
 from dpnb.config import build as build_config
 from dpnb.errors import DpnbError
-from dpnb.models import build_model, is_quantized_4bit, load_causal_lm, load_tokenizer, quiet_transformers
+from dpnb.models import load_causal_lm, load_tokenizer, quiet_transformers
 from dpnb.privacy import accounting
 from dpnb.privacy.independent_accounting import cross_check, google_epsilons
 from dpnb.stages import audit
@@ -61,6 +61,7 @@ from dpnb.training import dpsgd, loop, train_log
 from dpnb.training.frozen_prefix import frozen_prefix
 from dpnb.training.loss import Records, collate, per_record_loss
 from dpnb.training.plan import TrainingPlan, plan_training
+from dpnb.training.trainable import build_model, is_quantized_4bit
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden"),  # the capture below
