@@ -23,15 +23,20 @@ unweighted mean of the per-class F1 for more ("macro"); a class never predicted 
 
 **Label fidelity** of a synthetic set: the share of its texts that the classifier trained on real
 data assigns the label they were prompted with, mean_i [f(x_i) == prompted_i], overall and per label.
+
+**Shared by a sweep.** The runs of a sweep on the same data train the same real-data classifier:
+the first keeps it (`save_classifier`, private) under a key naming its texts, the test set, the
+recipe and the device type (`real_classifier_key`), and the others load it (`shared_classifier`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,6 +200,34 @@ def load_saved_classifier(directory: Path, device: str) -> tuple[dict[str, Any],
         model = AutoModelForSequenceClassification.from_pretrained(directory).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(directory)
     return entry, TrainedClassifier(model, tokenizer, entry["steps"], entry["final_loss"], 0.0)
+
+
+def real_classifier_key(real: Source, test: Source, cfg: EvaluateConfig, device: str) -> str:
+    """What the real-data classifier and its test entry depend on: its texts and labels, the test set,
+    the recipe and the device type (a sweep's runs on the same data share one)."""
+    recipe = {k: getattr(cfg, k) for k in ("classifier", "classifier_kind", "epochs", "lr", "batch_size",
+                                            "max_length", "seed")}
+    digest = hashlib.sha256(json.dumps([recipe, torch.device(device).type], sort_keys=True).encode())
+    for source in (real, test):
+        digest.update(json.dumps([source.texts, source.labels]).encode())
+    return digest.hexdigest()[:16]
+
+
+def shared_classifier(directory: Path, device: str,
+                      fit: Callable[[], tuple[dict[str, Any], TrainedClassifier | None]],
+                      ) -> tuple[dict[str, Any], TrainedClassifier | None]:
+    """The classifier and entry kept at `directory` by an earlier run of a sweep, else `fit()`'s, then kept
+    there (`save_classifier`) for the runs after. The directory is named by `real_classifier_key`."""
+    saved = load_saved_classifier(directory, device)
+    if saved is not None:
+        print(f"real: the classifier an earlier run of the sweep trained on the same texts, from {directory}",
+              flush=True)
+        entry, classifier = saved
+        return {**entry, "shared_from_sweep": True}, classifier
+    entry, classifier = fit()
+    if classifier is not None:
+        save_classifier(classifier, entry, directory)
+    return entry, classifier
 
 
 def _pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

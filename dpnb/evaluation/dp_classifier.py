@@ -22,7 +22,8 @@ noise draws from OS entropy unless `deterministic` (tests: then it is not a DP r
 
 **The guarantee** covers (W, b) and everything computed from them alone, the test predictions
 included (post-processing): `privacy_record` states it in the fields of privacy.json, which
-`dpnb verify` recomputes with Opacus and with Google's dp-accounting.
+`dpnb verify` recomputes with Opacus and with Google's dp-accounting. `write_dp_classifier` keeps
+(W, b) and privacy.json in the run's dp_classifier/ (both shareable).
 """
 
 from __future__ import annotations
@@ -31,15 +32,20 @@ import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
 
 from dpnb.errors import require
+from dpnb.io import atomic_directory, write_json_atomic
 from dpnb.models import quiet_transformers
 from dpnb.privacy import accounting, guarantee
+
+if TYPE_CHECKING:
+    from dpnb.evaluation.embeddings import Embedder
 
 
 @dataclass(frozen=True)
@@ -140,3 +146,13 @@ def privacy_record(settings: DPClassifierSettings, n: int, batch: int, sample_ra
         "divisor": int(n * sample_rate), "epochs": settings.epochs, "max_grad_norm": settings.max_grad_norm,
         "target_epsilon": settings.target_epsilon, "lr": settings.lr, **noise,
     }
+
+
+def write_dp_classifier(directory: Path, trained: DPClassifier, embedder: Embedder) -> None:
+    """dp_classifier/: weights.json (W, b, the encoder that makes its inputs) and privacy.json, atomically."""
+    with atomic_directory(directory) as staging:
+        write_json_atomic(staging / "weights.json", {
+            "model": "p(y | e) = softmax(W e + b), e the unit-length mean-pooled embedding",
+            "encoder": embedder.name, "max_length": embedder.max_length,
+            "W": trained.weight.tolist(), "b": trained.bias.tolist()})
+        write_json_atomic(staging / "privacy.json", trained.privacy)

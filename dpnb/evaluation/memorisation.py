@@ -21,7 +21,8 @@ tokens, each sequence closed by its own separator symbol, built by prefix doubli
 The common prefix of two suffixes in sorted order is the minimum of the adjacent common prefixes
 (`adjacent_common_prefix`) between them, so the reference suffix closest to a query suffix is one of
 the two nearest reference suffixes in sorted order. 25,000 texts against 25,000 reviews take under a
-minute on two CPU cores (benchmarks/bench_evaluate.py).
+minute on two CPU cores (benchmarks/bench_evaluate.py). `memorisation_figure` draws the summaries'
+histograms.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from dpnb.errors import require
 
@@ -339,3 +342,35 @@ def flagged_samples(runs: SharedRuns, threshold: int) -> list[dict[str, int]]:
     return [{"sample": int(i), "length": int(length[i]), "train_row": int(runs.reference_row[i]),
              "train_offset": int(runs.reference_offset[i]), "sample_offset": int(runs.query_offset[i])}
             for i in flagged_idx]
+
+
+# --------------------------------------------------------------------------- the figure
+
+
+def _histogram_from_counts(counts: Sequence[int], bins: np.ndarray) -> np.ndarray:
+    values = np.arange(len(counts))
+    return np.histogram(values, bins=bins, weights=np.asarray(counts, dtype=float))[0]
+
+
+def memorisation_figure(series: dict[str, dict[str, Any]]) -> Figure:
+    """Histogram of each sample's longest token run shared with a training text, one line per set of
+    `memorisation_summary`s by name, the threshold marked."""
+    threshold = next(iter(series.values()))["threshold"]
+    top = max(max(len(s["counts"]) for s in series.values()), threshold + 2)
+    bins = np.arange(0, top + 1)
+    if top > 80:
+        bins = np.unique(np.concatenate([np.arange(0, 40), np.geomspace(40, top, 30).astype(int)]))
+    figure = Figure(figsize=(7, 3.4), layout="constrained")
+    ax = figure.subplots()
+    for name, summary in series.items():
+        hist = _histogram_from_counts(summary["counts"], bins)
+        if hist.sum():
+            ax.stairs(hist, bins, label=f"{name} (max {summary['max']}, {summary['n_flagged']} flagged)")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
+    ax.set_yscale("log")  # the rare long runs are the point; a linear scale would hide them
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("longest run of tokens shared with any training text")
+    ax.set_ylabel("texts")
+    ax.legend(fontsize=8)
+    return figure

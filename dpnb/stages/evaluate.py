@@ -62,8 +62,6 @@ and is skipped with a note in `meta.skipped` when generate ran with `zero_shot: 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -73,10 +71,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-import torch
 from IPython.display import display
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter, ScalarFormatter
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from dpnb.config import SOURCE_NAMES, EvaluateConfig
@@ -91,24 +87,25 @@ from dpnb.evaluation.classifier import (
     describe_classifier,
     f1_average,
     label_fidelity,
-    load_saved_classifier,
     predict,
-    save_classifier,
+    real_classifier_key,
+    shared_classifier,
     train_and_test,
     train_and_test_embedding,
 )
-from dpnb.evaluation.dp_classifier import DPClassifier, DPClassifierSettings, train_dp_classifier
+from dpnb.evaluation.dp_classifier import DPClassifierSettings, train_dp_classifier, write_dp_classifier
 from dpnb.evaluation.embeddings import DEFAULT_ENCODER, Embedder, mauve_score
 from dpnb.evaluation.memorisation import (
     flagged_samples,
     longest_shared_runs,
+    memorisation_figure,
     memorisation_summary,
     review_token_ids,
     text_token_ids,
 )
 from dpnb.evaluation.standard_errors import standard_errors
 from dpnb.generation.sampling import load_synthetic
-from dpnb.io import atomic_directory, cached, read_json, save_figure, write_json_atomic
+from dpnb.io import cached, read_json, save_figure, write_json_atomic
 from dpnb.models import load_tokenizer, release_memory, resolve_device
 from dpnb.precision import Precision, choose
 from dpnb.privacy.accounting import default_delta
@@ -222,17 +219,6 @@ def _load_source(run: RunDir, name: str, num_labels: int) -> Source:
     return Source(name, list(data["text"]), labels)
 
 
-def real_classifier_key(real: Source, test: Source, cfg: EvaluateConfig, device: str) -> str:
-    """What the real-data classifier and its test entry depend on: its texts and labels, the test set,
-    the recipe and the device type (a sweep's runs on the same data share one)."""
-    recipe = {k: getattr(cfg, k) for k in ("classifier", "classifier_kind", "epochs", "lr", "batch_size",
-                                            "max_length", "seed")}
-    digest = hashlib.sha256(json.dumps([recipe, torch.device(device).type], sort_keys=True).encode())
-    for source in (real, test):
-        digest.update(json.dumps([source.texts, source.labels]).encode())
-    return digest.hexdigest()[:16]
-
-
 def _resumable(partial_dir: Path, name: str, key: str, compute: Callable[[], T]) -> T:
     """A source's result from an earlier, interrupted run with the same key, else computed and kept."""
     computed: list[bool] = []
@@ -324,16 +310,7 @@ def fit_real(ev: Evaluation, real: Source) -> tuple[dict[str, Any], Any]:
     if store is None or ev.cfg.classifier_kind != "finetune":  # the embedding classifier takes seconds
         return ev.fit_and_score(real, keep_model=True)
     directory = store / f"real-classifier-{real_classifier_key(real, ev.test, ev.cfg, ev.device)}"
-    saved = load_saved_classifier(directory, ev.device)
-    if saved is not None:
-        print(f"real: the classifier an earlier run of the sweep trained on the same texts, from {directory}",
-              flush=True)
-        entry, classifier = saved
-        return {**entry, "shared_from_sweep": True}, classifier
-    entry, classifier = ev.fit_and_score(real, keep_model=True)
-    if classifier is not None:
-        save_classifier(classifier, entry, directory)
-    return entry, classifier
+    return shared_classifier(directory, ev.device, lambda: ev.fit_and_score(real, keep_model=True))
 
 
 def evaluate_real(ev: Evaluation, synthetic: dict[str, Source]) -> dict[str, Any]:
@@ -388,16 +365,6 @@ def evaluate_dp_classifier(ev: Evaluation) -> dict[str, Any]:
             **classification_metrics(ev.test.labels, predicted.tolist(), len(ev.label_names)), "trained": True,
             "epsilon": trained.privacy["epsilon"], "delta": trained.privacy["delta"],
             "privacy": trained.privacy, "train_wall_s": round(time.time() - started, 1)}
-
-
-def write_dp_classifier(directory: Path, trained: DPClassifier, embedder: Embedder) -> None:
-    """dp_classifier/: weights.json (W, b, the encoder that makes its inputs) and privacy.json, atomically."""
-    with atomic_directory(directory) as staging:
-        write_json_atomic(staging / "weights.json", {
-            "model": "p(y | e) = softmax(W e + b), e the unit-length mean-pooled embedding",
-            "encoder": embedder.name, "max_length": embedder.max_length,
-            "W": trained.weight.tolist(), "b": trained.bias.tolist()})
-        write_json_atomic(staging / "privacy.json", trained.privacy)
 
 
 def evaluate_synthetic(ev: Evaluation, source: Source) -> dict[str, Any]:
@@ -659,35 +626,11 @@ def lengths_figure(metrics: dict[str, Any]) -> Figure:
                                   share=True, panel_size=(7.0, 3.4))
 
 
-def _histogram_from_counts(counts: Sequence[int], bins: np.ndarray) -> np.ndarray:
-    values = np.arange(len(counts))
-    return np.histogram(values, bins=bins, weights=np.asarray(counts, dtype=float))[0]
-
-
 def plot_memorisation(metrics: dict[str, Any]) -> Figure:
     """Histogram of each sample's longest token run shared with a training text, threshold marked."""
-    reference = metrics["meta"]["real_reference"]
     series = {source: metrics[source]["memorisation"] for source in _synthetic_sources(metrics)}
-    series["real test (reference)"] = reference["test_memorisation"]
-    threshold = next(iter(series.values()))["threshold"]
-    top = max(max(len(s["counts"]) for s in series.values()), threshold + 2)
-    bins = np.arange(0, top + 1)
-    if top > 80:
-        bins = np.unique(np.concatenate([np.arange(0, 40), np.geomspace(40, top, 30).astype(int)]))
-    figure = Figure(figsize=(7, 3.4), layout="constrained")
-    ax = figure.subplots()
-    for name, summary in series.items():
-        hist = _histogram_from_counts(summary["counts"], bins)
-        if hist.sum():
-            ax.stairs(hist, bins, label=f"{name} (max {summary['max']}, {summary['n_flagged']} flagged)")
-    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold}")
-    ax.set_yscale("log")  # the rare long runs are the point; a linear scale would hide them
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("longest run of tokens shared with any training text")
-    ax.set_ylabel("texts")
-    ax.legend(fontsize=8)
-    return figure
+    series["real test (reference)"] = metrics["meta"]["real_reference"]["test_memorisation"]
+    return memorisation_figure(series)
 
 
 def figures(metrics: dict[str, Any]) -> dict[str, Figure]:
