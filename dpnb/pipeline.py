@@ -44,6 +44,7 @@ from dpnb.runconfig import RunConfig, load_run_config, to_dict, to_yaml
 from dpnb.rundir import RunDir
 from dpnb.runlock import RunLock
 from dpnb.training import distributed
+from dpnb.training.plan import plan_training
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -240,7 +241,7 @@ def join_finetune() -> Path | None:
 def finetune_across_ranks(run_dir: RunDir, cfg: FinetuneConfig, force: bool, verbose: bool,
                           peers: FinetunePeers) -> None:
     """Rank 0's side of the finetune stage under torchrun: train with every rank, then show the notebook."""
-    from dpnb.stages import finetune
+    from dpnb.stages import finetune  # as in join_finetune
 
     peers.tell({"run_dir": str(run_dir.path.resolve()), "config": to_dict(cfg), "force": force})
     print(f"  {'finetune':<9} training in {distributed.world_size()} processes (rank 0 writes the outputs) ...",
@@ -314,11 +315,11 @@ def check_inputs(run: RunConfig, run_dir: RunDir, to_run: list[str]) -> None:
     """The stages' own checks of their data and of the N-dependent settings, made before any stage starts.
 
     Prepare's (`stages.prepare.check_data`: columns, encoding, labels, classes, empty texts,
-    max_length) reads the source, and fine-tuning's plan (`training.plan.plan_training`: the logical batch
-    and delta against N) needs only N: a bad input fails in seconds, as one line, with nothing written.
+    max_length) reads the source, and fine-tuning's plan (`dpnb.training.plan.plan_training`: the logical
+    batch and delta against N) needs only N: a bad input fails in seconds, as one line, with nothing written.
     """
     if "prepare" in to_run:
-        from dpnb.stages.prepare import check_data  # loads the data libraries only for a run that prepares
+        from dpnb.stages.prepare import check_data  # only a run that prepares loads the stage (datasets, pandas)
 
         n_train = check_data(run.prepare)
     elif run_dir.is_complete("prepare") and run_dir.manifest.exists():
@@ -326,8 +327,6 @@ def check_inputs(run: RunConfig, run_dir: RunDir, to_run: list[str]) -> None:
     else:
         return  # the stage that needs prepare says so
     if "finetune" in to_run:
-        from dpnb.training.plan import plan_training
-
         plan_training(run.finetune, n_train)
 
 

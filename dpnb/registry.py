@@ -7,9 +7,7 @@ theirs, so rerunning an upstream stage makes it stale (see `RunDir.is_current`).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from types import ModuleType
 
 from dpnb.config import AuditConfig, EvaluateConfig, FinetuneConfig, GenerateConfig, PrepareConfig
 from dpnb.errors import DpnbError
@@ -22,12 +20,7 @@ class Stage:
     name: str
     config_class: type
     notebook: str  # file name in notebooks/
-    upstream: tuple[str, ...]  # stages whose outputs this one reads
-
-    @property
-    def module(self) -> ModuleType:
-        """`dpnb.stages.<name>`, which holds `run_stage(run, cfg, force)` and the notebook's views."""
-        return importlib.import_module(f"dpnb.stages.{self.name}")
+    upstream: tuple[str, ...]  # stages whose outputs this one reads (its code: dpnb/stages/<name>.py)
 
 
 STAGES: dict[str, Stage] = {

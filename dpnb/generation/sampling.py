@@ -457,16 +457,7 @@ def sample_labelled(
     specs = plan_shards([cfg.n_per_label] * len(label_names), cfg.shard_size)
     engine = engine_name(cfg.engine, model)
     settings = SamplingSettings.from_config(cfg, stop_ids)
-    plan = {
-        "version": PLAN_VERSION,
-        "model_fingerprint": model_fingerprint(model),
-        "device": model.device.type,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "labels": label_names,
-        "prompt_ids": dict(zip(label_names, prompts, strict=True)),
-        "stop_ids": stop_ids,
-        "sampling": _sampling_record(cfg, settings, engine),
-    }
+    plan = _shard_plan(model, label_names, prompts, stop_ids, _sampling_record(cfg, settings, engine))
     postprocessing = {"min_words": cfg.min_words, "max_repeat_fraction": cfg.max_repeat_fraction}
     _prepare_shard_dir(out_dir, plan, postprocessing, overwrite)
     shards = out_dir / "shards"
@@ -501,6 +492,21 @@ def sample_labelled(
     }
     write_set(out_dir, rows, summary, provenance)
     return summary
+
+
+def _shard_plan(model: PreTrainedModel, label_names: list[str], prompts: list[list[int]], stop_ids: list[int],
+                sampling: dict[str, Any]) -> dict[str, Any]:
+    """shards/plan.json: what the shards are sampled with; shards of another plan are never kept."""
+    return {
+        "version": PLAN_VERSION,
+        "model_fingerprint": model_fingerprint(model),
+        "device": model.device.type,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "labels": label_names,
+        "prompt_ids": dict(zip(label_names, prompts, strict=True)),
+        "stop_ids": stop_ids,
+        "sampling": sampling,
+    }
 
 
 def _sampling_record(cfg: GenerateConfig, settings: SamplingSettings, engine: str) -> dict[str, Any]:

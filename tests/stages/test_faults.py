@@ -12,6 +12,7 @@ alone, as the out-of-memory killer would.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 from testkit import REPO, tiny_config, write_config
 
-from dpnb import cli, registry
+from dpnb import cli
 from dpnb.faults import FAULT_ENV, READY_ENV
 from dpnb.io import DamagedFile
 from dpnb.runconfig import load_run_config
@@ -49,7 +50,7 @@ def run_uninterrupted(config: str) -> Path:
     """The config's stages run one after the other in this process, as their notebooks run them."""
     run = load_run_config(config)
     for name in run.stages:
-        registry.stage(name).module.run_stage(RunDir(run.run_dir), run.stage(name))
+        importlib.import_module(f"dpnb.stages.{name}").run_stage(RunDir(run.run_dir), run.stage(name))
     return run.run_dir
 
 
