@@ -441,9 +441,10 @@ def sample_labelled(
     Shards already in `out_dir/shards` that were sampled with the same model weights, prompts and
     settings are kept, so an interrupted call resumes; others are discarded (or, when `out_dir` holds
     a finished set, refused unless `overwrite`). With `shared_dir` (the runs of a sweep, for the
-    zero-shot set) the shards of the same plan are taken from there when an earlier run sampled them,
-    and left there for later runs (`_shared_shards`). `on_shard(index)` runs after each shard is
-    written (tests interrupt there). Returns the generation.json summary.
+    zero-shot set and PE's pool from the base model) the shards of the same plan are taken from there
+    when an earlier run sampled them, and left there for later runs (`_shared_shards`).
+    `on_shard(index)` runs after each shard is written (tests interrupt there). Returns the
+    generation.json summary.
     """
     started = time.time()
     out_dir = Path(out_dir)

@@ -177,7 +177,9 @@ def pe_pool(run: RunDir, cfg: GenerateConfig, model: Any, tokenizer: Any, prompt
                                    pe=False)
         extra_summary = sample_labelled(model, tokenizer, prompt_format, label_names, more, run.pe_pool,
                                         provenance=Provenance("unspecified", "PE pool"), overwrite=True,
-                                        precision=precision.record())
+                                        precision=precision.record(),
+                                        # a sweep's runs that start PE from the base model share one pool
+                                        shared_dir=shared_store() if cfg.pe_start == "base" else None)
         extra = load_synthetic(run.pe_pool)
         texts, labels = texts + list(extra["text"]), labels + [int(v) for v in extra["label"]]
     return Population(texts, labels), {"start_set": start_set.name, "start": read_json(start_set / "generation.json"),
