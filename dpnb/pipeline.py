@@ -65,7 +65,7 @@ def check_environment(run: RunConfig) -> None:
     if run.requires_gpu and not torch.cuda.is_available():
         raise DpnbError(
             f"config '{run.name}' needs a GPU (requires_gpu: true) and torch sees none; run it on a "
-            f"GPU machine with a CUDA build of torch (README, 'The paper's configuration'), or use "
+            f"GPU machine with a CUDA build of torch (docs/gpu.md), or use "
             f"configs/demo.yaml on CPU"
         )
     needed = []
