@@ -185,8 +185,9 @@ class FinetuneConfig:
     dtype: str = "float32"  # the trainable model's: "float32", or "bfloat16" without DP (under DP see precision)
     # "bf16-mixed": the forward and backward run under bf16 autocast while the weights, the per-sample
     # gradients, their norms, the clipping, the noise and AdamW stay float32 (dpnb.training.dpsgd.compute_precision).
-    # "auto": bf16-mixed on a CUDA GPU with bf16 support, float32 elsewhere (a CPU without bf16 units runs
-    # a bf16 matmul at well under 1 GFLOP/s). Either way, on CUDA TF32 for the float32 matmuls of the forward
+    # "auto": bf16-mixed where a bf16 matmul is measured at least 2x float32 on this device (dpnb.precision:
+    # CUDA with bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere (a CPU without bf16 units runs a bf16
+    # matmul at well under 1 GFLOP/s). Either way, on CUDA TF32 for the float32 matmuls of the forward
     # and backward pass, never inside the clipping (nor with ghost clipping, which clips in the backward pass).
     precision: str = "auto"
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -271,7 +272,7 @@ class GenerateConfig:
     zero_shot: bool = True  # also sample the base model with the same prompts (no fine-tuning)
     min_words: int = 3  # post-processing: shorter samples are dropped as degenerate
     max_repeat_fraction: float = 0.5  # drop samples whose most frequent token is more than this share
-    dtype: str = "auto"  # "float32", "bfloat16", or "auto": bfloat16 on a CUDA GPU with bf16, else float32
+    dtype: str = "auto"  # "float32", "bfloat16", or "auto": bfloat16 where measured >= 2x float32 (dpnb.precision)
     device: str = "auto"
     # "fast": dpnb.generation.decoding (static KV cache, finished rows refilled, exact top-p without a full sort);
     # "hf": transformers' generate; "vllm": vLLM (optional, `pip install dpnb[vllm]`, for a GPU);
