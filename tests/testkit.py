@@ -167,11 +167,13 @@ def write_config(path: Path, config: dict) -> str:
     return str(path)
 
 
-def build_run(root: Path, zero_shot: bool = True, generate: bool = True) -> RunDir:
+def build_run(root: Path, zero_shot: bool = True, generate: bool = True, pe: bool = False) -> RunDir:
     """A prepared run (tiny-llama tokenizer, toy reviews plus LONG_REVIEW) with synthetic sets.
 
     The synthetic set copies LONG_REVIEW verbatim (the memorisation screen must find it) and the
-    zero-shot set holds a single label (its classifier cannot learn; the metrics must say so).
+    zero-shot set holds a single label (its classifier cannot learn; the metrics must say so). With `pe`,
+    a Private Evolution set of 8 toy reviews, with the privacy.json of one vote at epsilon 4 (accounted by
+    dpnb.generation.evolution: not the votes of these texts, which no one cast).
     """
     from datasets import Dataset
 
@@ -191,10 +193,18 @@ def build_run(root: Path, zero_shot: bool = True, generate: bool = True) -> RunD
     sets = {run.synthetic: synthetic}
     if zero_shot:
         sets[run.zero_shot] = [{"label": 1, "text": text} for text in ("a film", "a film", "some movie", "ok")]
+    if pe:
+        sets[run.pe] = toy_reviews(8, seed=4)
     for path, rows in sets.items():
         Dataset.from_dict({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows],
                            "label_name": [names[r["label"]] for r in rows]}).save_to_disk(str(path))
-    run.mark_complete("generate", GenerateConfig(zero_shot=zero_shot), time.time())
+    if pe:
+        from dpnb.generation import evolution
+        from dpnb.io import write_json_atomic
+
+        plan = evolution.plan_evolution(1, 4, 4.0, 1e-3, dataset_size=32, accountant="rdp")
+        write_json_atomic(run.pe / "privacy.json", evolution.privacy_record(plan, [], 32, deterministic=True))
+    run.mark_complete("generate", GenerateConfig(zero_shot=zero_shot, pe=pe), time.time())
     return run
 
 

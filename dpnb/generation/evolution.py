@@ -32,7 +32,8 @@ through both mechanisms and its epsilon is that of their composition (one accoun
 histories), which `composed_history` gives.
 
 What stays private: the records' embeddings and the histograms before noise (kept in `pe_private/`
-to resume and to teach, never in a shareable file). The noisy histograms are DP and are shared.
+to resume and to teach, never in a shareable file). The noisy histograms are DP and are shared
+(`pe/votes.json`, written by the generate stage).
 """
 
 from __future__ import annotations
@@ -214,9 +215,9 @@ def iteration_log(iteration: int, noisy: np.ndarray, labels: Sequence[int], kept
 def evolve_once(population: Population, private: np.ndarray, private_labels: Sequence[int], plan: EvolutionPlan,
                 keep: dict[int, int], embed: Callable[[list[str]], np.ndarray],
                 vary: Callable[[list[str], list[int]], list[str | None]] | None, generator: torch.Generator,
-                iteration: int) -> tuple[Population, np.ndarray, dict[str, object]]:
+                iteration: int) -> tuple[Population, np.ndarray, np.ndarray, dict[str, object]]:
     """One iteration (module docstring, steps 1-5): the next population, the histogram before noise
-    (private) and the iteration's log (shareable).
+    (private), the noisy histogram (the mechanism's output: shareable) and the iteration's log (shareable).
 
     `keep[label]` texts of each label are kept; with `vary`, each label is refilled to its former size with
     variations of its kept texts (None from `vary`: a degenerate variation, left out); the last iteration
@@ -236,4 +237,4 @@ def evolve_once(population: Population, private: np.ndarray, private_labels: Seq
     texts = [population.texts[i] for i in kept] + [text for text, _ in born]
     labels = [population.labels[i] for i in kept] + [label for _, label in born]
     log = iteration_log(iteration, noisy, population.labels, kept, len(born), dropped)
-    return Population(texts, labels), clean, log
+    return Population(texts, labels), clean, noisy, log

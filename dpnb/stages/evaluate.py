@@ -103,7 +103,7 @@ from dpnb.evaluation.memorisation import (
     review_token_ids,
     text_token_ids,
 )
-from dpnb.evaluation.standard_errors import standard_errors
+from dpnb.evaluation.one_table import one_table as build_one_table
 from dpnb.generation.sampling import load_synthetic
 from dpnb.io import cached, read_json, save_figure, write_json_atomic
 from dpnb.models import load_tokenizer, release_memory, resolve_device
@@ -505,18 +505,11 @@ def metrics_table(metrics: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def utility_table(metrics: dict[str, Any]) -> pd.DataFrame:
-    """One row per source: n_train, accuracy with its standard error, F1, MAUVE and its n per side."""
-    errors = standard_errors(metrics)["accuracy"]
-    rows = {}
-    for source in evaluated_sources(metrics):
-        entry = metrics[source]
-        details = entry.get("mauve_details") or {}
-        rows[source] = {"n_train": entry["n_train"], "accuracy": entry["accuracy"],
-                        "accuracy_se": errors.get(source, {}).get("se"), "f1": entry["f1"],
-                        "mauve": entry.get("mauve"), "mauve_n_source": details.get("n_source"),
-                        "mauve_n_heldout": details.get("n_heldout")}
-    return pd.DataFrame.from_dict(rows, orient="index")
+def one_table(run: RunDir, metrics: dict[str, Any]) -> pd.DataFrame:
+    """Each source's accuracy and standard error, F1, MAUVE, label fidelity, epsilon (`dpnb.evaluation.one_table`)."""
+    paths = {"synthetic": run.privacy, "pe": run.pe / "privacy.json",
+             "dp_classifier": run.dp_classifier / "privacy.json"}
+    return build_one_table(metrics, {source: read_json(p) if p.exists() else None for source, p in paths.items()})
 
 
 def quality_table(metrics: dict[str, Any]) -> pd.DataFrame:
@@ -546,12 +539,13 @@ def quality_table(metrics: dict[str, Any]) -> pd.DataFrame:
 
 def memorisation_report(metrics: dict[str, Any]) -> str:
     """The screen in words: longest shared run and flagged samples of each set and of the real reference."""
-    lines = []
+    lines, reference = [], metrics["meta"]["real_reference"]
     for source in _synthetic_sources(metrics):
-        m = metrics[source]["memorisation"]
+        m, longest = metrics[source]["memorisation"], metrics[source]["length"]["max"] or 0
         lines.append(f"{source}: longest shared run {m['max']} tokens (median {m['median']}), "
-                     f"{m['n_flagged']} samples at or above {m['threshold']} tokens")
-    reference = metrics["meta"]["real_reference"]
+                     f"{m['n_flagged']} samples at or above {m['threshold']} tokens; longest sample {longest} tokens"
+                     + (": the threshold is longer, so the screen CANNOT flag any sample of this set (lower "
+                        "evaluate.memorisation_threshold to screen it)" if m["threshold"] > longest else ""))
     if reference:
         m = reference["test_memorisation"]
         lines.append(f"real test reviews (reference): longest shared run {m['max']} tokens (median {m['median']}), "

@@ -8,8 +8,12 @@ The zero-shot set samples the base model, never fine-tuned, with the same prompt
 `run.zero_shot`. It does not depend on the private data at all (epsilon = 0 with respect to it) and
 shows what DP fine-tuning adds over prompting alone.
 
-Figures: `generated_lengths.png` (words per kept sample, by set and label), written before the stage
-is marked complete.
+With `pe: true`, a third set: Private Evolution (`dpnb.generation.evolution`) in `run.pe`, selected from the
+start model's samples by noisy votes of the private records; its noisy vote histograms are in `pe/votes.json`
+(shareable), those before noise in `pe_private/` (private).
+
+Figures: `generated_lengths.png` (words per kept sample, by set and label) and, for a DP PE set, `pe_votes.png`
+(its noisy vote histograms), written before the stage is marked complete.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dpnb.evaluation.dp_classifier import DPClassifier, DPClassifierSettings, tr
 from dpnb.evaluation.embeddings import Embedder
 from dpnb.generation.dataset_card import Provenance
 from dpnb.generation.engines import open_engine
-from dpnb.generation.evolution import EvolutionPlan, Population, evolve_once, opening, plan_evolution
+from dpnb.generation.evolution import EvolutionPlan, Population, evolve_once, opening, plan_evolution, select
 from dpnb.generation.evolution import privacy_record as evolution_privacy
 from dpnb.generation.next_token import SamplingSettings
 from dpnb.generation.sampling import (
@@ -53,11 +57,14 @@ from dpnb.models import load_base_model, load_tokenizer, load_trained, release_m
 from dpnb.precision import Precision, choose
 from dpnb.privacy.accounting import default_delta
 from dpnb.privacy.composition import Mechanism
+from dpnb.privacy.guarantee import round_up
 from dpnb.rundir import RunDir, shared_store
 
 STAGE = "generate"
 SETS = ("synthetic", "zero_shot", "pe")
 LENGTHS_FIGURE = "generated_lengths.png"
+PE_VOTES = "votes.json"  # in pe/: the noisy vote histograms (shareable); those before noise are in pe_private/
+PE_VOTES_FIGURE = "pe_votes.png"
 
 
 def _data_description(manifest: dict[str, Any]) -> str:
@@ -147,6 +154,12 @@ def run_stage(run: RunDir, cfg: GenerateConfig, force: bool = False) -> dict[str
         print(f"removing {run.pe}: an earlier Private Evolution set no longer matches this config")
         shutil.rmtree(run.pe)
     save_figure(lengths_figure(set_dirs(run, summary)), run.figure(LENGTHS_FIGURE))
+    votes = pe_votes(run) if summary["pe"] is not None else None
+    if votes is not None:
+        save_figure(pe_votes_figure(votes), run.figure(PE_VOTES_FIGURE))
+    elif run.figure(PE_VOTES_FIGURE).exists():
+        print(f"removing {run.figure(PE_VOTES_FIGURE)}: this run has no noisy PE votes to draw")
+        run.figure(PE_VOTES_FIGURE).unlink()
     run.mark_complete(STAGE, cfg, started)
     return summary
 
@@ -240,15 +253,18 @@ def relabel_pool(cfg: GenerateConfig, population: Population, private: np.ndarra
 
 def run_evolution(cfg: GenerateConfig, population: Population, private: np.ndarray, private_labels: list[int],
                   plan: EvolutionPlan, embedder: Embedder, engine: Any, vary_with: Callable[[int], Any],
-                  generator: torch.Generator) -> tuple[Population, list[dict[str, Any]], list[list[float]]]:
-    """The iterations: vote, keep and vary, then the last vote keeps n_per_label of each label."""
-    logs, clean_histograms = [], []
+                  generator: torch.Generator,
+                  ) -> tuple[Population, list[dict[str, Any]], list[list[float]], list[dict[str, Any]]]:
+    """The iterations: vote, keep and vary, then the last vote keeps n_per_label of each label. Returns the set,
+    the iterations' logs, the histograms before noise (private) and the noisy ones with their texts' labels."""
+    logs, clean_histograms, noisy_histograms = [], [], []
     for iteration in range(1, plan.iterations + 1):
         final = iteration == plan.iterations
         sizes = {label: population.labels.count(label) for label in sorted(set(population.labels))}
         keep = ({label: cfg.n_per_label for label in sizes} if final
                 else {label: max(1, round(size * cfg.pe_keep_fraction)) for label, size in sizes.items()})
-        population, clean, log = evolve_once(
+        labels = population.labels
+        population, clean, noisy, log = evolve_once(
             population, private, private_labels, plan, keep,
             lambda texts, key=f"population-{iteration}": embedder.features(key, texts),
             None if final else vary_with(iteration), generator, iteration)
@@ -256,7 +272,10 @@ def run_evolution(cfg: GenerateConfig, population: Population, private: np.ndarr
               + ("" if final else f", {log['varied']} variations"), flush=True)
         logs.append(log)
         clean_histograms.append(clean.round(6).tolist())
-    return population, logs, clean_histograms
+        kept = np.isin(np.arange(len(labels)), select(noisy, labels, keep))  # what evolve_once kept (post-processing)
+        noisy_histograms.append({"iteration": iteration, "labels": labels, "noisy_votes": noisy.round(4).tolist(),
+                                 "kept": kept.tolist()})
+    return population, logs, clean_histograms, noisy_histograms
 
 
 def sample_pe_set(run: RunDir, cfg: GenerateConfig, manifest: dict[str, Any], privacy: dict[str, Any],
@@ -282,7 +301,7 @@ def sample_pe_set(run: RunDir, cfg: GenerateConfig, manifest: dict[str, Any], pr
     generator = torch.Generator().manual_seed(cfg.seed if deterministic else secrets.randbits(63))
     settings = SamplingSettings.from_config(cfg, stop_token_ids(tokenizer, model, chat=prompt_format.style == "chat"))
     with open_engine(cfg.engine, model, settings, tokenizer=tokenizer, scratch_dir=run.path) as engine:
-        population, logs, clean = run_evolution(
+        population, logs, clean, noisy = run_evolution(
             cfg, population, private, private_labels, plan, embedder, engine,
             lambda t: pe_variations(engine, tokenizer, prompt_format, label_names, cfg, t), generator)
     del model
@@ -296,7 +315,22 @@ def sample_pe_set(run: RunDir, cfg: GenerateConfig, manifest: dict[str, Any], pr
             "label_name": [label_names[y] for y in population.labels]}
     write_set(run.pe, rows, summary, Provenance("pe", model_name, _data_description(manifest), record))
     write_json_atomic(run.pe / "privacy.json", record)
+    if plan.noise_multiplier is not None:  # exact votes (no DP) are a statistic of the records: never shared
+        write_json_atomic(run.pe / PE_VOTES, pe_votes_record(plan, label_names, noisy, logs, record))
     return summary
+
+
+def pe_votes_record(plan: EvolutionPlan, label_names: list[str], noisy: list[dict[str, Any]],
+                    logs: list[dict[str, Any]], record: dict[str, Any]) -> dict[str, Any]:
+    """pe/votes.json: every iteration's noisy vote histogram, one count per text of the population it voted on,
+    with the texts' labels, which were kept, and the lowest count kept per label (all from the noisy histograms)."""
+    return {"shareable": "PE's vote histograms AFTER Gaussian noise: the output of the mechanism privacy.json "
+                         "accounts for (the histograms before noise stay in pe_private/)",
+            "label_names": label_names, "noise_multiplier": plan.noise_multiplier, "nearest": plan.nearest,
+            "sensitivity": 1.0, "release_note": record.get("release_note"),
+            "iterations": [{**votes, "lowest_kept_votes": {label_names[int(label)]: entry["lowest_kept_votes"]
+                                                           for label, entry in log["per_label"].items()}}
+                           for votes, log in zip(noisy, logs, strict=True)]}
 
 
 def pe_summary(cfg: GenerateConfig, population: Population, label_names: list[str], pool: dict[str, Any],
@@ -373,3 +407,61 @@ def lengths_figure(set_dirs: dict[str, str | os.PathLike]) -> Figure:
             per_label.setdefault(label, []).append(len(text.split()))
     return plot_length_histograms(panels, unit="words per kept sample", counted="samples", bins=20,
                                   panel_size=(5.0, 3.2))
+
+
+def pe_votes(run: RunDir) -> dict[str, Any] | None:
+    """pe/votes.json (the noisy vote histograms of a DP PE set), or None when the run has none."""
+    path = run.pe / PE_VOTES
+    return read_json(path) if path.exists() else None
+
+
+def pe_votes_figure(votes: dict[str, Any]) -> Figure:
+    """PE's noisy vote counts: one row per iteration, one panel per label, kept samples apart from the others.
+
+    Drawn from pe/votes.json only: the histograms AFTER noise, the mechanism's shareable output.
+    """
+    names, iterations = votes["label_names"], votes["iterations"]
+    figure = Figure(figsize=(4.6 * len(names), 2.8 * len(iterations)), layout="constrained")
+    axes = np.atleast_2d(figure.subplots(len(iterations), len(names), squeeze=False))
+    for row, step in zip(axes, iterations, strict=True):
+        counts, labels = np.asarray(step["noisy_votes"]), np.asarray(step["labels"])  # kept: booleans
+        for label, (ax, name) in enumerate(zip(row, names, strict=True)):
+            mine, kept, lowest = counts[labels == label], np.asarray(step["kept"])[labels == label], \
+                step["lowest_kept_votes"].get(name)
+            edges = np.histogram_bin_edges(mine, bins=min(30, max(5, len(mine) // 4))) if len(mine) else 5
+            ax.hist([mine[~kept], mine[kept]], bins=edges, stacked=True, color=["0.7", "tab:blue"],
+                    label=[f"not kept ({int((~kept).sum())})", f"kept ({int(kept.sum())})"])
+            if lowest is not None:
+                ax.axvline(lowest, color="black", linestyle="--", linewidth=1)
+            ax.set_title(f"iteration {step['iteration']}, {name}: {len(mine)} samples", fontsize=10)
+            ax.set_xlabel(f"noisy votes (noise sd {votes['noise_multiplier']:.3g})")
+            ax.legend(fontsize=8)
+        row[0].set_ylabel("samples")
+    return figure
+
+
+def pe_report(summary: dict[str, Any] | None, record: dict[str, Any] | None) -> str:
+    """The PE set in words: its pool, each iteration's noisy vote mass per label, and its privacy record."""
+    if summary is None or record is None:
+        return "this run made no Private Evolution set (generate.pe is false)"
+    evolution = summary["evolution"]
+    lines = [f"pool: {evolution['pool_per_label']} samples per label from the {evolution['start']} model; "
+             f"kept {summary['kept']}"]
+    names = list(summary["labels"])
+    for log in evolution["iterations"]:
+        per_label = "; ".join(f"{names[int(label)]}: {e['noisy_votes']:.1f} noisy votes on {e['texts']} samples "
+                              f"({e['noisy_votes'] / max(e['texts'], 1):.2f} each on average), lowest kept "
+                              f"{e['lowest_kept_votes']}" for label, e in log["per_label"].items())
+        lines.append(f"iteration {log['iteration']}: {per_label}")
+    if not record.get("dp"):
+        return "\n".join([*lines, f"no DP guarantee: {record.get('note', 'exact votes')}"])
+    votes = [m for m in record.get("mechanisms", []) if m["name"] == "Private Evolution votes"]
+    sigma = votes[0]["noise_multiplier"] if votes else record["noise_multiplier"]
+    lines += [f"noise: each count + N(0, sigma^2), sigma = {sigma:.4f} (sensitivity 1: one record moves the "
+              f"histogram by at most 1 in L2 norm), {record['iterations']} iteration(s), k = {record['nearest']}",
+              f"(epsilon, delta) = ({round_up(record['epsilon'])}, {record['delta']:.3g}) by the "
+              f"{record['accountant']} accountant"]
+    for m in record.get("mechanisms", []) if record.get("composed_with") else []:
+        lines.append(f"  composed: {m['name']}: sigma {m['noise_multiplier']:.4g}, sample rate "
+                     f"{m['sample_rate']:.4g}, {m['steps']} step(s)")
+    return "\n".join([*lines, f"noise source: {record.get('release_note')}"])

@@ -25,6 +25,10 @@ def test_finetune_notebook(tmp_path, toy_data_dir, monkeypatch):
     record = json.loads(run.privacy.read_text())
     assert record["steps"] == 3 and record["mode"] == "lora" and record["dataset_size"] == 40
     guarantee.verify_privacy(record)
+    # what 01 says: the data's hash is in the private checkpoints/identity.json, never in privacy.json
+    manifest = json.loads(run.manifest.read_text())
+    assert manifest["train_sha256"] not in run.privacy.read_text() and "sha256" not in run.privacy.read_text()
+    assert json.loads(run.training_identity.read_text())["train_sha256"] == manifest["train_sha256"]
     assert independent_accounting.cross_check(record)["agrees"]
     cells = json.loads(executed.read_text())["cells"]
     checked = next(cell for cell in cells if "".join(cell["source"]).startswith("# NBVAL_CHECK_OUTPUT"))

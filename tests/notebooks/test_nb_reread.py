@@ -24,7 +24,7 @@ STAGE_NOTEBOOKS = {"prepare": "01_prepare.ipynb", "finetune": "02_finetune.ipynb
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, toy_data_dir):
-    """A folder holding runs/demo: a tiny completed run of stages 01-04."""
+    """A folder holding runs/demo: a tiny completed run of stages 01-04, with a Private Evolution set."""
     root = tmp_path_factory.mktemp("home")
     run = RunDir(root / "runs" / "demo")
     prepare.run_stage(run, PrepareConfig(source=str(toy_data_dir), model="tiny-llama", n_train=40, n_test=30,
@@ -33,7 +33,7 @@ def home(tmp_path_factory, toy_data_dir):
                                            logical_batch_size=8, physical_batch_size=8, device="cpu",
                                            samples_before_after=1))
     generate.run_stage(run, GenerateConfig(n_per_label=3, max_new_tokens=6, batch_size=3, shard_size=3,
-                                           device="cpu", min_words=0))
+                                           device="cpu", min_words=0, pe=True))
     evaluate.run_stage(run, EvaluateConfig(classifier="minilm-l6", epochs=1, batch_size=8, max_length=32,
                                            n_real_train=20, device="cpu"))
     return root
@@ -67,6 +67,12 @@ def test_committed_notebooks_read_the_run_without_recomputing(home, tmp_path, mo
         assert "running over TCP" not in printed
         if stage == "finetune":  # the run's own numbers, read from its files
             assert f"sigma = {record['noise_multiplier']:.4f}" in printed
+        if stage == "generate":  # PE's votes: the noise of pe/privacy.json, and its figure shown
+            pe_record = json.loads((run.pe / "privacy.json").read_text())
+            assert f"sigma = {pe_record['noise_multiplier']:.4f}" in printed
+            assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # sample lengths, PE's votes
+        if stage == "evaluate":  # the one table holds the PE set's row
+            assert "Private Evolution" in "".join("".join(o.get("text", "")) for o in outputs)
     assert snapshot(run) == before  # nothing recomputed, nothing rewritten
 
 

@@ -165,6 +165,11 @@ def test_stage_writes_metrics_figures_and_skips_when_done(tmp_path):
     assert set(synthetic["label_fidelity"]["per_label"]) == {"negative", "positive"}
     assert zero_shot["diversity"]["duplicate_share"] == pytest.approx(1 / 4)  # "a film" twice
     assert metrics["meta"]["real_reference"]["test_memorisation"]["n_flagged"] == 0
+    # a threshold longer than every sample of a set cannot flag it, and the report says so from the run's lengths
+    lines = dict(line.split(": ", 1) for line in evaluate.memorisation_report(metrics).splitlines())
+    assert zero_shot["length"]["max"] < 30 and f"longest sample {zero_shot['length']['max']} tokens: the " \
+        "threshold is longer, so the screen CANNOT flag" in lines["zero_shot"]
+    assert synthetic["length"]["max"] >= 30 and "CANNOT" not in lines["synthetic"]
     # the fine-tuned classifier is named; MAUVE is computed beside it (on MiniLM features), n per side
     assert (metrics["meta"]["classifier"], metrics["meta"]["classifier_kind"]) == ("minilm-l6", "finetune")
     for entry, n_source in ((real, 16), (synthetic, 16), (zero_shot, 4)):  # real: as many as the largest set
@@ -292,9 +297,12 @@ def test_embedding_classifier_path_embeds_each_set_once_and_reports_like_the_fin
     assert fidelity["n"] == 16 and set(fidelity["per_label"]) == {"negative", "positive"}
     assert fidelity["overall"] >= 0.8  # toy reviews: the real-data classifier reads their labels
     assert evaluate.metrics_table(metrics).shape == (4, 11)
-    utility = evaluate.utility_table(metrics)
-    assert utility.loc["zero_shot", "accuracy_se"] == pytest.approx((0.25 / 20) ** 0.5)
-    assert utility.loc["real", "mauve"] == real["mauve"]
+    one = evaluate.one_table(run, metrics)
+    assert list(one.index) == ["real", "dp_classifier", "synthetic", "zero_shot"]
+    assert one.loc["zero_shot", "accuracy_se"] == pytest.approx((0.25 / 20) ** 0.5)
+    assert one.loc["real", "mauve"] == real["mauve"] and one.loc["synthetic", "mauve_n"] == 16
+    assert one.loc["dp_classifier", "epsilon"] == guarantee.round_up(metrics["dp_classifier"]["epsilon"])
+    assert one.loc["synthetic", "label_fidelity"] == fidelity["overall"]
 
     # the report names the classifier and carries MAUVE and the standard error
     write_json_atomic(run.privacy, {"dp": True, "epsilon": 4.0, "delta": 1e-5, "noise_multiplier": 0.9, "steps": 5})

@@ -366,7 +366,28 @@ def test_run_stage_writes_a_private_evolution_set_with_its_guarantee(prepared, t
     histograms = read_json(run.pe_private / "histograms.json")
     assert len(histograms["histograms"]) == 1 and len(histograms["histograms"][0]) == len(pool)
     assert "histograms" not in json.dumps(pe)  # only noisy counts in the shareable summary
+    # the noisy histograms, the mechanism's output, are shared in pe/votes.json and drawn; never those before noise
+    votes = generate.pe_votes(run)
+    (step,) = votes["iterations"]
+    assert len(step["noisy_votes"]) == len(step["labels"]) == len(pool) and votes["nearest"] == 4
+    assert votes["noise_multiplier"] == record["noise_multiplier"]
+    assert step["noisy_votes"] != [round(v, 4) for v in histograms["histograms"][0]]
+    noisy_sums = {label: sum(v for v, y in zip(step["noisy_votes"], step["labels"], strict=True) if y == label)
+                  for label in (0, 1)}
+    for label, name in enumerate(LABELS):
+        assert noisy_sums[label] == pytest.approx(pe["evolution"]["iterations"][0]["per_label"][str(label)]
+                                                  ["noisy_votes"], abs=0.01)
+        mine = [(v, k) for v, y, k in zip(step["noisy_votes"], step["labels"], step["kept"], strict=True) if y == label]
+        kept = [v for v, k in mine if k]
+        assert len(kept) == pe["kept"][name] and min(kept) == pytest.approx(step["lowest_kept_votes"][name], abs=1e-3)
+        assert max(v for v, k in mine if not k) <= min(kept)  # the kept ones are those of most noisy votes
+    assert run.figure(generate.PE_VOTES_FIGURE).stat().st_size > 0
+    report = generate.pe_report(pe, record)
+    assert f"sigma = {record['noise_multiplier']:.4f}" in report and f"({round_up(record['epsilon'])}, " in report
     assert generate.run_stage(run, stage_config(pe=True, pe_epsilon=4.0, pe_pool_factor=2))["pe"] == pe
+    # without DP the votes are exact, a statistic of the records: no votes.json, no figure
+    generate.run_stage(run, stage_config(pe=True, pe_epsilon=None, pe_pool_factor=2), force=True)
+    assert generate.pe_votes(run) is None and not run.figure(generate.PE_VOTES_FIGURE).exists()
 
 
 def test_private_evolution_from_the_finetuned_model_composes_both_budgets(prepared, tmp_path):
@@ -387,6 +408,11 @@ def test_private_evolution_from_the_finetuned_model_composes_both_budgets(prepar
         load_synthetic(run.pe))
     card = (run.pe / "README.md").read_text()
     assert "ALL the mechanisms" in card and "DP-SGD fine-tuning" in card
+    votes = generate.pe_votes(run)
+    assert [step["iteration"] for step in votes["iterations"]] == [1, 2]
+    assert votes["noise_multiplier"] == record["mechanisms"][2]["noise_multiplier"]
+    report = generate.pe_report(summary["pe"], record)
+    assert "composed: DP-SGD fine-tuning" in report and "iteration 2:" in report
 
 
 # --------------------------------------------------------------------------- the optional vLLM engine

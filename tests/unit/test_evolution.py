@@ -101,15 +101,15 @@ def test_one_iteration_keeps_what_the_records_vote_for_and_refills_each_label():
         varied.extend(zip(texts, labels, strict=True))
         return [f"{t.split()[0]} variation" for t in texts]
 
-    nxt, clean, log = evolution.evolve_once(population, private, [0, 0, 1, 1], plan, {0: 2, 1: 2}, embed, vary,
+    nxt, clean, noisy, log = evolution.evolve_once(population, private, [0, 0, 1, 1], plan, {0: 2, 1: 2}, embed, vary,
                                             torch.Generator().manual_seed(0), iteration=1)
-    assert clean.tolist() == [2, 0, 0, 0, 0, 2, 0, 0]
+    assert clean.tolist() == [2, 0, 0, 0, 0, 2, 0, 0] == noisy.tolist()  # no DP: the noisy histogram is exact
     assert nxt.labels.count(0) == nxt.labels.count(1) == 4  # kept 2 + 2 variations per label
     assert population.texts[0] in nxt.texts[:4] and population.texts[5] in nxt.texts[:4]
     assert all(label == population.labels[population.texts.index(text)] for text, label in varied)
     assert log["per_label"]["0"]["kept"] == 2 and log["varied"] == 4 and log["dropped_variations"] == 0
     assert not any(text in json.dumps(log) for text in population.texts)  # no text in the log
 
-    last, _, _ = evolution.evolve_once(population, private, [0, 0, 1, 1], plan, {0: 1, 1: 1}, embed, None,
+    last, _, _, _ = evolution.evolve_once(population, private, [0, 0, 1, 1], plan, {0: 1, 1: 1}, embed, None,
                                        torch.Generator().manual_seed(0), iteration=2)
     assert last.texts == [population.texts[0], population.texts[5]]  # the last iteration only selects
