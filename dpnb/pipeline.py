@@ -36,7 +36,7 @@ from nbclient.exceptions import DeadKernelError
 from papermill.exceptions import PapermillExecutionError
 
 from dpnb import models, registry
-from dpnb.config import FinetuneConfig, build
+from dpnb.config import SOURCE_NAMES, FinetuneConfig, build
 from dpnb.errors import DpnbError
 from dpnb.io import read_json, remove_stale_temporaries, write_text_atomic
 from dpnb.notebook import HOME_ENV
@@ -371,11 +371,13 @@ def headline(run_dir: RunDir) -> list[str]:
             lines.append("  privacy: trained WITHOUT differential privacy (no guarantee)")
     if run_dir.metrics.exists():
         metrics = read_json(run_dir.metrics)
-        for source in ("real", "synthetic", "zero_shot"):
+        for source in SOURCE_NAMES:
             m = metrics.get(source)
             if isinstance(m, dict) and m.get("accuracy") is not None:
-                lines.append(f"  classifier trained on {source:<9}: accuracy {m['accuracy']:.3f}, F1 {m['f1']:.3f} "
-                             f"(n_train {m['n_train']}, n_test {m['n_test']})")
+                mauve = f", MAUVE {m['mauve']:.3f}" if m.get("mauve") is not None else ""
+                epsilon = f", epsilon {m['epsilon']:.3g}" if m.get("epsilon") is not None else ""
+                lines.append(f"  classifier trained on {source:<13}: accuracy {m['accuracy']:.3f}, F1 {m['f1']:.3f}"
+                             f"{mauve}{epsilon} (n_train {m['n_train']}, n_test {m['n_test']})")
     return lines
 
 

@@ -46,7 +46,8 @@ guarantee: metrics.json keeps its counts only, the flagged samples (which traini
 at which offsets) go to the private `memorisation_flagged.json`, and a set filtered by them is no
 longer covered by the guarantee (the dataset card says so).
 
-Outputs: `metrics.json` with one entry per training source (`real`, `synthetic`, `zero_shot`:
+Outputs: `metrics.json` with one entry per training source (`real`, `dp_classifier`, `synthetic`, `pe`,
+`zero_shot`:
 accuracy, f1, confusion_matrix, n_train, n_test, mauve, mauve_details, ...) and a `meta` entry
 (classifier, classifier_kind, classifier_description, mauve settings, embedding timings, ...), no
 record index or offset anywhere; `memorisation_flagged.json` (private); figures
@@ -55,9 +56,10 @@ complete. Each source's result is also kept in `evaluate/<source>.json` (private
 soon as it is done (`dpnb.io.cached`), so an interrupted stage resumes after the last finished source
 (a rerun with another config or other inputs ignores them).
 
-Which sources run: `real` needs only prepare. `synthetic` needs a completed generate stage (an error
-with the fix otherwise: the stage exists to evaluate it). `zero_shot` is used when generate wrote it
-and is skipped with a note in `meta.skipped` when generate ran with `zero_shot: false`.
+Which sources run: `real` and `dp_classifier` (the direct DP classifier, `dpnb.evaluation.dp_classifier`)
+need only prepare. `synthetic` needs a completed generate stage (an error with the fix otherwise: the
+stage exists to evaluate it). `pe` and `zero_shot` are used when generate wrote them and are skipped
+with a note in `meta.skipped` otherwise.
 """
 
 from __future__ import annotations
