@@ -111,7 +111,7 @@ def run_settings(run: RunDir, name: str, changes: dict[str, Any]) -> dict[str, A
 # What makes the runs the committed notebooks read, and about how long it takes on 2 CPU cores.
 MAKES_DEMO = "`make demo` (or `dpnb run configs/demo.yaml`) makes runs/demo in about 10 minutes"  # stages 01-04
 MAKES = {
-    "audit": "`dpnb run configs/demo-audit.yaml` adds the audit to runs/demo (after `make demo`; not yet timed)",
+    "audit": "`dpnb run configs/demo-audit.yaml` adds the audit to runs/demo in about 15 minutes (after `make demo`)",
     "report": "`dpnb sweep configs/cpu-long.yaml` makes runs/cpu-long (four runs at epsilon 1, 3, 8 and without DP, "
               "about an hour)",
 }
