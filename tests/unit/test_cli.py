@@ -227,3 +227,12 @@ def test_verify_covers_every_record_of_the_run(tmp_path, capsys):
     edited = composition.composed_record(mechanisms[:1], 1e-4)  # the votes left out of the epsilon
     write_json_atomic(run.pe / "privacy.json", {**edited, "mechanisms": [vars(m) for m in mechanisms]})
     assert cli.main(["verify", str(run.path)]) != 0
+
+
+def test_parallel_cpu_runs_share_the_cores_out():
+    # two runs of two OpenMP threads each on 2 cores spin against each other (10-100x slower, measured)
+    assert sweep.cpu_threads(2, {}, 2) == {"OMP_NUM_THREADS": "1"}
+    assert sweep.cpu_threads(3, {}, 16) == {"OMP_NUM_THREADS": "5"}
+    assert sweep.cpu_threads(4, {}, 2) == {"OMP_NUM_THREADS": "1"}  # one thread at least
+    assert sweep.cpu_threads(1, {}, 2) == {}  # one job keeps the default
+    assert sweep.cpu_threads(2, {"OMP_NUM_THREADS": "2"}, 2) == {}  # the user's setting wins
