@@ -219,11 +219,15 @@ def pe_variations(engine: Any, tokenizer: Any, prompt_format: PromptFormat, labe
     return vary
 
 
-def pe_budget(cfg: GenerateConfig, privacy: dict[str, Any], n_private: int,
-              classifier: DPClassifier | None) -> tuple[list[Mechanism], float, bool]:
-    """What the PE set spent before its votes (the fine-tuning it starts from, the labelling classifier), its
-    delta, and whether it can carry a guarantee at all (not from a model fine-tuned without DP, nor with
-    exact votes)."""
+def pe_delta(privacy: dict[str, Any], n_private: int) -> float:
+    """The delta of every mechanism behind the PE set: the fine-tuning's, else the default for n_private."""
+    return privacy["delta"] if privacy.get("dp") else default_delta(n_private)
+
+
+def pe_budget(cfg: GenerateConfig, privacy: dict[str, Any],
+              classifier: DPClassifier | None) -> tuple[list[Mechanism], bool]:
+    """What the PE set spent before its votes (the fine-tuning it starts from, the labelling classifier), and
+    whether it can carry a guarantee at all (not from a model fine-tuned without DP, nor with exact votes)."""
     spent: list[Mechanism] = []
     private = cfg.pe_epsilon is not None
     if cfg.pe_start == "finetuned":
@@ -232,8 +236,7 @@ def pe_budget(cfg: GenerateConfig, privacy: dict[str, Any], n_private: int,
             spent += Mechanism.of_record("DP-SGD fine-tuning", privacy)
     if classifier is not None:
         spent += Mechanism.of_record("DP classifier that labels the pool", classifier.privacy)
-    delta = privacy["delta"] if privacy.get("dp") else default_delta(n_private)
-    return spent, delta, private
+    return spent, private
 
 
 def relabel_pool(cfg: GenerateConfig, population: Population, private: np.ndarray, private_labels: list[int],
@@ -292,10 +295,10 @@ def sample_pe_set(run: RunDir, cfg: GenerateConfig, manifest: dict[str, Any], pr
     embedder = Embedder(cfg.pe_encoder, max_length=128, batch_size=128, device=device, dtype=precision.dtype)
     private = embedder.features("private", list(train["text"]))
     deterministic = bool(privacy.get("deterministic"))
-    delta = privacy["delta"] if privacy.get("dp") else default_delta(len(private_labels))
+    delta = pe_delta(privacy, len(private_labels))
     population, classifier = relabel_pool(cfg, population, private, private_labels, len(label_names), embedder,
                                           delta, deterministic)
-    spent, delta, is_private = pe_budget(cfg, privacy, len(private_labels), classifier)
+    spent, is_private = pe_budget(cfg, privacy, classifier)
     plan = plan_evolution(cfg.pe_iterations, cfg.pe_nearest, cfg.pe_epsilon if is_private else None, delta,
                           len(private_labels), spent=spent)
     generator = torch.Generator().manual_seed(cfg.seed if deterministic else secrets.randbits(63))
